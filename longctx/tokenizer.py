@@ -40,6 +40,7 @@ __all__ = [
     "load_default_tokenizer",
     "load_ranks",
     "save_ranks",
+    "split_for_encoding",
     "train_bpe",
 ]
 
