@@ -1,0 +1,341 @@
+"""Attention with absolute-position masks: dispatcher, checks, PyTorch reference, LSE merge.
+
+Shapes: q (B, Hq, M, D); k, v (B, Hkv, N, D) with Hq % Hkv == 0. Query head h reads KV head
+h // (Hq // Hkv) (GQA by head grouping). Query i sits at absolute position p = q_start + i,
+key j at s = k_start + j. Key j is visible to query i iff
+
+    (not causal or s <= p)  and  (chunk is None or s // chunk == p // chunk)
+
+(fixed, non-overlapping chunks as in Llama 4's chunked layers, not a sliding window).
+Every function returns (out, lse): out (B, Hq, M, D) in q's dtype, lse (B, Hq, M) float32,
+the natural log of the sum of exp(scale * q.k) over visible keys. Rows that see no key get
+out = 0 and lse = -inf, so they drop out of ``merge_attention``.
+
+``impl``: "reference" (PyTorch, any device), "triton" (the kernel; an error if it cannot run),
+"auto" (the kernel on CUDA tensors when triton imports, or on CPU tensors when
+TRITON_INTERPRET=1 asks for triton's interpreter; the reference otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+import operator
+from typing import Sequence
+
+import torch
+
+from ._env import interpret_requested, triton_available
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_IMPLS = ("auto", "triton", "reference")
+_TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# Reference blocking: query rows per block, and the budget (in fp32 elements) for one block of
+# scores (B x Hq x rows x keys); 2**25 elements = 128 MiB, held twice (scores and probs).
+_REF_BLOCK_M = 1024
+_REF_SCORE_BUDGET = 1 << 25
+
+_triton_mod = None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _as_position(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int (an absolute token position), "
+                        f"got {type(value).__name__}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check(q, k, v, q_start, k_start, chunk, scale):
+    """Validate arguments; return (q_start, k_start, chunk, scale) normalised."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"batch mismatch: q has {B}, k/v have {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"head dim mismatch: q has {D}, k/v have {k.shape[3]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv}) for GQA")
+    q_start = _as_position("q_start", q_start)
+    k_start = _as_position("k_start", k_start)
+    if chunk is not None:
+        chunk = _as_position("chunk", chunk)
+        if chunk == 0:
+            raise ValueError("chunk must be a positive int (or None for no chunking)")
+    scale = D ** -0.5 if scale is None else float(scale)
+    return q_start, k_start, chunk, scale
+
+
+def _key_band(lo: int, hi: int, k_start: int, n: int, causal: bool, chunk: int | None):
+    """Key indices [n_lo, n_hi) that some query at absolute positions lo..hi may see."""
+    n_lo, n_hi = 0, n
+    if causal:
+        n_hi = min(n_hi, hi - k_start + 1)
+    if chunk is not None:
+        n_lo = max(n_lo, (lo // chunk) * chunk - k_start)
+        n_hi = min(n_hi, (hi // chunk + 1) * chunk - k_start)
+    return n_lo, max(n_lo, n_hi)
+
+
+def _empty_result(q, out_dtype=None):
+    B, Hq, M, D = q.shape
+    out = torch.zeros((B, Hq, M, D), dtype=out_dtype or q.dtype, device=q.device)
+    return out, torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _triton_backend():
+    """The Triton module, (re)imported for the current TRITON_INTERPRET mode.
+
+    NOTE: triton fixes interpreter-or-compiled when @triton.jit runs (module import), so a
+    module imported under the other mode is reloaded; the tests turn the interpreter on only
+    around their own kernel calls."""
+    global _triton_mod
+    want = interpret_requested()
+    if _triton_mod is None:
+        _triton_mod = importlib.import_module("._attention_triton", __package__)
+    if _triton_mod.INTERPRET != want:
+        _triton_mod = importlib.reload(_triton_mod)
+    return _triton_mod
+
+
+def _use_triton(impl: str, q: torch.Tensor) -> bool:
+    """Decide the implementation; raise when "triton" is forced but cannot run."""
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    D = q.shape[-1]
+    why = None
+    if not triton_available():
+        why = "triton is not installed"
+    elif q.device.type != "cuda" and not interpret_requested():
+        why = f"tensors are on {q.device.type} (set TRITON_INTERPRET=1 to use the interpreter)"
+    elif q.device.type not in ("cuda", "cpu"):
+        why = f"tensors are on {q.device.type}"
+    elif D not in _TRITON_HEAD_DIMS:
+        why = f"head dim {D} is not one of {_TRITON_HEAD_DIMS}"
+    if why is None:
+        return True
+    if impl == "triton":
+        raise RuntimeError(f"impl='triton' cannot run: {why}")
+    return False
+
+
+def _launch(q, k, v, **kw):
+    """Launch the Triton kernel (``_attention_triton.launch``) with the interpreter workaround.
+
+    NOTE: triton's CPU interpreter computes tl.dot on bfloat16 as raw uint16 bit patterns
+    (garbage, seen with triton 3.9). Under the interpreter, bf16 inputs are upcast to fp32
+    (exact) and the result cast back; compiled GPU kernels take bf16 directly."""
+    mod = _triton_backend()
+    if mod.INTERPRET and q.dtype == torch.bfloat16:
+        return mod.launch(q.float(), k.float(), v.float(), **kw)  # callers cast out back
+    # The kernel takes any strides but needs a unit-stride head dim (contiguous rows).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return mod.launch(q, k, v, **kw)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int,
+                    k_start: int, causal: bool = True, chunk: int | None = None,
+                    scale: float | None = None, impl: str = "auto"):
+    """Attention of q over k/v with the absolute-position mask (see the module docstring).
+
+    Args: q (B, Hq, M, D); k, v (B, Hkv, N, D); q_start / k_start: absolute positions of the
+    first query / key; chunk: Llama-4 attention chunk size or None; scale: default D**-0.5.
+    Returns: out (B, Hq, M, D) in q.dtype, lse (B, Hq, M) float32 (natural log).
+    """
+    q_start, k_start, chunk, scale = _check(q, k, v, q_start, k_start, chunk, scale)
+    use_triton = _use_triton(impl, q)
+    M, N = q.shape[2], k.shape[2]
+    if M == 0 or N == 0:
+        return _empty_result(q)
+    if use_triton:
+        out, lse = _launch(q, k, v, q_start=q_start, k_start=k_start, causal=causal,
+                           chunk=chunk, scale=scale, pack_heads=M < 16, num_splits=1)
+        return out.to(q.dtype), lse
+    return _reference(q, k, v, q_start, k_start, causal, chunk, scale)
+
+
+def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """Combine (out, lse) pairs computed for the same queries over disjoint key sets.
+
+    Exact (up to rounding) and order-independent: with w_i = exp(lse_i - max_j lse_j),
+    out = sum_i w_i out_i / sum_i w_i and lse = max_j lse_j + log(sum_i w_i). Parts whose
+    lse is -inf weigh nothing; rows where every part is -inf give out = 0, lse = -inf.
+    Computes in fp32 on the first part's device; out takes the first part's out dtype.
+    Shapes: out (..., D), lse (...) — usually (B, Hq, M, D) and (B, Hq, M).
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_attention needs at least one (out, lse) part")
+    out0, lse0 = parts[0]
+    device = out0.device
+    for i, (o, l) in enumerate(parts):
+        if o.shape[:-1] != l.shape or o.shape != out0.shape:
+            raise ValueError(f"part {i}: out {tuple(o.shape)} / lse {tuple(l.shape)} do not "
+                             f"match part 0: out {tuple(out0.shape)} / lse {tuple(lse0.shape)}")
+    lses = [l.to(device=device, dtype=torch.float32) for _, l in parts]
+    m = lses[0]
+    for l in lses[1:]:
+        m = torch.maximum(m, l)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all -inf: shift by 0
+    total = torch.zeros_like(m)
+    acc = torch.zeros(out0.shape, dtype=torch.float32, device=device)
+    for (o, _), l in zip(parts, lses):
+        w = torch.exp(l - m)  # exp(-inf) = 0 for parts that saw no key
+        total += w
+        acc += o.to(device=device, dtype=torch.float32) * w.unsqueeze(-1)
+    lse = m + torch.log(total)  # log(0) = -inf where no part saw a key
+    out = acc / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return out.to(out0.dtype), lse
+
+
+def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = True,
+                     chunk: int | None = None, scale: float | None = None, impl: str = "auto"):
+    """Attention of a few queries over a long KV held as segments (flash-decoding).
+
+    Args: q (B, Hq, M, D), M small (1..16 typical); segments: iterable of (k, v, k_start) with
+    k, v (B, Hkv, N_i, D) on any device (moved to q.device only if some query can see them).
+    Equals ``flash_attention`` over the concatenated keys. On the Triton path each segment's
+    visible key range is cut into splits run by parallel programs, and all partial results
+    are merged by LSE. Returns out (B, Hq, M, D) in q.dtype, lse (B, Hq, M) float32.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError("q must be a 4-D tensor (B, Hq, M, D)")
+    use_triton = _use_triton(impl, q)
+    M = q.shape[2]
+    lo = _as_position("q_start", q_start)
+    hi = lo + M - 1
+    parts = []
+    for seg in segments:
+        if len(seg) != 3:
+            raise ValueError("each segment must be a (k, v, k_start) triple")
+        k, v, k_start = seg
+        ks = _as_position("k_start", k_start)
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise ValueError("segment k must be a 4-D tensor (B, Hkv, N, D)")
+        # Skip segments no query can see before moving them (they may be on CPU or disk).
+        n_lo, n_hi = _key_band(lo, hi, ks, k.shape[2], causal, chunk)
+        if M == 0 or n_hi <= n_lo:
+            continue
+        k = k[:, :, n_lo:n_hi].to(q.device, non_blocking=True)
+        v = v[:, :, n_lo:n_hi].to(q.device, non_blocking=True)
+        _, ks, chunk_c, scale_c = _check(q, k, v, lo, ks + n_lo, chunk, scale)
+        if use_triton:
+            splits = _decode_splits(q, k.shape[1], n_hi - n_lo)
+            out, lse = _launch(q, k, v, q_start=lo, k_start=ks, causal=causal, chunk=chunk_c,
+                               scale=scale_c, pack_heads=True, num_splits=splits,
+                               out_dtype=torch.float32)
+            if out.dim() == 5:  # one partial per split
+                parts.extend(zip(out.unbind(0), lse.unbind(0)))
+            else:
+                parts.append((out, lse))
+        else:
+            parts.append(_reference(q, k, v, lo, ks, causal, chunk_c, scale_c,
+                                    out_dtype=torch.float32))
+    if not parts:
+        return _empty_result(q)
+    out, lse = merge_attention(parts)
+    return out.to(q.dtype), lse
+
+
+def _decode_splits(q: torch.Tensor, hkv: int, n_keys: int) -> int:
+    """How many key splits for one decode launch: enough programs to fill the device.
+
+    A program owns (batch, KV head, split); splits shorter than ``min_len`` keys cost more in
+    merging than they gain in parallelism."""
+    B = q.shape[0]
+    if q.device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        min_len = 256
+    else:  # interpreter: a few splits, so that tests exercise the split path
+        target, min_len = 4, 64
+    by_parallelism = max(1, target // max(1, B * hkv))
+    return max(1, min(by_parallelism, n_keys // min_len))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _merge_running(acc, lse, o, l):
+    """Fold one block's normalised (o, l) into the running (acc, lse); fp32, -inf safe."""
+    if acc is None:
+        return o, l
+    new = torch.logaddexp(lse, l)
+    safe = torch.where(new == float("-inf"), torch.zeros_like(new), new)
+    acc = acc * torch.exp(lse - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1)
+    return acc, new
+
+
+def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
+    """Blockwise PyTorch attention; arguments already validated by ``_check``.
+
+    Memory stays O(block): queries go 1024 rows at a time; each query block reads only the key
+    band it can see (for chunk-local layers: the chunks overlapping the block), in key blocks
+    whose fp32 score matrix fits ``_REF_SCORE_BUDGET``, merged by LSE. GQA: the r query heads
+    of a KV head are stacked as (B, Hkv, r * rows, D) so K/V are never repeated.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    r = Hq // Hkv
+    out, lse_out = _empty_result(q, out_dtype)
+    qg = q.reshape(B, Hkv, r, M, D)  # a view for contiguous q
+    for m0 in range(0, M, _REF_BLOCK_M):
+        m1 = min(M, m0 + _REF_BLOCK_M)
+        mb = m1 - m0
+        lo, hi = q_start + m0, q_start + m1 - 1
+        n_lo, n_hi = _key_band(lo, hi, k_start, N, causal, chunk)
+        if n_hi <= n_lo:
+            continue  # rows stay out = 0, lse = -inf
+        qb = (qg[:, :, :, m0:m1].float() * scale).reshape(B, Hkv, r * mb, D)
+        pos_q = torch.arange(lo, hi + 1, device=q.device)[:, None]  # (mb, 1)
+        bn = max(256, _REF_SCORE_BUDGET // (B * Hq * mb))
+        acc = run_lse = None
+        for n0 in range(n_lo, n_hi, bn):
+            n1 = min(n_hi, n0 + bn)
+            kb = k[:, :, n0:n1].float()
+            s = qb @ kb.transpose(-1, -2)  # (B, Hkv, r * mb, nb)
+            pos_k = torch.arange(k_start + n0, k_start + n1, device=q.device)[None, :]
+            visible = torch.ones((mb, n1 - n0), dtype=torch.bool, device=q.device)
+            if causal:
+                visible &= pos_k <= pos_q
+            if chunk is not None:
+                visible &= (pos_k // chunk) == (pos_q // chunk)
+            if not bool(visible.all()):  # interior blocks skip the masking pass
+                s = s.view(B, Hkv, r, mb, n1 - n0).masked_fill_(~visible, float("-inf"))
+                s = s.view(B, Hkv, r * mb, n1 - n0)
+            l = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key here
+            safe = torch.where(l == float("-inf"), torch.zeros_like(l), l)
+            p = torch.exp_(s - safe.unsqueeze(-1))
+            o = p @ v[:, :, n0:n1].float()  # (B, Hkv, r * mb, D), normalised over this block
+            acc, run_lse = _merge_running(acc, run_lse, o, l)
+        out[:, :, m0:m1] = acc.reshape(B, Hq, mb, D).to(out.dtype)  # rows were (r, mb)
+        lse_out[:, :, m0:m1] = run_lse.reshape(B, Hq, mb)
+    return out, lse_out
