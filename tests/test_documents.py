@@ -1,0 +1,502 @@
+"""Tests for longctx.documents: readers, bad input, packing with exact spans.
+
+Every fixture is built here: text in several encodings, HTML, PDFs written by hand (pypdf
+reads PDFs well but cannot author text), encrypted PDFs (pypdf's RC4 writer), folder trees.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pypdf
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longctx.documents import (
+    PAGE_SEPARATOR,
+    BudgetError,
+    Corpus,
+    IngestError,
+    delimiters,
+    ingest,
+)
+from longctx.tokenizer import Tokenizer
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+def make_pdf(pages: list[list[str] | None], *, drawing: bool = False) -> bytes:
+    """A minimal valid PDF: one page per entry, each line of text drawn in Helvetica.
+
+    `None` or [] is a page with no text; `drawing=True` puts a filled rectangle on such pages
+    (what a scan's page has instead of text: graphics, no text layer). Objects: 1 catalog,
+    2 page tree, 3 font, then page k = object 4+2k with its content stream 5+2k.
+    """
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (4 + 2 * k) for k in range(len(pages))), len(pages)),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    for k, lines in enumerate(pages):
+        ops = []
+        for j, line in enumerate(lines or []):
+            esc = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+            ops.append(f"BT /F1 12 Tf 72 {720 - 14 * j} Td ({esc}) Tj ET")
+        if not lines and drawing:
+            ops.append("0.5 g 72 72 400 600 re f")
+        stream = "\n".join(ops).encode("latin-1")
+        objs.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            b"/Resources << /Font << /F1 3 0 R >> >> /Contents %d 0 R >>" % (5 + 2 * k)
+        )
+        objs.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for n, body in enumerate(objs, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (n, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return bytes(out)
+
+
+def encrypt_pdf(data: bytes, *, user: str, owner: str) -> bytes:
+    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(data)))
+    writer.encrypt(user_password=user, owner_password=owner, algorithm="RC4-128")  # RC4 needs no extra package
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+PDF_PAGES = [["Annual report 2024", "Revenue grew (a lot)."], None, ["Outlook: steady."]]
+
+
+@pytest.fixture(scope="module")
+def byte_tok() -> Tokenizer:
+    """Byte-level tokenizer: one token per byte, so cuts can land inside a character."""
+    return Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, num_reserved_special_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def default_tok() -> Tokenizer:
+    try:
+        return Tokenizer.default()
+    except Exception as e:  # the asset is built by another part of the project
+        pytest.skip(f"default tokenizer not available: {e}")
+
+
+def texts_of(corpus: Corpus) -> list[str]:
+    return [d.text for d in corpus]
+
+
+# --------------------------------------------------------------------------------------------
+# Text readers and encodings
+# --------------------------------------------------------------------------------------------
+
+TEXT = "Café déjà vu — naïve façade.\nSecond line, 100 € please.\n"
+
+
+@pytest.mark.parametrize(
+    "raw, encoding",
+    [
+        (TEXT.encode("utf-8"), "utf-8"),
+        (b"\xef\xbb\xbf" + TEXT.encode("utf-8"), "utf-8"),
+        (TEXT.encode("utf-16"), "utf-16"),  # with BOM (native order)
+        (b"\xfe\xff" + TEXT.encode("utf-16-be"), "utf-16"),
+        (TEXT.encode("utf-32"), "utf-32"),
+        (TEXT.encode("cp1252"), "cp1252"),  # fallback: decodes cleanly, looks like text
+        (TEXT.replace("\n", "\r\n").encode("utf-8"), "utf-8"),  # CRLF normalised
+    ],
+)
+def test_text_encodings(tmp_path, raw, encoding):
+    f = tmp_path / "note.txt"
+    f.write_bytes(raw)
+    (doc,) = ingest(f)
+    assert doc.text == TEXT
+    assert doc.encoding == encoding
+    assert doc.size == len(raw) and doc.format == "text" and doc.page_offsets is None
+    assert doc.title == "note" and doc.source == f.as_posix()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "日本語のテキストです。これは長い文章です。".encode("shift_jis"),
+        "Это русский текст, не в UTF-8.".encode("cp1251"),
+        b"caf\xe9 \x81\x8d",  # bytes undefined in cp1252
+    ],
+)
+def test_foreign_encodings_refused(tmp_path, raw):
+    f = tmp_path / "x.txt"
+    f.write_bytes(raw)
+    with pytest.raises(IngestError, match="not UTF-8 text") as e:
+        ingest(f)
+    assert e.value.path == str(f) and "not UTF-8" in e.value.reason
+
+
+def test_markdown_title(tmp_path):
+    (tmp_path / "a.md").write_text("# Quarterly plan\n\nText.\n", encoding="utf-8")
+    (tmp_path / "b.md").write_text("No heading here.\n# Later heading\n", encoding="utf-8")
+    a, b = ingest(tmp_path)
+    assert (a.title, a.format, b.title) == ("Quarterly plan", "markdown", "b")
+    assert a.text == "# Quarterly plan\n\nText.\n"  # text kept as written
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+
+HTML = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Terms &amp; Conditions</title>
+<style>body { color: red; } p::after { content: "STYLE"; }</style>
+<script>var secret = "SCRIPT </p>";</script></head>
+<body>
+<h1>Terms   of
+   use</h1>
+<p>Prices &lt; 5&nbsp;&euro; &#8212; caf&eacute; &#x263A;.</p>
+<div>line one<br>line two<br/>line three</div>
+<ul><li>first</li><li>second</li></ul>
+<script type="text/javascript">document.write("SCRIPT");</script>
+<noscript>NOSCRIPT</noscript>
+<table><tr><th>Year</th><th>Sales</th></tr><tr><td>2024</td><td>7</td></tr></table>
+<pre>  keep   this
+    spacing</pre>
+<p>Last <b>bold</b> <i>words</i>.</p>
+</body></html>
+"""
+
+
+def test_html(tmp_path):
+    f = tmp_path / "terms.html"
+    f.write_text(HTML, encoding="utf-8")
+    (doc,) = ingest(f)
+    assert doc.title == "Terms & Conditions" and doc.format == "html"
+    assert doc.text == (
+        "Terms of use\n\n"
+        "Prices < 5\u00a0€ — café ☺.\n\n"
+        "line one\nline two\nline three\n\n"
+        "first\nsecond\n\n"
+        "Year\tSales\n2024\t7\n\n"
+        "  keep   this\n    spacing\n\n"
+        "Last bold words."
+    )  # &nbsp; stays a no-break space: HTML collapses only ASCII whitespace
+    for hidden in ("STYLE", "SCRIPT", "secret", "color", "NOSCRIPT"):
+        assert hidden not in doc.text
+
+
+def test_html_declared_charset_and_empty(tmp_path):
+    f = tmp_path / "old.htm"
+    f.write_bytes('<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1"><p>Caf\xe9 – ok</p>'.encode("cp1252"))
+    (doc,) = ingest(f)
+    assert doc.text == "Café – ok" and doc.encoding == "cp1252" and doc.title == "old"
+    g = tmp_path / "blank.html"
+    g.write_text("<html><script>only()</script><p>  </p></html>", encoding="utf-8")
+    with pytest.raises(IngestError, match="no visible text"):
+        ingest(g)
+
+
+# --------------------------------------------------------------------------------------------
+# PDF
+# --------------------------------------------------------------------------------------------
+
+
+def test_pdf_pages(tmp_path):
+    f = tmp_path / "report.pdf"
+    f.write_bytes(make_pdf(PDF_PAGES))
+    (doc,) = ingest(f)
+    assert doc.format == "pdf" and doc.n_pages == 3
+    # The blank middle page is kept as an empty page; page numbers stay those of the file.
+    assert doc.pages == ["Annual report 2024\nRevenue grew (a lot).", "", "Outlook: steady."]
+    assert doc.text == PAGE_SEPARATOR.join(doc.pages)
+    assert doc.page_offsets == (0, len(doc.pages[0]) + 1, len(doc.pages[0]) + 2)
+    ranges = doc.page_ranges()
+    assert [r[0] for r in ranges] == [1, 2, 3] and ranges[0][1] == 0 and ranges[-1][2] == len(doc.text)
+    assert all(ranges[k][2] == ranges[k + 1][1] for k in range(2))
+
+
+def test_pdf_owner_password_only_opens(tmp_path):
+    # An owner password alone (restricting printing) does not hide the text: the empty user
+    # password opens it, as in any PDF viewer.
+    f = tmp_path / "restricted.pdf"
+    f.write_bytes(encrypt_pdf(make_pdf(PDF_PAGES), user="", owner="owner-secret"))
+    (doc,) = ingest(f)
+    assert doc.pages[2] == "Outlook: steady."
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: each raises a typed IngestError naming file and reason, or is skipped and listed
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path):
+    """{name: (path, reason pattern)} for every kind of bad input."""
+    good_pdf = make_pdf(PDF_PAGES)
+    files = {
+        "empty.txt": (b"", "empty file"),
+        "binary.txt": (bytes(range(256)) * 8, "binary"),
+        "blank.txt": (b"  \n\t\n", "no text"),
+        "locked.pdf": (encrypt_pdf(good_pdf, user="user-secret", owner="owner-secret"), "encrypted PDF"),
+        "truncated.pdf": (good_pdf[: len(good_pdf) // 2], "corrupt PDF"),
+        "notapdf.pdf": (b"hello, I am not a PDF at all", "corrupt PDF"),
+        "scan.pdf": (make_pdf([None, None], drawing=True), r"no text layer \(scanned PDF\?\)"),
+        "slides.pptx": (b"PK\x03\x04 zip bytes", "unsupported extension .pptx"),
+    }
+    out = {}
+    for name, (data, reason) in files.items():
+        (tmp_path / name).write_bytes(data)
+        out[name] = (tmp_path / name, reason)
+    out["missing.txt"] = (tmp_path / "missing.txt", "no such file")
+    return out
+
+
+def test_each_bad_input_raises(tmp_path):
+    for name, (path, reason) in _bad_inputs(tmp_path).items():
+        with pytest.raises(IngestError, match=reason) as e:
+            ingest([path])
+        assert e.value.path == str(path), name
+        assert name in str(e.value)  # the message names the file ...
+        assert e.value.reason in str(e.value)  # ... and the reason
+
+
+def test_bad_inputs_skipped_and_listed(tmp_path):
+    bad = _bad_inputs(tmp_path)
+    (tmp_path / "good.txt").write_text("good text", encoding="utf-8")
+    (tmp_path / "good.pdf").write_bytes(make_pdf(PDF_PAGES))
+    paths = [p for p, _ in bad.values()]
+    # Folder walk and explicit paths both: the missing file can only come explicitly.
+    corpus = ingest([tmp_path, bad["missing.txt"][0]], errors="skip")
+    assert [d.title for d in corpus] == ["good", "good"]  # good.pdf, good.txt (sorted)
+    assert [d.format for d in corpus] == ["pdf", "text"]
+    skipped = {s.path: s.reason for s in corpus.skipped}
+    assert sorted(skipped) == sorted(p.as_posix() for p in paths)
+    import re
+
+    for path, reason in bad.values():
+        assert re.search(reason, skipped[path.as_posix()]), (path, skipped[path.as_posix()])
+
+
+def test_errors_argument_checked():
+    with pytest.raises(ValueError, match="errors must be"):
+        ingest([("t", "x")], errors="ignore")
+    with pytest.raises(TypeError):
+        ingest([42])
+
+
+# --------------------------------------------------------------------------------------------
+# Folders, globs, duplicates, in-memory texts
+# --------------------------------------------------------------------------------------------
+
+
+def _tree(root):
+    files = {
+        "b.txt": "bee",
+        "a.txt": "ay",
+        "sub/z.md": "zed",
+        "sub/deeper/c.txt": "see",
+        "sub/deeper/c.html": "<p>html see</p>",
+        "A_upper.txt": "upper first in code-point order",
+        ".hidden/x.txt": "never read",
+        ".DS_Store.txt": "never read",
+        "docs/report.pdf": None,
+    }
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(make_pdf(PDF_PAGES) if text is None else text.encode("utf-8"))
+    return files
+
+
+def test_folder_tree_order_and_glob(tmp_path):
+    _tree(tmp_path)
+    corpus = ingest(tmp_path)
+    rel = [d.source[len(tmp_path.as_posix()) + 1 :] for d in corpus]
+    assert rel == ["A_upper.txt", "a.txt", "b.txt", "docs/report.pdf", "sub/deeper/c.html", "sub/deeper/c.txt", "sub/z.md"]
+    assert [d.id for d in corpus] == list(range(7))
+    assert ingest(tmp_path).documents[3].sha256 == corpus[3].sha256  # stable
+    assert [d.title for d in ingest(tmp_path, glob="*.txt")] == ["A_upper", "a", "b", "c"]
+    assert [d.title for d in ingest(tmp_path, glob="sub/**/*.txt")] == ["c"]
+    assert [d.title for d in ingest(tmp_path, glob="**/*.md")] == ["z"]
+    with pytest.raises(IngestError, match="no files matching"):
+        ingest(tmp_path, glob="*.docx")
+
+
+def test_duplicates_reported_not_doubled(tmp_path):
+    (tmp_path / "a.txt").write_text("same text\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"same text\r\n")  # same text after newline normalisation
+    (tmp_path / "c.txt").write_text("other\n", encoding="utf-8")
+    corpus = ingest([tmp_path, tmp_path / "c.txt", ("memo", "same text\n")])
+    assert [d.title for d in corpus] == ["a", "c"]
+    assert corpus.duplicates == [
+        (0, (tmp_path / "b.txt").as_posix()),
+        (1, (tmp_path / "c.txt").as_posix()),
+        (0, "<text 0>"),
+    ]
+
+
+def test_in_memory_texts():
+    corpus = ingest([("Memo", "hello"), (None, ["page one", "", "page three"])])
+    memo, paged = corpus
+    assert (memo.title, memo.source, memo.format, memo.size) == ("Memo", None, "memory", 5)
+    assert paged.title == "text 1" and paged.pages == ["page one", "", "page three"]
+    with pytest.raises(IngestError, match="empty text") as e:
+        ingest([("a", "ok"), ("b", "   ")])
+    assert e.value.path == "<text 1>"
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_packed(packed, tok, corpus_docs):
+    """Invariants: spans decode exactly, tile each packed document, are disjoint and in order,
+    delimiters decode to the template, and locate agrees with the spans for every token."""
+    ids = packed.ids
+    assert ids.dtype == np.int32 and len(packed) == len(ids)
+    prev_end = 0
+    for s in packed.spans:
+        assert prev_end <= s.start <= s.end <= len(ids)
+        prev_end = s.end
+        doc = packed.document(s.doc_id)
+        assert tok.decode_bytes(ids[s.start : s.end]) == doc.text[s.char_start : s.char_end].encode("utf-8")
+        assert s.title == doc.title
+    owner = np.full(len(ids), -1)
+    for k, s in enumerate(packed.spans):
+        owner[s.start : s.end] = k
+    for i in range(len(ids)):
+        got = packed.locate(i)
+        if owner[i] < 0:
+            assert got is None
+        else:
+            s = packed.spans[owner[i]]
+            assert got == (packed.document(s.doc_id), s.page)
+    pieces = []
+    for doc in packed.documents:
+        parts = packed.page_spans(doc.id)
+        whole = packed.span_of(doc.id)
+        assert (whole.start, whole.end) == (parts[0].start, parts[-1].end)
+        assert [p.page for p in parts] == [r[0] for r in doc.page_ranges()][: len(parts)]
+        assert all(parts[k].char_end == parts[k + 1].char_start for k in range(len(parts) - 1))
+        assert parts[0].char_start == 0
+        if not whole.truncated:
+            assert whole.char_end == len(doc.text) and len(parts) == len(doc.page_ranges())
+        header, footer = delimiters(doc, packed.template)
+        pieces += [header, doc.text[: whole.char_end], footer]
+    assert [d.id for d in packed.documents] + [d.id for d in packed.dropped] == [d.id for d in corpus_docs]
+    return "".join(pieces)
+
+
+def test_pack_layout(tmp_path, byte_tok, default_tok):
+    (tmp_path / "r.pdf").write_bytes(make_pdf(PDF_PAGES))
+    (tmp_path / "s.txt").write_text(TEXT, encoding="utf-8")
+    corpus = ingest(tmp_path)
+    for tok in (byte_tok, default_tok):
+        packed = corpus.pack(tok)
+        assert tok.decode(packed.ids) == _check_packed(packed, tok, corpus.documents)
+        assert tok.decode(packed.ids).startswith(f'<document id="0" title="r" source="{tmp_path.as_posix()}/r.pdf">\n')
+        pdf_spans = packed.page_spans(0)
+        assert [(s.page, tok.decode(packed.ids[s.start : s.end])) for s in pdf_spans] == [
+            (1, "Annual report 2024\nRevenue grew (a lot).\f"),
+            (2, "\f"),
+            (3, "Outlook: steady."),
+        ]
+        mid = pdf_spans[2].start
+        assert packed.locate(mid) == (corpus[0], 3) and packed.locate(-1) is None  # footer
+        assert packed.span_of(1).page is None and packed.locate(packed.span_of(1).start) == (corpus[1], None)
+        with pytest.raises(IndexError):
+            packed.locate(len(packed))
+        assert packed.tokenizer_fingerprint == tok.fingerprint
+
+
+def test_pack_template_and_escaping(byte_tok):
+    corpus = ingest([('Say "hi" <now>\nplease', "body")])
+    packed = corpus.pack(byte_tok, template="### {title} ({id})\n{text}\n---\n")
+    assert byte_tok.decode(packed.ids) == "### Say &quot;hi&quot; &lt;now&gt; please (0)\nbody\n---\n"
+    for bad, msg in [("{text}{text}", "exactly once"), ("no text", "exactly once"), ("{id}{name}{text}", "unknown")]:
+        with pytest.raises(ValueError, match=msg):
+            corpus.pack(byte_tok, template=bad)
+
+
+def test_budget_error_says_by_how_much(byte_tok):
+    corpus = ingest([("a", "x" * 100), ("b", "y" * 100)])
+    n = len(corpus.pack(byte_tok))
+    assert len(corpus.pack(byte_tok, budget=n)) == n
+    with pytest.raises(BudgetError, match=f"needs {n} tokens but the budget is {n - 7}: 7 tokens over") as e:
+        corpus.pack(byte_tok, budget=n - 7)
+    assert (e.value.needed, e.value.budget, e.value.over) == (n, n - 7, 7)
+
+
+def test_budget_drop_and_truncate(byte_tok):
+    corpus = ingest([("a", "x" * 100), ("b", "ééé" * 50), ("c", "z" * 100)])
+    full = corpus.pack(byte_tok)
+    first_end = full.span_of(0).end + len(byte_tok.encode("\n</document>\n\n"))
+    dropped = corpus.pack(byte_tok, budget=first_end + 20, overflow="drop")
+    assert [d.id for d in dropped.documents] == [0] and [d.id for d in dropped.dropped] == [1, 2]
+    assert len(dropped) == first_end
+    # Truncation cuts document b inside its text; "é" is 2 bytes, so an odd number of text
+    # tokens would split a character: the cut backs off to a character boundary.
+    header_b = len(byte_tok.encode('<document id="1" title="b" source="">\n'))
+    footer = len(byte_tok.encode("\n</document>\n\n"))
+    budget = first_end + header_b + 11 + footer
+    cut = corpus.pack(byte_tok, budget=budget, overflow="truncate")
+    span = cut.span_of(1)
+    assert span.truncated and cut.spans[-1].truncated and not cut.span_of(0).truncated
+    assert len(span) == 10 and span.char_end == 5 and byte_tok.decode(cut.ids[span.start : span.end]) == "ééééé"
+    assert len(cut) == budget - 1 and [d.id for d in cut.dropped] == [2]
+    _check_packed(cut, byte_tok, corpus.documents)
+
+
+def test_truncate_paged_document(byte_tok):
+    corpus = ingest([("p", ["aaaa", "", "bbbb", "cccc"])])
+    header = len(byte_tok.encode('<document id="0" title="p" source="">\n'))
+    footer = len(byte_tok.encode("\n</document>\n\n"))
+    # 5 + 1 + 2 text tokens: pages 1 and 2 whole, page 3 cut after "bb".
+    packed = corpus.pack(byte_tok, budget=header + 8 + footer, overflow="truncate")
+    assert [(s.page, s.truncated, byte_tok.decode(packed.ids[s.start : s.end])) for s in packed.spans] == [
+        (1, False, "aaaa\f"),
+        (2, False, "\f"),
+        (3, True, "bb"),
+    ]
+    # Too small for even the delimiters: the document is dropped, not packed empty.
+    tiny = corpus.pack(byte_tok, budget=header + footer, overflow="truncate")
+    assert len(tiny) == 0 and [d.id for d in tiny.dropped] == [0]
+
+
+def test_pack_empty_corpus(byte_tok):
+    packed = ingest([]).pack(byte_tok)
+    assert len(packed) == 0 and packed.spans == [] and packed.ids.dtype == np.int32
+
+
+# --------------------------------------------------------------------------------------------
+# Property test: random document sets
+# --------------------------------------------------------------------------------------------
+
+_chars = st.characters(blacklist_categories=("Cs",), max_codepoint=0x1F600)
+_page = st.text(_chars, max_size=40)
+_doc = st.tuples(
+    st.one_of(st.none(), st.text(_chars, max_size=12)),
+    st.one_of(st.text(_chars, min_size=1, max_size=80), st.lists(_page, min_size=1, max_size=4)),
+).filter(lambda d: (d[1] if isinstance(d[1], str) else "".join(d[1])).strip())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(docs=st.lists(_doc, max_size=6), which=st.sampled_from(["byte", "default"]), budget_frac=st.one_of(st.none(), st.floats(0, 1)), policy=st.sampled_from(["drop", "truncate"]))
+def test_property_spans_exact(byte_tok, default_tok, docs, which, budget_frac, policy):
+    tok = byte_tok if which == "byte" else default_tok
+    corpus = ingest(docs)
+    full = corpus.pack(tok)
+    assert tok.decode(full.ids) == _check_packed(full, tok, corpus.documents)
+    for d in corpus:
+        assert tok.decode(full.ids[full.span_of(d.id).start : full.span_of(d.id).end]) == d.text
+    if budget_frac is not None:
+        budget = int(len(full) * budget_frac)
+        packed = corpus.pack(tok, budget=budget, overflow=policy)
+        assert len(packed) <= budget
+        assert tok.decode(packed.ids) == _check_packed(packed, tok, corpus.documents)
+        assert packed.ids.tolist() == full.ids[: len(packed)].tolist() or policy == "truncate"
