@@ -61,7 +61,8 @@ def naive_attention(q, k, v, *, q_start, k_start, causal, chunk, scale=None, dty
     if causal:
         mask &= j <= p
     if chunk is not None:
-        mask &= torch.div(j, chunk, rounding_mode="floor") == torch.div(p, chunk, rounding_mode="floor")
+        mask &= (torch.div(j, chunk, rounding_mode="floor")
+                 == torch.div(p, chunk, rounding_mode="floor"))
     s = s.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(s.float(), dim=-1)
     out = torch.softmax(s, dim=-1).nan_to_num(0.0) @ v  # rows with no key: softmax is nan -> 0
@@ -114,6 +115,10 @@ CASES = [
     pytest.param(1, 4, 1, 97, 97, 64, 10, 0, False, 32, id="noncausal-chunk32"),
     pytest.param(1, 2, 1, 20, 20, 64, 3, 3, True, 1, id="chunk1"),
     pytest.param(1, 3, 3, 5, 200, 256, 150, 0, True, 64, id="d256"),
+    # few queries: GQA heads packed into rows, with row blocks straddling two heads
+    pytest.param(1, 10, 2, 7, 60, 64, 50, 0, True, None, id="packed-heads-straddle"),
+    # non-causal chunks spanning whole key tiles (exercises the unmasked-tile bound)
+    pytest.param(1, 2, 1, 70, 150, 64, 0, 0, False, 64, id="noncausal-chunk64-full-tiles"),
 ]
 BIG_CASES = [  # 1025 tokens: a few seconds each in the interpreter
     pytest.param(1, 1, 1, 1025, 1025, 64, 0, 0, True, None, id="causal-1025"),

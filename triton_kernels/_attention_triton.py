@@ -121,9 +121,10 @@ def _attn_fwd(Q, K, V, O, L,
         c_hi = hi // chunk
         n_lo = tl.maximum(n_lo, c_lo * chunk - k_start)
         n_hi = tl.minimum(n_hi, (c_hi + 1) * chunk - k_start)
-        # Rows in two different chunks share no key: then no tile is fully visible.
-        full_hi = tl.where(c_lo == c_hi, tl.minimum(full_hi, (c_lo + 1) * chunk - k_start), n_lo)
-    full_hi = tl.minimum(tl.maximum(full_hi, n_lo), n_hi)
+        # Rows in two different chunks share no key: then no tile is fully visible. (Within one
+        # chunk the chunk's end is already in n_hi.)
+        full_hi = tl.where(c_lo == c_hi, full_hi, n_lo)
+    full_hi = tl.minimum(tl.maximum(full_hi, n_lo), n_hi)  # n_lo <= full_hi <= n_hi
     # Unmasked tiles are whole BLOCK_N tiles of [n_lo, full_hi); the rest are boundary tiles.
     full_end = n_lo + ((full_hi - n_lo) // BLOCK_N) * BLOCK_N
 
@@ -148,29 +149,34 @@ def _attn_fwd(Q, K, V, O, L,
 
     # Rows with no visible key: out = 0, lse = -inf (they vanish in an LSE merge).
     has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,  # * ln 2
                    float("-inf"))
     o_off = (pid_s.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob
              + head.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om)
-    tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    l_off = pid_s.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + qi
+    tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    l_off = (pid_s.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb
+             + head.to(tl.int64) * stride_lh + qi)
     tl.store(L + l_off, lse, mask=row_ok)
 
 
-def _blocks(head_dim: int, m_rows: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(head_dim: int, m_rows: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch.
 
-    NOTE: GPU values are a plain starting point (FA2-like tiles), not autotuned on this
-    machine; the interpreter prefers smaller tiles (less wasted work on ragged edges)."""
+    NOTE: the GPU values are a plain FA2-style starting point sized to fit shared memory
+    (fp32 tiles are twice as large, hence smaller blocks and fewer stages); they were not
+    autotuned. The interpreter prefers small tiles (less wasted work on ragged edges)."""
     if device.type != "cuda":
         return 32, 32, 4, 1
     block_m = 128 if m_rows >= 128 else max(16, triton.next_power_of_2(m_rows))
-    block_n = 64 if head_dim <= 128 else 32
+    block_n, stages = (64, 3) if head_dim <= 128 else (32, 2)
     if head_dim > 128:
         block_m = min(block_m, 64)
-    num_warps = 8 if block_m >= 128 else 4
-    return block_m, block_n, num_warps, 2 if head_dim > 128 else 3
+    if dtype == torch.float32:
+        block_m, block_n, stages = min(block_m, 64 if head_dim <= 128 else 32), 32, 2
+    return block_m, block_n, (8 if block_m >= 128 else 4), stages
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, k_start: int,
@@ -190,7 +196,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, k
     G = gqa if pack_heads else 1
     n_groups = Hq // G
     rows = G * M
-    block_m, block_n, num_warps, num_stages = _blocks(D, rows, q.device)
+    block_m, block_n, num_warps, num_stages = _blocks(D, rows, q.dtype, q.device)
     # Split length: a multiple of BLOCK_N so that split edges fall on tile edges.
     split_len = triton.cdiv(triton.cdiv(N, num_splits), block_n) * block_n if N else block_n
     num_splits = max(1, triton.cdiv(N, split_len)) if N else 1
