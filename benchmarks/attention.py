@@ -157,7 +157,7 @@ def main(argv=None):
                             generator=g)
             k = torch.randn(args.batch, args.hkv, L, args.dim, device=device, dtype=dtype,
                             generator=g)
-            v = torch.randn_like(k)
+            v = torch.randn(k.shape, device=device, dtype=dtype, generator=g)
             chunk = args.chunk if mode == "chunk" else None
 
             def ours():

@@ -333,11 +333,15 @@ def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
             if not bool(visible.all()):  # interior blocks skip the masking pass
                 s = s.view(B, Hkv, r, mb, n1 - n0).masked_fill_(~visible, float("-inf"))
                 s = s.view(B, Hkv, r * mb, n1 - n0)
-            l = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key here
-            safe = torch.where(l == float("-inf"), torch.zeros_like(l), l)
-            p = torch.exp_(s - safe.unsqueeze(-1))
-            o = p @ v[:, :, n0:n1].float()  # (B, Hkv, r * mb, D), normalised over this block
-            acc, run_lse = _merge_running(acc, run_lse, o, l)
+            # Softmax in place on s (it is not needed again): every pass over the scores
+            # costs as much as the matmul on CPU, so avoid logsumexp's extra passes.
+            m = s.amax(dim=-1)  # -inf for rows with no visible key in this block
+            m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+            p = s.sub_(m.unsqueeze(-1)).exp_()
+            l = p.sum(dim=-1)  # 0 for rows with no visible key
+            o = p @ v[:, :, n0:n1].float()  # (B, Hkv, r * mb, D)
+            o /= torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1)  # normalised here
+            acc, run_lse = _merge_running(acc, run_lse, o, m + torch.log(l))
         out[:, :, m0:m1] = acc.reshape(B, Hq, mb, D).to(out.dtype)  # rows were (r, mb)
         lse_out[:, :, m0:m1] = run_lse.reshape(B, Hq, mb)
     return out, lse_out
