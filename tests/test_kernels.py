@@ -307,6 +307,18 @@ def test_decode_empty_and_invisible_segments():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+def test_decode_bad_arguments():
+    q, k, v = make_qkv(1, 2, 1, 1, 10, 16, torch.float32)
+    with pytest.raises(ValueError, match="triple"):
+        decode_attention(q, [(k, v)], q_start=20)
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        decode_attention(q, [(k, v, 0)], q_start=20, chunk=0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        decode_attention(q, [(k.half(), v.half(), 0)], q_start=20)
+    with pytest.raises(ValueError, match="4-D"):
+        decode_attention(q[0], [(k, v, 0)], q_start=20)
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 

@@ -81,12 +81,17 @@ def _check(q, k, v, q_start, k_start, chunk, scale):
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv}) for GQA")
     q_start = _as_position("q_start", q_start)
     k_start = _as_position("k_start", k_start)
-    if chunk is not None:
-        chunk = _as_position("chunk", chunk)
-        if chunk == 0:
-            raise ValueError("chunk must be a positive int (or None for no chunking)")
     scale = D ** -0.5 if scale is None else float(scale)
-    return q_start, k_start, chunk, scale
+    return q_start, k_start, _as_chunk(chunk), scale
+
+
+def _as_chunk(chunk) -> int | None:
+    if chunk is None:
+        return None
+    chunk = _as_position("chunk", chunk)
+    if chunk == 0:
+        raise ValueError("chunk must be a positive int (or None for no chunking)")
+    return chunk
 
 
 def _key_band(lo: int, hi: int, k_start: int, n: int, causal: bool, chunk: int | None):
@@ -235,6 +240,7 @@ def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = 
     M = q.shape[2]
     lo = _as_position("q_start", q_start)
     hi = lo + M - 1
+    chunk = _as_chunk(chunk)
     parts = []
     for seg in segments:
         if len(seg) != 3:
@@ -249,23 +255,33 @@ def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = 
             continue
         k = k[:, :, n_lo:n_hi].to(q.device, non_blocking=True)
         v = v[:, :, n_lo:n_hi].to(q.device, non_blocking=True)
-        _, ks, chunk_c, scale_c = _check(q, k, v, lo, ks + n_lo, chunk, scale)
+        _, ks, _, scale_c = _check(q, k, v, lo, ks + n_lo, chunk, scale)
         if use_triton:
             splits = _decode_splits(q, k.shape[1], n_hi - n_lo)
-            out, lse = _launch(q, k, v, q_start=lo, k_start=ks, causal=causal, chunk=chunk_c,
+            out, lse = _launch(q, k, v, q_start=lo, k_start=ks, causal=causal, chunk=chunk,
                                scale=scale_c, pack_heads=True, num_splits=splits,
                                out_dtype=torch.float32)
-            if out.dim() == 5:  # one partial per split
-                parts.extend(zip(out.unbind(0), lse.unbind(0)))
-            else:
-                parts.append((out, lse))
         else:
-            parts.append(_reference(q, k, v, lo, ks, causal, chunk_c, scale_c,
-                                    out_dtype=torch.float32))
+            out, lse = _reference(q, k, v, lo, ks, causal, chunk, scale_c,
+                                  out_dtype=torch.float32)
+        parts.append((out.reshape(-1, *q.shape), lse.reshape(-1, *q.shape[:3])))
     if not parts:
         return _empty_result(q)
-    out, lse = merge_attention(parts)
+    # One vectorised merge over all splits of all segments (a Python loop over hundreds of
+    # small partials would cost more than the attention itself on a GPU).
+    out, lse = _merge_stacked(torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts]))
     return out.to(q.dtype), lse
+
+
+def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor):
+    """``merge_attention`` over dim 0 of stacked fp32 partials: outs (P, ..., D), lses (P, ...)."""
+    m = lses.amax(dim=0)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    w = torch.exp(lses - m)  # (P, ...); 0 for partials that saw no key
+    total = w.sum(dim=0)
+    out = (outs * w.unsqueeze(-1)).sum(dim=0)
+    out /= torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return out, m + torch.log(total)
 
 
 def _decode_splits(q: torch.Tensor, hkv: int, n_keys: int) -> int:
