@@ -39,16 +39,19 @@ from __future__ import annotations
 import array
 import bisect
 import codecs
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
 import html
 import io
+import logging
 import os
 import re
 import stat
 import string
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -71,6 +74,8 @@ __all__ = [
     "delimiters",
     "ingest",
 ]
+
+_log = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown")
 HTML_EXTENSIONS = (".html", ".htm")
@@ -150,6 +155,8 @@ class Document:
     size: bytes of the source file (UTF-8 bytes of the text for in-memory documents).
     format: "text", "markdown", "html", "pdf" or "memory".
     encoding: the text encoding the file was decoded with (None for PDFs and in-memory texts).
+    warnings: problems the reader worked around (pypdf's repairs of a damaged PDF, which can
+        mean missing text); each is also logged on the "longctx.documents" logger.
     """
 
     id: int
@@ -161,6 +168,7 @@ class Document:
     size: int
     format: str
     encoding: str | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def n_pages(self) -> int | None:
@@ -438,17 +446,61 @@ def _read_html(data: bytes, path: str) -> tuple[str | None, str, str]:
     return title, text, encoding
 
 
-def _read_pdf(data: bytes, path: str) -> tuple[str | None, list[str], None]:
-    """PDF -> page texts. Encrypted files: the empty password is tried (PDFs that only carry an
-    owner password, to restrict printing or copying, open with it, as in any viewer); if it
-    does not open the file, it is refused as encrypted. No other passwords are tried."""
-    import pypdf
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+_pypdf_lock = threading.Lock()
 
+
+@contextlib.contextmanager
+def _pypdf_warnings():
+    """Collect what pypdf logs while reading one file. Why: pypdf reports the repairs it makes
+    to a damaged PDF ("EOF marker not found", "some data might not be read") as log warnings
+    without a file name; we attach them to the document or to the error instead."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("pypdf"), Collect(logging.WARNING)
+    with _pypdf_lock:
+        propagate = logger.propagate
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            yield messages
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
+def _read_pdf(data: bytes, path: str) -> tuple[None, list[str], tuple[str, ...]]:
+    """PDF -> (None, page texts, pypdf warnings). Encrypted files: the empty password is tried
+    (PDFs that only carry an owner password, to restrict printing or copying, open with it, as
+    in any viewer); if it does not open the file, it is refused as encrypted. No other
+    passwords are tried."""
     if not data:
         raise IngestError(path, "empty file (0 bytes)")
     if b"%PDF-" not in data[:1024]:
         raise IngestError(path, "corrupt PDF (no %PDF- header)")
+    with _pypdf_warnings() as notes:
+        try:
+            pages = _pdf_pages(data, path)
+        except IngestError as e:
+            raise IngestError(path, e.reason + (f"; pypdf: {notes[0]}" if notes else "")) from None
+    if not pages:
+        raise IngestError(path, "PDF has no pages")
+    # The separator must stay unambiguous, so a form feed inside a page becomes a line break.
+    pages = [_normalise_newlines(p).replace(PAGE_SEPARATOR, "\n") for p in pages]
+    if all(_NON_SPACE.search(p) is None for p in pages):
+        raise IngestError(path, f"no text layer (scanned PDF?): none of its {len(pages)} pages has text")
+    for note in notes:
+        _log.warning("%s: pypdf: %s", path, note)
+    return None, pages, tuple(notes)
+
+
+def _pdf_pages(data: bytes, path: str) -> list[str]:
+    import pypdf
+    from pypdf.errors import DependencyError, FileNotDecryptedError
+
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
@@ -458,24 +510,15 @@ def _read_pdf(data: bytes, path: str) -> tuple[str | None, list[str], None]:
                 raise IngestError(path, f"encrypted PDF that cannot be decrypted here ({e})") from None
             if opened == pypdf.PasswordType.NOT_DECRYPTED:
                 raise IngestError(path, "encrypted PDF (a password is required)")
-        pages = []
-        for page in reader.pages:
-            pages.append(page.extract_text() or "")
+        return [page.extract_text() or "" for page in reader.pages]
     except IngestError:
         raise
     except FileNotDecryptedError:
         raise IngestError(path, "encrypted PDF (a password is required)") from None
-    except (PdfReadError, Exception) as e:
+    except Exception as e:
         # pypdf reports damaged files with its own errors, but also with KeyError, ValueError,
         # AttributeError, ... from deep inside the parser: all mean the file is unusable.
         raise IngestError(path, f"corrupt PDF ({type(e).__name__}: {e})") from None
-    if not pages:
-        raise IngestError(path, "PDF has no pages")
-    # The separator must stay unambiguous, so a form feed inside a page becomes a line break.
-    pages = [_normalise_newlines(p).replace(PAGE_SEPARATOR, "\n") for p in pages]
-    if all(_NON_SPACE.search(p) is None for p in pages):
-        raise IngestError(path, f"no text layer (scanned PDF?): none of its {len(pages)} pages has text")
-    return None, pages, None
 
 
 # ============================================================================================
@@ -707,15 +750,15 @@ def _fast_encoding(tokenizer):
     """
     from longctx.tokenizer import LLAMA4_PATTERN, Tokenizer
 
-    if not isinstance(tokenizer, Tokenizer):
-        return None
+    import tiktoken
+
+    if not isinstance(tokenizer, Tokenizer) or not hasattr(tiktoken.Encoding, "encode_to_numpy"):
+        return None  # other tokenizers, and tiktoken < 0.8: the tokenizer's own encode_batch
     key = tokenizer.fingerprint
     if key not in _fast_encodings:
-        import tiktoken
-
         ranks = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_ranks)}
-        # NOTE: keep the special tokens: with none, tiktoken's special-token regex is empty,
-        # matches everywhere, and encode_to_numpy runs about 2x slower.
+        # NOTE: keep the special tokens: with an empty special-token table encode_to_numpy
+        # measured about 2x slower (tiktoken 0.14).
         enc = tiktoken.Encoding(
             f"longctx-pack-{key[:12]}", pat_str=LLAMA4_PATTERN, mergeable_ranks=ranks, special_tokens=dict(tokenizer.special_tokens)
         )
@@ -867,6 +910,9 @@ class Packed:
         self.budget = budget
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self._docs = {d.id: d for d in documents}
+        self._by_doc: dict[int, list[DocumentSpan]] = {}
+        for s in spans:
+            self._by_doc.setdefault(s.doc_id, []).append(s)
         # Non-empty spans only: locate bisects on their starts.
         live = [s for s in spans if s.end > s.start]
         self._live = live
@@ -942,7 +988,7 @@ class Packed:
     def page_spans(self, doc_id: int) -> list[DocumentSpan]:
         """The spans of one document, in order (one per page, or one)."""
         self.document(doc_id)
-        return [s for s in self.spans if s.doc_id == doc_id]
+        return list(self._by_doc[doc_id])
 
     def span_of(self, doc_id: int) -> DocumentSpan:
         """One span covering the whole text of a document (page None; truncated if it was cut)."""
@@ -1069,8 +1115,10 @@ def _read_file(path: Path, label: str) -> Document:
         data = path.read_bytes()
     except OSError as e:
         raise IngestError(label, f"cannot read ({e.strerror or e})") from None
+    notes: tuple[str, ...] = ()
     if fmt == "pdf":
-        title, pages, encoding = _read_pdf(data, label)
+        title, pages, notes = _read_pdf(data, label)
+        encoding = None
     elif fmt == "html":
         title, pages, encoding = _read_html(data, label)
     else:
@@ -1078,7 +1126,8 @@ def _read_file(path: Path, label: str) -> Document:
     source = Path(label).as_posix()
     # Plain UTF-8 files already hold the text's UTF-8 bytes: hash them, skip re-encoding.
     same_bytes = fmt in ("text", "markdown") and encoding == "utf-8" and not data.startswith(codecs.BOM_UTF8) and b"\r" not in data
-    return _make_document(title or path.stem, source, pages, len(data), fmt, encoding, utf8=data if same_bytes else None)
+    doc = _make_document(title or path.stem, source, pages, len(data), fmt, encoding, utf8=data if same_bytes else None)
+    return dataclasses.replace(doc, warnings=notes) if notes else doc
 
 
 def _from_memory(pair: tuple, label: str, n: int) -> Document:
