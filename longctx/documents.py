@@ -52,13 +52,18 @@ import stat
 import string
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import tiktoken
+
+from longctx.tokenizer import LLAMA4_PATTERN, MAX_WS_RUN, Tokenizer, split_for_encoding
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -93,9 +98,8 @@ TEMPLATE_FIELDS = ("id", "title", "source")
 # Show progress bars by default only for work this big (and only on a terminal).
 _PROGRESS_MIN_FILES = 100
 _PROGRESS_MIN_CHARS = 20_000_000
-# Texts are tokenized in groups of about this many characters, so the progress bar moves;
-# each group is still big enough to keep every core busy (long texts are cut into ~64K-char
-# pieces by the tokenizer, which it encodes in parallel).
+# Without the array fast path (see _fast_encoding), texts go to `tokenizer.encode_batch` in
+# groups of about this many characters, so that the progress bar moves.
 _ENCODE_GROUP_CHARS = 8_000_000
 
 
@@ -675,30 +679,24 @@ class Corpus:
             pieces += [doc.text[a:b] for _, a, b in ranges]
             plans.append((doc, ranges, pieces))
 
-        # Tokenize in groups of documents (for the progress bar). Under "drop"/"truncate" we
-        # stop once the budget is passed: documents after that are dropped unread.
+        # Tokenize, in document order, on all cores. Under "drop"/"truncate" we stop once the
+        # budget is passed: documents after that are dropped without being tokenized.
         encoded: list[list[np.ndarray]] = []
         total = 0
         stop_early = budget is not None and overflow != "error"
         bar = _bar(progress, sum(len(d.text) for d in self.documents), _PROGRESS_MIN_CHARS, "tokenizing", "char")
-        k = 0
-        while k < len(plans) and not (stop_early and total > budget):
-            j, chars = k, 0
-            while j < len(plans) and (j == k or chars < _ENCODE_GROUP_CHARS):
-                chars += len(plans[j][0].text)
-                j += 1
-            group = [p for _, _, pieces in plans[k:j] for p in pieces]
-            ids = _encode_arrays(tokenizer, group, threads)
-            pos = 0
-            for _, _, pieces in plans[k:j]:
-                arrs = ids[pos : pos + len(pieces)]
-                pos += len(pieces)
+        stream = _iter_encoded(tokenizer, [p for _, _, pieces in plans for p in pieces], threads)
+        try:
+            for doc, _, pieces in plans:
+                if stop_early and total > budget:
+                    break
+                arrs = [next(stream) for _ in pieces]
                 encoded.append(arrs)
                 total += sum(len(a) for a in arrs)
-            del ids, group
-            bar.update(chars)
-            k = j
-        bar.close()
+                bar.update(len(doc.text))
+        finally:
+            stream.close()
+            bar.close()
 
         # Decide what fits.
         sizes = [sum(len(a) for a in arrs) for arrs in encoded]
@@ -730,9 +728,13 @@ class Corpus:
 # Tokenizing straight into arrays
 # --------------------------------------------------------------------------------------------
 
-# Texts up to this length are encoded whole (one thread-pool job each); longer ones are cut by
-# the tokenizer's `split_for_encoding` so that one huge document still uses every core.
+# Texts up to this length are encoded whole; longer ones are cut by the tokenizer's
+# `split_for_encoding` (on boundaries that leave the ids unchanged) so that one huge document
+# still uses every core.
 _WHOLE_TEXT_CHARS = 1 << 20
+# Work per thread-pool job: big enough that the pool's per-job cost (tens of microseconds) is
+# noise, small enough to balance the threads.
+_JOB_CHARS = 1 << 16
 _PROBE = "Hello, World! It's 2024-06-30: 12345 items\n\n  \tcafé naïve 日本語 ok?\r\n<|eot|> x  \n"
 _fast_encodings: dict[str, object] = {}  # tokenizer fingerprint -> tiktoken.Encoding or None
 
@@ -748,10 +750,6 @@ def _fast_encoding(tokenizer):
     encoding is rebuilt here from the tokenizer's public API (its ranks via `token_bytes`, its
     regex LLAMA4_PATTERN) and accepted only if it agrees with `tokenizer.encode` on a probe.
     """
-    from longctx.tokenizer import LLAMA4_PATTERN, Tokenizer
-
-    import tiktoken
-
     if not isinstance(tokenizer, Tokenizer) or not hasattr(tiktoken.Encoding, "encode_to_numpy"):
         return None  # other tokenizers, and tiktoken < 0.8: the tokenizer's own encode_batch
     key = tokenizer.fingerprint
@@ -767,43 +765,88 @@ def _fast_encoding(tokenizer):
     return _fast_encodings[key]
 
 
-def _encode_arrays(tokenizer, texts: list[str], num_threads: int) -> list[np.ndarray]:
-    """Encode `texts` like `tokenizer.encode_batch`, as int32 arrays, on `num_threads` threads."""
+def _iter_encoded(tokenizer, texts: list[str], num_threads: int) -> Iterator[np.ndarray]:
+    """Yield the ids of each of `texts` as an int32 array, in order, exactly as
+    `tokenizer.encode_batch` would give them. Closing the generator early stops the work.
+
+    Fast path: the texts are cut into jobs of about _JOB_CHARS characters (short texts, like
+    the delimiters, share a job; long ones are split by the tokenizer's `split_for_encoding`)
+    and run on one thread pool, at most a few jobs per thread ahead of the consumer, so there
+    is no barrier between groups and the memory in flight stays small.
+    """
     enc = _fast_encoding(tokenizer)
     if enc is None:
-        return [_as_int32(x) for x in tokenizer.encode_batch(texts, num_threads=num_threads)]
-    from concurrent.futures import ThreadPoolExecutor
+        k = 0
+        while k < len(texts):
+            j, chars = k, 0
+            while j < len(texts) and (j == k or chars < _ENCODE_GROUP_CHARS):
+                chars += len(texts[j])
+                j += 1
+            for ids in tokenizer.encode_batch(texts[k:j], num_threads=num_threads):
+                yield _as_int32(ids)
+            k = j
+        return
 
-    from longctx.tokenizer import split_for_encoding
-
-    jobs: list[str] = []
-    n_parts: list[int] = []  # jobs per text; 0 = encode it with the tokenizer itself
-    for text in texts:
+    # Each text becomes one or more pieces, or None: a text with a huge whitespace run, which
+    # only the tokenizer's own (slower, list-returning) path encodes correctly. A short text
+    # seen before (the same footer after every document) is encoded once: an int index
+    # points to its first occurrence.
+    plans: list[list[str] | int | None] = []
+    first_seen: dict[str, int] = {}
+    for k, text in enumerate(texts):
+        if len(text) <= 256:
+            seen = first_seen.setdefault(text, k)
+            if seen != k:
+                plans.append(seen)
+                continue
         if len(text) <= _WHOLE_TEXT_CHARS and not _may_hold_long_space_run(text):
-            jobs.append(text)
-            n_parts.append(1)
+            plans.append([text])
             continue
         parts = split_for_encoding(text)
-        if any(isinstance(p, bytes) for p in parts):
-            n_parts.append(0)  # a huge whitespace run: the tokenizer's own path handles it
-        else:
-            jobs += parts
-            n_parts.append(len(parts))
+        plans.append(None if any(isinstance(p, bytes) for p in parts) else parts)
+    pieces = [p for plan in plans if isinstance(plan, list) for p in plan]
+    jobs, start, size = [], 0, 0
+    for i, p in enumerate(pieces):
+        size += len(p)
+        if size >= _JOB_CHARS:
+            jobs.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(pieces):
+        jobs.append((start, len(pieces)))
 
-    def encode(s: str) -> np.ndarray:
+    def run(job: tuple[int, int]) -> list[np.ndarray]:
         # disallowed_special=(): special-token text is plain text, as in encode_ordinary.
-        return enc.encode_to_numpy(s, disallowed_special=()).view(np.int32)
+        return [enc.encode_to_numpy(p, disallowed_special=()).view(np.int32) for p in pieces[job[0] : job[1]]]
 
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        encoded = list(pool.map(encode, jobs))
-    out, pos = [], 0
-    for text, n in zip(texts, n_parts):
-        if n == 0:
-            out.append(_as_int32(tokenizer.encode(text)))
-        else:
-            out.append(encoded[pos] if n == 1 else np.concatenate(encoded[pos : pos + n]))
-            pos += n
-    return out
+    pool = ThreadPoolExecutor(max(1, num_threads))
+    window: deque = deque()
+    next_job = 0
+
+    def piece_arrays() -> Iterator[np.ndarray]:
+        nonlocal next_job
+        while window or next_job < len(jobs):
+            while next_job < len(jobs) and len(window) < 4 * max(1, num_threads):
+                window.append(pool.submit(run, jobs[next_job]))
+                next_job += 1
+            yield from window.popleft().result()
+
+    arrays = piece_arrays()
+    short: dict[int, np.ndarray] = {}  # index of a short text's first occurrence -> its ids
+    try:
+        for k, (text, plan) in enumerate(zip(texts, plans)):
+            if plan is None:
+                ids = _as_int32(tokenizer.encode(text))
+            elif isinstance(plan, int):
+                ids = short[plan]
+            elif len(plan) == 1:
+                ids = next(arrays)
+            else:
+                ids = np.concatenate([next(arrays) for _ in plan])
+            if len(text) <= 256 and k not in short and plan is not None and not isinstance(plan, int):
+                short[k] = ids
+            yield ids
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _may_hold_long_space_run(text: str) -> bool:
@@ -811,8 +854,8 @@ def _may_hold_long_space_run(text: str) -> bool:
     (see longctx.tokenizer.MAX_WS_RUN). Any run of 2B-1 or more characters covers a whole
     aligned block of B characters, so finding a non-space in every block rules such runs out,
     at the cost of one short regex search per block instead of a scan of every character."""
-    from longctx.tokenizer import MAX_WS_RUN
-
+    if len(text) < MAX_WS_RUN:
+        return False
     block = MAX_WS_RUN // 2
     return any(_NON_SPACE.search(text, a, a + block) is None for a in range(0, len(text) - block + 1, block))
 
@@ -865,8 +908,13 @@ def _render(doc: Document, header_fmt: str, footer_fmt: str) -> tuple[str, str]:
 _ATTR_BREAK = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 
 
+_ATTR_SPECIAL = re.compile(r"[&<>\"'\x00-\x1f\x7f\u2028\u2029]")
+
+
 def _attr(value: str) -> str:
     """A value for the delimiter line: HTML-escaped, control characters and newlines as spaces."""
+    if _ATTR_SPECIAL.search(value) is None:
+        return value  # the common case, checked first: 100K documents pack noticeably faster
     return _ATTR_BREAK.sub(" ", html.escape(value, quote=True))
 
 
