@@ -161,6 +161,47 @@ def test_triton_bf16_cuda(B, Hq, Hkv, M, N, D, q_start, k_start, causal, chunk):
 
 
 @needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernel tests compile and run it for real")
+@pytest.mark.parametrize("dtype,D,rows,G",
+                         [(torch.bfloat16, 128, 8192, 1), (torch.float16, 64, 5, 5)])
+def test_kernel_compiles_for_hopper(monkeypatch, dtype, D, rows, G):
+    """Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter cannot,
+    e.g. code that only fails in the compiled frontend or tiles that overflow shared memory."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    mod = attn_mod._triton_backend()
+    assert not mod.INTERPRET
+
+    class Dev:
+        type = "cuda"
+
+    bm, bn, warps, stages = mod._blocks(D, rows, dtype, Dev)
+    consts = dict(GQA=5, G=G, CAUSAL=True, CHUNKED=True, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
+                  PRECISION="tf32")
+    ty = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    names = mod._attn_fwd.arg_names
+    sig = {n: "*" + ty if n in ("Q", "K", "V", "O") else "*fp32" if n == "L"
+           else "constexpr" if n in consts else "fp32" if n == "scale_log2" else "i32"
+           for n in names}
+    src = ASTSource(fn=mod._attn_fwd, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps, "num_stages": stages})
+    except RuntimeError as e:  # e.g. no ptxas in this triton install
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"cannot assemble for sm_90 here: {e}")
+        raise
+    assert kernel.metadata.shared <= 227 * 1024  # H100 shared memory per block
+
+
+@needs_triton
 def test_interpreter_bf16_workaround(monkeypatch):
     """Under the interpreter bf16 inputs are upcast before the kernel (tl.dot on bf16 is
     garbage there); the dispatcher must still return bf16 within the bar."""
@@ -181,6 +222,17 @@ def test_scale_and_noncontiguous_inputs(triton_device):
     for impl in ("reference", "triton"):
         out, lse = flash_attention(q, k, v, impl=impl, **mask)
         assert_within_bar(out, lse, q, k, v, **mask)
+
+
+def test_triton_cuts_keys_beyond_int32_offsets(triton_device, monkeypatch):
+    """Key ranges whose int32 offsets would overflow are run in pieces and merged."""
+    monkeypatch.setattr(attn_mod, "_INT32_MAX", 64 * 300)  # pieces of 300 - 256 = 44 keys
+    q, k, v = make_qkv(1, 4, 2, 9, 150, 64, torch.float32, triton_device)
+    mask = dict(q_start=120, k_start=0, causal=True, chunk=None)
+    out, lse = flash_attention(q, k, v, impl="triton", **mask)
+    assert_within_bar(out, lse, q, k, v, **mask)
+    out, lse = decode_attention(q, [(k, v, 0)], q_start=120, impl="triton")
+    assert_within_bar(out, lse, q, k, v, **mask)
 
 
 # ----------------------------------------------------------------------------- reference blocking

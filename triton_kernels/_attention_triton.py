@@ -34,18 +34,23 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, K, V, k_off, v_off, start_n, n_hi, pos_q,
+def _tile(acc, m_i, l_i, q, K, V, start_n, n_hi, pos_q, q_chunk_lo,
           k_start, chunk, scale_log2, stride_kn, stride_vn,
           MASKED: tl.constexpr, CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
           BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile of the online softmax. Works in base 2: scores are pre-multiplied by
-    log2(e), so exp2 replaces exp; m_i is the running row max and l_i the running row sum."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    """One key tile [start_n, start_n + BLOCK_N) of the online softmax.
+
+    K, V point at this (batch, KV head)'s first key. Works in base 2: scores are
+    pre-multiplied by log2(e) so exp2 replaces exp; m_i is the running row max, l_i the
+    running row sum, acc the unnormalised fp32 output."""
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    k_ptrs = K + k_off + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    v_ptrs = V + v_off + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+    # NOTE: int32 offsets inside one (batch, head) slice: int64 ones cost registers in the loop
+    # (measured: more ptxas spills at D=128). The host keeps N * stride below 2**31.
+    k_ptrs = K + (start_n + offs_n)[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + (start_n + offs_n)[:, None] * stride_vn + offs_d[None, :]
     if MASKED:
-        in_range = offs_n < n_hi
+        in_range = (start_n + offs_n) < n_hi
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
     else:
@@ -53,12 +58,14 @@ def _tile(acc, m_i, l_i, q, K, V, k_off, v_off, start_n, n_hi, pos_q,
         v = tl.load(v_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N) fp32
     if MASKED:
-        pos_k = k_start + offs_n
+        pos_k = (k_start + start_n + offs_n)[None, :]
         visible = in_range[None, :]
         if CAUSAL:
-            visible = visible & (pos_k[None, :] <= pos_q[:, None])
-        if CHUNKED:
-            visible = visible & ((pos_k[None, :] // chunk) == (pos_q[:, None] // chunk))
+            visible = visible & (pos_k <= pos_q[:, None])
+        if CHUNKED:  # same chunk as the query: [q_chunk_lo, q_chunk_lo + chunk)
+            visible = visible & (pos_k >= q_chunk_lo[:, None])
+            if not CAUSAL:  # (causal already implies pos_k < the query's chunk end)
+                visible = visible & (pos_k < q_chunk_lo[:, None] + chunk)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # NOTE: a row whose keys are all masked so far has m_new = -inf; subtracting it would give
@@ -132,19 +139,23 @@ def _attn_fwd(Q, K, V, O, L,
     q_off = (b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
              + qi.to(tl.int64) * stride_qm)
     q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_off = b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_off = b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    K += b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    # Start of each query's chunk (the chunk mask becomes two compares, no division per key).
+    q_chunk_lo = pos_q
+    if CHUNKED:
+        q_chunk_lo = (pos_q // chunk) * chunk
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     for start_n in range(n_lo, full_end, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, k_off, v_off, start_n, n_hi,
-                              pos_q, k_start, chunk, scale_log2, stride_kn, stride_vn,
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, start_n, n_hi,
+                              pos_q, q_chunk_lo, k_start, chunk, scale_log2, stride_kn, stride_vn,
                               False, CAUSAL, CHUNKED, BLOCK_N, HEAD_D, PRECISION)
     for start_n in range(full_end, n_hi, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, k_off, v_off, start_n, n_hi,
-                              pos_q, k_start, chunk, scale_log2, stride_kn, stride_vn,
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, start_n, n_hi,
+                              pos_q, q_chunk_lo, k_start, chunk, scale_log2, stride_kn, stride_vn,
                               True, CAUSAL, CHUNKED, BLOCK_N, HEAD_D, PRECISION)
 
     # Rows with no visible key: out = 0, lse = -inf (they vanish in an LSE merge).

@@ -36,6 +36,7 @@ _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 _REF_BLOCK_M = 1024
 _REF_SCORE_BUDGET = 1 << 25
 _REF_MIN_KEY_BLOCK = 256
+_INT32_MAX = 2**31 - 1  # the Triton kernel's in-slice key offsets are int32
 
 _triton_mod = None
 
@@ -153,17 +154,30 @@ def _use_triton(impl: str, q: torch.Tensor) -> bool:
 
 
 def _launch(q, k, v, **kw):
-    """Launch the Triton kernel (``_attention_triton.launch``) with the interpreter workaround.
+    """Launch the Triton kernel (``_attention_triton.launch``); returns what it returns, or
+    fp32 (out, lse) when the keys had to be cut into pieces (see the int32 note).
 
     NOTE: triton's CPU interpreter computes tl.dot on bfloat16 as raw uint16 bit patterns
     (garbage, seen with triton 3.9). Under the interpreter, bf16 inputs are upcast to fp32
-    (exact) and the result cast back; compiled GPU kernels take bf16 directly."""
+    (exact) and callers cast the result back; compiled GPU kernels take bf16 directly.
+    NOTE: the kernel addresses keys with int32 offsets inside one (batch, head) slice; longer
+    key ranges are cut into pieces below that limit and merged by LSE (exact)."""
     mod = _triton_backend()
     if mod.INTERPRET and q.dtype == torch.bfloat16:
-        return mod.launch(q.float(), k.float(), v.float(), **kw)  # callers cast out back
+        q, k, v = q.float(), k.float(), v.float()
     # The kernel takes any strides but needs a unit-stride head dim (contiguous rows).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return mod.launch(q, k, v, **kw)
+    N, D = k.shape[2], k.shape[3]
+    piece = (_INT32_MAX - D) // max(k.stride(2), v.stride(2), 1) - 256  # 256: tile overhang
+    if N <= piece:
+        return mod.launch(q, k, v, **kw)
+    outs, lses = [], []
+    for n0 in range(0, N, piece):
+        o, l = mod.launch(q, k[:, :, n0:n0 + piece], v[:, :, n0:n0 + piece],
+                          **dict(kw, k_start=kw["k_start"] + n0, out_dtype=torch.float32))
+        outs.append(o.reshape(-1, *q.shape))
+        lses.append(l.reshape(-1, *q.shape[:3]))
+    return _merge_stacked(torch.cat(outs), torch.cat(lses))
 
 
 # ----------------------------------------------------------------------------- public API
