@@ -31,8 +31,8 @@ _IMPLS = ("auto", "triton", "reference")
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # Reference blocking: query rows per block, and the budget (in fp32 elements) for one block of
-# scores (B x Hq x rows x keys); 2**25 elements = 128 MiB, held twice (scores and probs). Key
-# blocks never go below _REF_MIN_KEY_BLOCK keys (tiny matmuls would be all overhead).
+# scores (B x Hq x rows x keys) or of fp32 K (B x Hkv x keys x D); 2**25 elements = 128 MiB.
+# Key blocks never go below _REF_MIN_KEY_BLOCK keys (tiny matmuls would be all overhead).
 _REF_BLOCK_M = 1024
 _REF_SCORE_BUDGET = 1 << 25
 _REF_MIN_KEY_BLOCK = 256
@@ -348,7 +348,10 @@ def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
             continue  # rows stay out = 0, lse = -inf
         qb = (qg[:, :, :, m0:m1].float() * scale).reshape(B, Hkv, r * mb, D)
         pos_q = torch.arange(lo, hi + 1, device=q.device)[:, None]  # (mb, 1)
-        bn = max(_REF_MIN_KEY_BLOCK, _REF_SCORE_BUDGET // (B * Hq * mb))
+        # Key block: bounded by the scores (B, Hq, mb, bn) and by the fp32 copies of the K/V
+        # block (B, Hkv, bn, D), whichever is larger (decode: one query, many keys).
+        bn = _REF_SCORE_BUDGET // max(B * Hq * mb, B * Hkv * D)
+        bn = max(_REF_MIN_KEY_BLOCK, bn)
         acc = run_lse = None
         for n0 in range(n_lo, n_hi, bn):
             n1 = min(n_hi, n0 + bn)
