@@ -147,8 +147,10 @@ def test_triton_within_bar(triton_device, B, Hq, Hkv, M, N, D, q_start, k_start,
     mask = dict(q_start=q_start, k_start=k_start, causal=causal, chunk=chunk)
     out, lse = flash_attention(q, k, v, impl="triton", **mask)
     assert_within_bar(out, lse, q, k, v, **mask)
+    # The dispatcher's two implementations agree to output rounding (fp16: about one ulp).
     ref_out, ref_lse = flash_attention(q, k, v, impl="reference", **mask)
-    assert lse_err(lse, ref_lse) <= 1e-4
+    assert max_err(out, ref_out) <= (4e-3 if dtype == torch.float16 else 1e-5)
+    assert lse_err(lse, ref_lse) <= 1e-5
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot needs a GPU (interpreter is wrong on bf16)")
