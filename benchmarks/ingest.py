@@ -2,7 +2,7 @@
 
     python benchmarks/ingest.py                 # generate the folder (once, cached) and measure
     python benchmarks/ingest.py --folder DIR    # measure an existing folder of text files
-    python benchmarks/ingest.py --record        # also write benchmarks/results/ingest_<date>.md
+    python benchmarks/ingest.py --record        # also append to benchmarks/results/ingest_<date>.md
 
 Measured in one run, interleaved (raw, tokenizer, ingest+pack, raw, ...) so that load from
 other processes hits all of them alike, on the same texts:
@@ -29,13 +29,14 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import as_file, files
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 
 from longctx.documents import ingest
-from longctx.tokenizer import LLAMA4_PATTERN, Tokenizer
+from longctx.tokenizer import LLAMA4_PATTERN, Tokenizer, load_ranks
 
 WORDS = """
 the of and to in a is that for it as was with be by on not he this are or his from at which but have
@@ -100,14 +101,24 @@ def generate(folder: Path, tokens: int, n_files: int, tokenizer: Tokenizer, seed
     marker.write_text(json.dumps(params))
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", type=Path, help="folder of .txt files to use (default: generate one)")
     ap.add_argument("--tokens", type=int, default=10_000_000, help="tokens to generate (default 10M)")
     ap.add_argument("--files", type=int, default=400, help="files to generate (default 400)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (default 3)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (default 7)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="encoding threads (default: all cores)")
-    ap.add_argument("--record", action="store_true", help="write benchmarks/results/ingest_<date>.md")
+    ap.add_argument("--record", action="store_true", help="append the result to benchmarks/results/ingest_<date>.md")
     args = ap.parse_args(argv)
 
     tok = Tokenizer.default()
@@ -124,10 +135,6 @@ def main(argv=None) -> int:
     n_chars = sum(map(len, texts))
     n_bytes = sum(d.size for d in corpus)
     # tiktoken itself, with the same ranks, regex and specials as the longctx tokenizer.
-    from longctx.tokenizer import load_ranks
-
-    from importlib.resources import as_file, files
-
     with as_file(files("longctx").joinpath("assets", "tokenizer", "tokenizer.model")) as p:
         ranks = load_ranks(p)
     raw_enc = tiktoken.Encoding("raw", pat_str=LLAMA4_PATTERN, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
@@ -155,6 +162,7 @@ def main(argv=None) -> int:
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     spent: dict[str, float] = {}
     n_raw = n_packed = 0
+    per_rep: list[str] = []
     for rep in range(args.repeats):
         # Alternate the order so that drifting load from other processes hits every step alike.
         order = list(steps) if rep % 2 == 0 else list(reversed(steps))
@@ -170,6 +178,7 @@ def main(argv=None) -> int:
                 n_packed = len(out)
                 assert sum(len(s) for s in out.spans) == n_raw
             del out
+        per_rep.append(f"  rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()))
         print(f"  rep {rep + 1}: " + "  ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()), flush=True)
 
     # Untimed check: the packed text tokens are exactly raw tiktoken's tokens of each file.
@@ -205,8 +214,16 @@ def main(argv=None) -> int:
         f"- ingest + pack vs raw tiktoken batch encoding (lists): **{ratio['raw'] * 100:+.1f} %** (bar: <= +25 %)",
         f"- ingest + pack vs raw tiktoken straight to numpy: {ratio['raw_np'] * 100:+.1f} %",
         f"- ingest + pack vs `Tokenizer.encode_batch`: {ratio['tokenizer'] * 100:+.1f} %",
+        f"- CPU time, ingest + pack vs raw tiktoken batch encoding: {(med_cpu['ingest+pack'] / med_cpu['raw'] - 1) * 100:+.1f} % "
+        f"(vs straight to numpy: {(med_cpu['ingest+pack'] / med_cpu['raw_np'] - 1) * 100:+.1f} %)",
         "",
         "(overheads: median over repetitions of the per-repetition time ratio)",
+        "",
+        "Wall times of every repetition (order alternates: forward on odd, reversed on even):",
+        "",
+        "```",
+        *per_rep,
+        "```",
     ]
     report = "\n".join(lines)
     print(report)
@@ -220,10 +237,11 @@ def main(argv=None) -> int:
         out = Path(__file__).parent / "results" / f"ingest_{today}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
-        out.write_text(
-            f"# ingest + pack throughput ({today})\n\n"
+        now = _dt.datetime.now().strftime("%H:%M")
+        section = (
+            f"## Run at {now}\n\n"
             f"- command: `{cmd}`\n"
-            f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"- machine: {platform.platform()}, {_cpu_model()}, "
             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, tiktoken {tiktoken.__version__}\n"
             f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
             "(a shared machine: other processes may hold cores; the steps are interleaved)\n"
@@ -231,6 +249,10 @@ def main(argv=None) -> int:
             f"- data: synthetic English-like text (benchmarks/ingest.py, seed 0)" + ("" if args.folder is None else f", folder {args.folder}") + "\n\n"
             + report + "\n\n" + ("PASS" if ok else "FAIL") + "\n"
         )
+        # Several runs on one day are all kept, appended in order.
+        head = "" if out.exists() else f"# ingest + pack throughput ({today})\n\n"
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(head + ("\n" if not head else "") + section)
         print(f"recorded {out}")
     return 0 if ok else 1
 
