@@ -17,9 +17,11 @@ Readers (by file extension, case-insensitive):
   elements (p, div, li, h1-h6, tr, br, ...) become line breaks. The <title> becomes the title.
 - `.pdf`: pypdf, page by page. The document text is the page texts joined by a form feed
   ("\\f"); `Document.page_offsets` holds where each page starts. A blank page inside a PDF is
-  kept as an empty page; a PDF with no text on any page (a scan) is refused.
+  kept as an empty page; a PDF with no text on any page (a scan) is refused. Repairs pypdf
+  makes to a damaged file are kept in `Document.warnings` (and logged with the file name).
 - folders: recursively, entries sorted by name (code-point order) at each level, so the order
   is the same on every machine. Names starting with "." are not visited (`.git`, `.DS_Store`).
+  Symlinked folders are followed, each real folder once (no loops).
   `glob=` filters the files found in folders (not files named explicitly).
 - in-memory texts: a `(title, text)` pair, or `(title, [page, page, ...])` for a paged text.
   A plain `str` is always a path: a path that does not exist must be an error, never silently
@@ -32,6 +34,10 @@ Errors. A file that cannot be read raises `IngestError` (with `.path` and `.reas
 Duplicates. Documents are identified by the sha256 of their extracted text (UTF-8). The first
 one in input order is kept; a later document with the same hash is not added again and is
 listed in `corpus.duplicates` as `Duplicate(kept_id, path)`.
+
+Packing (`Corpus.pack`): each document as [header][text][footer] from a plain-text template,
+each piece encoded on its own so that spans are exact; see `Corpus.pack` for the layout and
+the budget policies, `delimiters` for the header/footer text of one document.
 """
 
 from __future__ import annotations
@@ -324,7 +330,7 @@ def _read_text(data: bytes, path: str, markdown: bool) -> tuple[str | None, str,
     title = None
     if markdown:
         # A Markdown file that opens with a level-1 heading names itself.
-        m = re.match(r"\s*# +(.+?)[ #]*\n", text)
+        m = re.match(r"\s*# +(.+?)[ \t#]*(?:\n|$)", text)
         if m:
             title = m.group(1).strip() or None
     return title, text, encoding

@@ -7,6 +7,7 @@ reads PDFs well but cannot author text), encrypted PDFs (pypdf's RC4 writer), fo
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pypdf
@@ -150,8 +151,9 @@ def test_foreign_encodings_refused(tmp_path, raw):
 def test_markdown_title(tmp_path):
     (tmp_path / "a.md").write_text("# Quarterly plan\n\nText.\n", encoding="utf-8")
     (tmp_path / "b.md").write_text("No heading here.\n# Later heading\n", encoding="utf-8")
-    a, b = ingest(tmp_path)
-    assert (a.title, a.format, b.title) == ("Quarterly plan", "markdown", "b")
+    (tmp_path / "c.md").write_text("# Only a heading ##", encoding="utf-8")
+    a, b, c = ingest(tmp_path)
+    assert (a.title, a.format, b.title, c.title) == ("Quarterly plan", "markdown", "b", "Only a heading")
     assert a.text == "# Quarterly plan\n\nText.\n"  # text kept as written
 
 
@@ -293,8 +295,6 @@ def test_bad_inputs_skipped_and_listed(tmp_path):
     assert [d.format for d in corpus] == ["pdf", "text"]
     skipped = {s.path: s.reason for s in corpus.skipped}
     assert sorted(skipped) == sorted(p.as_posix() for p in paths)
-    import re
-
     for path, reason in bad.values():
         assert re.search(reason, skipped[path.as_posix()]), (path, skipped[path.as_posix()])
 
