@@ -1,0 +1,194 @@
+"""Model configuration: one dataclass, HF field names, per-layer kinds derived once.
+
+Facts (sizes, defaults, the meaning of each field) follow ``shared/docs/scout_architecture.md``
+§1 and §5, i.e. Hugging Face's ``Llama4TextConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that can't describe a valid model (names the field and the reason)."""
+
+
+def _scout_rope_scaling() -> dict:
+    return {
+        "rope_type": "llama3",
+        "factor": 16.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+@dataclass
+class ModelConfig:
+    """The Llama-4 text decoder's hyper-parameters (HF ``text_config`` names and defaults).
+
+    ``no_rope_layers`` (1 = RoPE + chunked-local attention, 0 = NoPE global attention) and
+    ``moe_layers`` may be left empty/None: they are then derived from the intervals exactly
+    as transformers does. ``layer_kinds`` and ``is_moe`` are the derived per-layer lists
+    that model code reads; nothing else recomputes them.
+    """
+
+    vocab_size: int = 202048
+    hidden_size: int = 5120
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 8192  # each routed expert and the shared expert
+    intermediate_size_mlp: int = 16384  # dense FFN layers (none in Scout)
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 1
+    interleave_moe_layer_step: int = 1
+    moe_layers: list[int] | None = None
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = field(default_factory=_scout_rope_scaling)
+    attention_chunk_size: int = 8192
+    no_rope_layer_interval: int = 4
+    no_rope_layers: list[int] = field(default_factory=list)
+    use_qk_norm: bool = True
+    attn_temperature_tuning: bool = True
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 10485760
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 200000
+    eos_token_id: int | list[int] = field(default_factory=lambda: [200001, 200007, 200008])
+    pad_token_id: int = 200018
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        L = self.num_hidden_layers
+        if not self.no_rope_layers:  # HF: an empty list means "derive from the interval"
+            self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0) for i in range(L)]
+        if self.moe_layers is None:
+            step = self.interleave_moe_layer_step
+            self.moe_layers = list(range(step - 1, L, step))
+        # Some published configs carry `attn_temperature_tuning: 4`; it is used as a flag.
+        self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
+        self.no_rope_layers = [int(x) for x in self.no_rope_layers]
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"ModelConfig.{name}: {why}")
+
+        if len(self.no_rope_layers) != self.num_hidden_layers:
+            raise bad("no_rope_layers", f"has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", f"{self.num_key_value_heads} does not divide {self.num_attention_heads} query heads")
+        if self.head_dim % 2:
+            raise bad("head_dim", "must be even for RoPE on interleaved pairs")
+        if any(not 0 <= i < self.num_hidden_layers for i in self.moe_layers):
+            raise bad("moe_layers", f"indices out of range: {self.moe_layers}")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise bad("num_experts_per_tok", f"{self.num_experts_per_tok} with {self.num_local_experts} experts")
+        if "chunked" in self.layer_kinds and not self.attention_chunk_size:
+            raise bad("attention_chunk_size", "must be set when any layer uses chunked attention")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise bad("rope_scaling", f"rope_type {kind!r} is not supported (llama3 or default)")
+
+    # ---- derived per-layer structure -----------------------------------------------------
+    @property
+    def layer_kinds(self) -> list[str]:
+        """Per layer: ``"chunked"`` (RoPE, QK-norm, chunk-local mask) or ``"global"`` (NoPE)."""
+        return ["chunked" if r else "global" for r in self.no_rope_layers]
+
+    @property
+    def is_moe(self) -> list[bool]:
+        moe = set(self.moe_layers)
+        return [i in moe for i in range(self.num_hidden_layers)]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return list(e) if isinstance(e, (list, tuple)) else [e]
+
+    def num_parameters(self) -> int:
+        """Parameter count of the text model (embedding and untied head included)."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        moe = self.num_local_experts * 3 * d * self.intermediate_size + 3 * d * self.intermediate_size + self.num_local_experts * d
+        dense = 3 * d * self.intermediate_size_mlp
+        n_moe = len(self.moe_layers)
+        layers = self.num_hidden_layers * (attn + 2 * d) + n_moe * moe + (self.num_hidden_layers - n_moe) * dense
+        heads = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return layers + heads + d
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
+        """KV bytes per context token: for all global layers, and per chunked layer (bounded)."""
+        per_layer = 2 * self.num_key_value_heads * self.head_dim * dtype_bytes
+        return {"global": per_layer * self.layer_kinds.count("global"), "per_layer": per_layer}
+
+    # ---- presets and HF round trip ---------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        """``"scout"``: Llama-4-Scout-17B-16E text model. ``"tiny"``: a few-MB test model."""
+        if name == "scout":
+            return cls()
+        if name == "tiny":
+            return cls(
+                vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
+                num_local_experts=4, attention_chunk_size=32, floor_scale=32,
+                max_position_embeddings=1 << 22, bos_token_id=256, eos_token_id=[257, 263, 264], pad_token_id=274,
+            )
+        raise ConfigError(f"unknown preset {name!r}; known: 'scout', 'tiny'")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Read a HF ``config.json`` dict: a text config or a multimodal one with ``text_config``.
+
+        RoPE may be ``rope_theta`` + ``rope_scaling`` (published Scout configs) or
+        ``rope_parameters`` (transformers 5); unknown keys are ignored.
+        """
+        if "text_config" in cfg:
+            cfg = cfg["text_config"]
+        cfg = dict(cfg)
+        rp = cfg.pop("rope_parameters", None)
+        if rp:
+            rp = dict(rp)
+            cfg.setdefault("rope_theta", rp.pop("rope_theta", 500000.0))
+            kind = rp.get("rope_type", "default")
+            cfg["rope_scaling"] = None if kind == "default" else rp
+        elif "rope_scaling" in cfg and cfg["rope_scaling"] is not None:
+            cfg["rope_scaling"] = dict(cfg["rope_scaling"])
+            if cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type")) == "default":
+                cfg["rope_scaling"] = None
+        if cfg.get("no_rope_layers") is None:
+            cfg["no_rope_layers"] = []
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in names}
+        if kwargs.get("head_dim") is None and "hidden_size" in kwargs and "num_attention_heads" in kwargs:
+            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A text-config dict that ``from_hf`` (and transformers 4.57 / 5.x) read back."""
+        d = dataclasses.asdict(self)
+        d["model_type"] = "llama4_text"
+        d["architectures"] = ["Llama4ForCausalLM"]
+        return d
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            return cls.from_hf(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except TypeError as e:
+            raise ConfigError(f"{path}: {e}") from None
