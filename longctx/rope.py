@@ -16,7 +16,7 @@ from .config import ModelConfig
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """ω_j for j = 0..head_dim/2-1, float32, with llama3 frequency scaling if configured."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     rs = cfg.rope_scaling
     if not rs or rs.get("rope_type", rs.get("type")) == "default":
         return inv_freq

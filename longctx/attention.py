@@ -1,0 +1,87 @@
+"""One attention module for both Llama-4 layer kinds (scout_architecture.md §2.3).
+
+Chunked layers: interleaved llama3 RoPE, then weightless RMS QK-norm, then a chunk-local
+causal mask. Global layers: no RoPE, no QK-norm, q scaled by the temperature s(p), plain
+causal mask. Masks come from absolute positions (DESIGN §3), so whole, chunked and
+token-by-token calls compute the same thing; the kernels in ``longctx.kernels`` do the math.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .kernels import decode_attention, flash_attention, merge_attention
+from .rope import apply_rope
+
+# Queries per call at or below which the split-KV decode kernel is used over cached keys.
+_DECODE_MAX_QUERIES = 16
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x · rsqrt(mean(x²) + eps) over the last dim, in fp32, cast back to x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def temperature_scale(cfg: ModelConfig, start: int, length: int, device) -> torch.Tensor:
+    """s(p) = 1 + attn_scale · ln(1 + ⌊(p+1)/floor_scale⌋) for p = start..start+length-1 (fp32)."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    return torch.log1p(torch.floor((pos + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.chunked = cfg.layer_kinds[layer] == "chunked"
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor], kv) -> torch.Tensor:
+        """x (B, T, d) at absolute positions start..start+T-1; ``kv`` is this layer's cache
+        (``None`` for a cache-free forward). ``rope`` = (cos, sin), each (T, head_dim/2)."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.chunked:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cfg.use_qk_norm:
+                q, k = rms(q, cfg.rms_norm_eps), rms(k, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:
+            s = temperature_scale(cfg, start, T, x.device)
+            q = (q * s[None, :, None, None]).to(q.dtype)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+
+        chunk = cfg.attention_chunk_size if self.chunked else None
+        scale = self.head_dim**-0.5
+        if kv is None:
+            out, _ = flash_attention(q, k, v, q_start=start, k_start=start, causal=True, chunk=chunk, scale=scale)
+        else:
+            segments = kv.segments() + [(k, v, start)]
+            kv.append(k, v, start)
+            out = attend(q, segments, start, chunk, scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: float) -> torch.Tensor:
+    """Causal attention of q (B, Hq, M, D) over key segments [(k, v, k_start), ...] that may
+    live on any device; per-segment results are merged exactly by their LSE."""
+    if q.shape[2] <= _DECODE_MAX_QUERIES:
+        return decode_attention(q, segments, q_start=q_start, causal=True, chunk=chunk, scale=scale)[0]
+    parts = []
+    for k, v, k_start in segments:
+        if k.shape[2] == 0 or k_start > q_start + q.shape[2] - 1:
+            continue
+        if chunk is not None and k_start + k.shape[2] <= (q_start // chunk) * chunk:
+            continue  # wholly in earlier attention chunks: no query can see it
+        parts.append(flash_attention(q, k.to(q.device, non_blocking=True), v.to(q.device, non_blocking=True),
+                                     q_start=q_start, k_start=k_start, causal=True, chunk=chunk, scale=scale))
+    return parts[0][0] if len(parts) == 1 else merge_attention(parts)[0]
