@@ -67,15 +67,18 @@ class Attention(nn.Module):
         else:
             segments = kv.segments() + [(k, v, start)]
             kv.append(k, v, start)
-            out = attend(q, segments, start, chunk, scale)
+            out, lse = attend(q, segments, start, chunk, scale)
+            if getattr(kv, "mass", None) is not None:  # a GlobalCache recording attention mass
+                kv.mass = attention_mass(q, segments, lse, scale, kv.mass)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: float) -> torch.Tensor:
     """Causal attention of q (B, Hq, M, D) over key segments [(k, v, k_start), ...] that may
-    live on any device; per-segment results are merged exactly by their LSE."""
+    live on any device; per-segment results are merged exactly by their LSE.
+    Returns out (B, Hq, M, D) and lse (B, Hq, M) fp32."""
     if q.shape[2] <= _DECODE_MAX_QUERIES:
-        return decode_attention(q, segments, q_start=q_start, causal=True, chunk=chunk, scale=scale)[0]
+        return decode_attention(q, segments, q_start=q_start, causal=True, chunk=chunk, scale=scale)
     parts = []
     for k, v, k_start in segments:
         if k.shape[2] == 0 or k_start > q_start + q.shape[2] - 1:
@@ -84,4 +87,26 @@ def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: fl
             continue  # wholly in earlier attention chunks: no query can see it
         parts.append(flash_attention(q, k.to(q.device, non_blocking=True), v.to(q.device, non_blocking=True),
                                      q_start=q_start, k_start=k_start, causal=True, chunk=chunk, scale=scale))
-    return parts[0][0] if len(parts) == 1 else merge_attention(parts)[0]
+    return parts[0] if len(parts) == 1 else merge_attention(parts)
+
+
+def attention_mass(q: torch.Tensor, segments, lse: torch.Tensor, scale: float, mass: torch.Tensor) -> torch.Tensor:
+    """Add, per key position, the causal-softmax probability that queries q (B, Hq, M, D) put
+    on it, summed over heads and queries, to ``mass`` (B, L0) fp32 on CPU; grows it to cover
+    every key. Used for citations: each (head, query) row adds exactly 1 in total."""
+    B, Hq, M, D = q.shape
+    q_start = segments[-1][2]  # the last segment holds this call's own keys
+    end = q_start + M
+    if mass.shape[1] < end:
+        mass = torch.cat([mass, mass.new_zeros(B, end - mass.shape[1])], 1)
+    G = Hq // segments[-1][0].shape[1]  # query heads per KV head
+    qf = q.float().unflatten(1, (-1, G))  # (B, Hkv, G, M, D)
+    lse = lse.unflatten(1, (-1, G))[..., None]  # (B, Hkv, G, M, 1)
+    qpos = torch.arange(q_start, end, device=q.device)
+    for k, _, ks in segments:
+        n = k.shape[2]
+        s = torch.einsum("bhgmd,bhnd->bhgmn", qf, k.to(q.device).float()) * scale
+        p = torch.exp(s - lse)
+        p = p.masked_fill(torch.arange(ks, ks + n, device=q.device)[None, :] > qpos[:, None], 0.0)
+        mass[:, ks : ks + n] += p.sum((1, 2, 3)).cpu()
+    return mass

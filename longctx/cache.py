@@ -177,6 +177,7 @@ class GlobalCache:
         self.sealed: list[tuple[torch.Tensor, int, str]] = []  # (kv (2,B,H,n,D), start, tier)
         self.tail: torch.Tensor | None = None  # (2, B, H, n, D) on the device
         self.tail_start = 0
+        self.mass: torch.Tensor | None = None  # (B, L) attention mass per key while recording
 
     @property
     def seg(self) -> int:
@@ -216,6 +217,7 @@ class GlobalCache:
     def fork(self, placer: _Placer) -> "GlobalCache":
         g = GlobalCache(placer)
         g.sealed, g.tail, g.tail_start = list(self.sealed), self.tail, self.tail_start
+        g.mass = None if self.mass is None else self.mass.clone()
         return g
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -290,6 +292,22 @@ class KVCache:
         new.layers = [l.fork(new.placer) if isinstance(l, GlobalCache) else l.fork() for l in self.layers]
         new._hash = [h.copy() for h in self._hash]
         return new
+
+    def record_attention(self, on: bool = True) -> None:
+        """Start (or stop) recording, in every global layer, how much attention the queries of
+        later forwards put on each key position (restarting from zero)."""
+        for layer in self.layers:
+            if isinstance(layer, GlobalCache):
+                layer.mass = torch.zeros(self.batch, self.length) if on else None
+
+    def attention_mass(self) -> torch.Tensor:
+        """(B, length) fp32: attention probability mass per key position, summed over global
+        layers, heads and the queries run since ``record_attention()``."""
+        out = torch.zeros(self.batch, self.length)
+        for layer in self.layers:
+            if isinstance(layer, GlobalCache) and layer.mass is not None:
+                out[:, : layer.mass.shape[1]] += layer.mass
+        return out
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:

@@ -485,6 +485,10 @@ class Tokenizer:
             parts.append("<|header_start|>assistant<|header_end|>\n\n")
         return "".join(parts)
 
+    def header(self, role: str) -> list[int]:
+        """Ids of <|header_start|>{role}<|header_end|>\n\n (the start of a chat turn)."""
+        return self._header(role)
+
     def _header(self, role: str) -> list[int]:
         if role not in self._header_cache:
             self._header_cache[role] = [self.header_start_id, *self.encode(role), self.header_end_id, *self.encode("\n\n")]
