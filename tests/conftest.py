@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models, and tiny HF checkpoints written by transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from longctx.config import ModelConfig
+from longctx.model import Model
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """The ``tiny`` preset with a 5-token attention chunk and floor_scale 3, so that chunk
+    boundaries and temperature tuning are crossed within a few dozen tokens."""
+    base = dataclasses.asdict(ModelConfig.preset("tiny"))
+    base.update(vocab_size=97, attention_chunk_size=5, floor_scale=3, no_rope_layers=[],
+                moe_layers=None, rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 1.0, "original_max_position_embeddings": 8},
+                bos_token_id=1, eos_token_id=[2], pad_token_id=0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.25) -> Model:
+    """A Model with weights large enough that logits are O(1-10) and routing is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    model = Model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return random_model(tiny_config())

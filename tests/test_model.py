@@ -1,0 +1,247 @@
+"""The decoder against transformers' Llama4ForCausalLM, and its own equivalences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from longctx.checkpoint import CheckpointError, hf_to_longctx, load_model, longctx_to_hf, save_model
+from longctx.config import ConfigError, ModelConfig
+from longctx.model import Model
+from longctx.moe import MoE
+
+from conftest import random_model, tiny_config
+
+transformers = pytest.importorskip("transformers")
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 1.0, "original_max_position_embeddings": 8}
+
+# Each case: Llama4TextConfig overrides. All cross >= 3 chunk boundaries (T=23, chunk 5) with
+# temperature tuning active (floor_scale 3) and random norm weights.
+CASES = {
+    "moe-every-layer_gqa2_qknorm": dict(interleave_moe_layer_step=1, num_attention_heads=4, num_key_value_heads=2),
+    "moe-step2_gqa1_no-qknorm": dict(interleave_moe_layer_step=2, num_attention_heads=4, num_key_value_heads=4,
+                                    use_qk_norm=False),
+    "gqa5_nope-every-2nd_top2": dict(num_attention_heads=10, num_key_value_heads=2, no_rope_layer_interval=2,
+                                     num_experts_per_tok=2),
+    "default-rope_no-temperature": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                        attn_temperature_tuning=False),
+}
+
+
+def hf_model(seed: int, **overrides):
+    cfg = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, intermediate_size=32, intermediate_size_mlp=48, num_local_experts=4,
+               attention_chunk_size=5, floor_scale=3, rope_parameters=LLAMA3, attn_implementation="eager",
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.5 + torch.rand_like(p) if "norm" in name else torch.randn_like(p) * 0.25)
+    return model
+
+
+def add_prefix(folder, shards: int = 1):
+    """Rewrite a Llama4ForCausalLM folder in the Llama4ForConditionalGeneration layout:
+    `language_model.` keys, a text_config wrapper, a vision key, optionally sharded."""
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    state = {f"language_model.{k}": v for k, v in state.items()}
+    state["vision_model.patch_embedding.linear.weight"] = torch.zeros(3, 3)
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i::shards]}
+        save_file(part, str(folder / fname))
+        weight_map.update(dict.fromkeys(part, fname))
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": cfg, "vision_config": {}}))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["causal-lm", "conditional-generation-sharded"])
+def test_logits_match_transformers(case, layout, tmp_path):
+    ref_model = hf_model(0, **CASES[case])
+    ref_model.save_pretrained(tmp_path)
+    if layout != "causal-lm":
+        add_prefix(tmp_path, shards=3)
+    ours = load_model(tmp_path)
+    tokens = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ref_model(tokens).logits
+        got = ours(tokens)
+    scale = ref.abs().max().item()
+    assert scale > 1.0  # logits large enough for the tolerance to mean something
+    assert (got - ref).abs().max().item() <= 1e-4 * scale
+
+
+def test_decode_matches_full_forward_across_chunks():
+    model = random_model(tiny_config(num_hidden_layers=4, interleave_moe_layer_step=2))
+    tokens = torch.randint(0, 97, (2, 31), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(batch=2)
+        steps = torch.cat([model(tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])], dim=1)
+    assert cache.length == 31
+    assert (steps - full).abs().max().item() <= 1e-5 * full.abs().max().item()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_moe_equals_reference(top_k):
+    cfg = tiny_config(num_experts_per_tok=top_k, num_local_experts=5)
+    moe = random_model(cfg).layers[0].feed_forward
+    assert isinstance(moe, MoE)
+    x = torch.randn(3, 17, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast, ref = moe(x), moe.forward_reference(x)
+    idx, _ = moe.route(x.reshape(-1, cfg.hidden_size))
+    assert idx.unique().numel() > 1  # several experts really in use
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_scales_expert_input_not_output():
+    cfg = tiny_config()
+    moe = random_model(cfg).layers[0].feed_forward
+    h = torch.randn(6, cfg.hidden_size)
+    with torch.no_grad():
+        idx, gate = moe.route(h)
+        want = moe.shared_expert(h) + torch.stack([moe.experts.expert(int(e), g * row[None])[0]
+                                                   for e, g, row in zip(idx[:, 0], gate[:, 0], h)])
+        wrong = moe.shared_expert(h) + torch.stack([g * moe.experts.expert(int(e), row[None])[0]
+                                                    for e, g, row in zip(idx[:, 0], gate[:, 0], h)])
+        got = moe(h[None])[0]
+    torch.testing.assert_close(got, want)
+    assert (got - wrong).abs().max() > 1e-3
+
+
+def test_scout_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        model = Model(ModelConfig.preset("scout"))
+    assert sum(p.numel() for p in model.parameters()) == 107_769_861_120
+    assert ModelConfig.preset("scout").num_parameters() == 107_769_861_120
+
+
+def test_config_round_trips():
+    for cfg in (ModelConfig.preset("scout"), ModelConfig.preset("tiny"), tiny_config(interleave_moe_layer_step=2)):
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+        assert ModelConfig.from_hf({"text_config": cfg.to_hf()}) == cfg
+
+
+def test_config_reads_published_and_transformers5_forms():
+    scout = ModelConfig.preset("scout")
+    assert scout.layer_kinds[:4] == ["chunked", "chunked", "chunked", "global"]
+    assert scout.layer_kinds.count("global") == 12 and all(scout.is_moe)
+    published = {  # the shape of the 2025 Scout config.json (text part), attn_temperature_tuning as int
+        "text_config": {"hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40,
+                        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192,
+                        "intermediate_size_mlp": 16384, "num_local_experts": 16, "vocab_size": 202048,
+                        "rope_theta": 500000.0, "attn_temperature_tuning": 4, "floor_scale": 8192,
+                        "attn_scale": 0.1, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+                        "no_rope_layers": [], "interleave_moe_layer_step": 1, "use_qk_norm": True,
+                        "attention_chunk_size": 8192, "max_position_embeddings": 10485760,
+                        "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+                        "pad_token_id": 200018, "model_type": "llama4_text"}}
+    assert ModelConfig.from_hf(published) == scout
+    hf5 = transformers.Llama4TextConfig(**{k: v for k, v in published["text_config"].items()
+                                           if k not in ("rope_theta", "rope_scaling", "attn_temperature_tuning")},
+                                        rope_parameters={"rope_theta": 500000.0, **published["text_config"]["rope_scaling"]})
+    assert ModelConfig.from_hf(hf5.to_dict()) == scout
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        tiny_config(num_key_value_heads=3)
+    with pytest.raises(ConfigError, match="rope_type"):
+        tiny_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_key_mapping_round_trip():
+    model = random_model(tiny_config(interleave_moe_layer_step=2))
+    for name in model.state_dict():
+        assert hf_to_longctx(longctx_to_hf(name)) == name
+        assert hf_to_longctx("language_model." + longctx_to_hf(name)) == name
+    assert hf_to_longctx("vision_model.layers.0.mlp.fc1.weight") is None
+    assert hf_to_longctx("multi_modal_projector.linear_1.weight") is None
+
+
+def test_save_model_reloads_in_transformers_and_ours(tmp_path):
+    model = random_model(tiny_config(interleave_moe_layer_step=2))
+    save_model(model, tmp_path)
+    tokens = torch.randint(0, 97, (1, 19))
+    with torch.no_grad():
+        ours = load_model(tmp_path)(tokens)
+        ref = transformers.Llama4ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")(tokens).logits
+        want = model(tokens)
+    assert torch.equal(ours, want)
+    assert (ref - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+# ---- corrupt checkpoints ------------------------------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    hf_model(0).save_pretrained(tmp_path)
+    add_prefix(tmp_path, shards=3)
+    return tmp_path
+
+
+def test_missing_shard_is_named(sharded):
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
+        load_model(sharded)
+
+
+def test_wrong_shape_is_named(sharded):
+    path = sharded / "model-00001-of-00003.safetensors"
+    state = load_file(str(path))
+    key = next(k for k in state if k.endswith("q_proj.weight"))
+    state[key] = state[key][:-1]
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=f"{key}.*shape"):
+        load_model(sharded)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    hf_model(0).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["model.layers.2.feed_forward.experts.down_proj"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.2\.feed_forward\.experts\.down_proj"):
+        load_model(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    hf_model(0).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors.*: model\.layers\.0\.self_attn\.q_norm\.weight"):
+        load_model(tmp_path)
+
+
+def test_tensor_listed_in_index_but_absent_is_named(sharded):
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    index["weight_map"]["language_model.model.extra.weight"] = "model-00001-of-00003.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="language_model.model.extra.weight"):
+        load_model(sharded)
+
+
+def test_pickles_and_garbage_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_hf()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="unpickling"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(tmp_path)
