@@ -1,1 +1,42 @@
-"""longctx: long-context document analysis with a Llama-4-Scout-style MoE."""
+"""longctx: long-context document analysis with a Llama-4-Scout-style MoE.
+
+    import longctx
+    model = longctx.load_model()                      # the embedded default model, offline
+    corpus = longctx.ingest(["reports/", "contract.pdf"])
+    session = longctx.Session(model, corpus)          # prefill once
+    answer = session.ask("Which report mentions the merger?")
+
+The QA (``Session``, ``run_batch``) and needle-in-a-haystack (``niah``) layers are imported on
+first use, so ``import longctx`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .cache import CacheError, KVCache, OffloadPolicy
+from .checkpoint import CheckpointError, load_model, save_model
+from .config import ConfigError, ModelConfig
+from .documents import BudgetError, Corpus, Document, DocumentSpan, IngestError, ingest
+from .generate import Generation, generate, prefill, sample
+from .model import Model
+from .tokenizer import Tokenizer, TokenizerError
+
+__version__ = "0.1.0"
+
+_LAZY = {"Session": "qa", "Answer": "qa", "run_batch": "qa", "niah": None}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+        return mod if _LAZY[name] is None else getattr(mod, name)
+    raise AttributeError(f"module 'longctx' has no attribute {name!r}")
+
+
+__all__ = [
+    "BudgetError", "CacheError", "CheckpointError", "ConfigError", "Corpus", "Document", "DocumentSpan",
+    "Generation", "IngestError", "KVCache", "Model", "ModelConfig", "OffloadPolicy", "Tokenizer",
+    "TokenizerError", "generate", "ingest", "load_model", "prefill", "sample", "save_model",
+    *_LAZY,
+]
