@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
+
+# Triton decides interpreter-or-compiled when it is first imported (its @jit runs at import),
+# and some tests import it indirectly (transformers' Llama 4 module does). Without a GPU the
+# interpreter is the only mode Triton can run in, so import it in that mode before anything
+# else does; the kernel tests still switch TRITON_INTERPRET on only around their own calls.
+if not torch.cuda.is_available():
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
 
 from longctx.config import ModelConfig
 from longctx.model import Model
