@@ -73,21 +73,62 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: float):
     """Causal attention of q (B, Hq, M, D) over key segments [(k, v, k_start), ...] that may
     live on any device; per-segment results are merged exactly by their LSE.
     Returns out (B, Hq, M, D) and lse (B, Hq, M) fp32."""
-    if q.shape[2] <= _DECODE_MAX_QUERIES:
-        return decode_attention(q, segments, q_start=q_start, causal=True, chunk=chunk, scale=scale)
+    M = q.shape[2]
+    visible = [seg for seg in segments if _visible(seg, q_start, M, chunk)]
+    if M <= _DECODE_MAX_QUERIES and all(k.device == q.device for k, _, _ in visible):
+        # One split-KV launch over every resident segment, merged in one vectorised step.
+        return decode_attention(q, visible, q_start=q_start, causal=True, chunk=chunk, scale=scale)
     parts = []
-    for k, v, k_start in segments:
-        if k.shape[2] == 0 or k_start > q_start + q.shape[2] - 1:
-            continue
-        if chunk is not None and k_start + k.shape[2] <= (q_start // chunk) * chunk:
-            continue  # wholly in earlier attention chunks: no query can see it
-        parts.append(flash_attention(q, k.to(q.device, non_blocking=True), v.to(q.device, non_blocking=True),
-                                     q_start=q_start, k_start=k_start, causal=True, chunk=chunk, scale=scale))
+    for k, v, k_start in _on_device(visible, q.device):
+        if M <= _DECODE_MAX_QUERIES:
+            parts.append(decode_attention(q, [(k, v, k_start)], q_start=q_start, causal=True, chunk=chunk, scale=scale))
+        else:
+            parts.append(flash_attention(q, k, v, q_start=q_start, k_start=k_start, causal=True, chunk=chunk, scale=scale))
     return parts[0] if len(parts) == 1 else merge_attention(parts)
+
+
+def _visible(segment, q_start: int, M: int, chunk: int | None) -> bool:
+    """Whether any query at q_start..q_start+M-1 may see a key of the segment."""
+    k, _, k_start = segment
+    if k.shape[2] == 0 or k_start > q_start + M - 1:
+        return False
+    return chunk is None or k_start + k.shape[2] > (q_start // chunk) * chunk
+
+
+def _on_device(segments, device: torch.device):
+    """Yield segments moved to ``device``. On CUDA, the copy of the next off-device segment
+    runs on a side stream while the current one is attended to (double buffering), so
+    host-to-device transfer overlaps compute; elsewhere segments are used in place."""
+    if device.type != "cuda":
+        yield from segments
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def issue(seg):
+        k, v, k_start = seg
+        if k.device == device:
+            return seg, None
+        with torch.cuda.stream(copy_stream):
+            k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return (k, v, k_start), done
+
+    pending = issue(segments[0]) if segments else None
+    for i in range(len(segments)):
+        (k, v, k_start), done = pending
+        if i + 1 < len(segments):
+            pending = issue(segments[i + 1])
+        if done is not None:
+            main = torch.cuda.current_stream(device)
+            main.wait_event(done)
+            k.record_stream(main)  # allocated on the copy stream, freed after use on main
+            v.record_stream(main)
+        yield k, v, k_start
 
 
 def attention_mass(q: torch.Tensor, segments, lse: torch.Tensor, scale: float, mass: torch.Tensor) -> torch.Tensor:
