@@ -1,0 +1,137 @@
+"""Decode speed over an offloaded KV cache (issue 3, bar 7).
+
+CPU: prefill a context, then decode with the global-layer KV resident in memory and with it on
+the disk tier (memory-mapped files); reports tokens/s for both and checks they decode the same
+tokens. CUDA: the model on the GPU, global-layer KV in pinned CPU memory; reports the achieved
+host-to-device rate (KV bytes streamed per step / step time) as a fraction of the pinned-copy
+rate measured in the same run.
+
+    python benchmarks/decode.py --context 16k --steps 32 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from longctx.cache import OffloadPolicy
+from longctx.config import ModelConfig
+from longctx.generate import prefill
+from longctx.model import Model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_length(s: str) -> int:
+    s = s.strip().lower()
+    return int(float(s.rstrip("km")) * {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def decode(model, cache, first: torch.Tensor, steps: int) -> tuple[list[int], float]:
+    """Greedy decode ``steps`` tokens; returns the tokens and seconds per step (after 2 warm-up steps)."""
+    tok, out = first, []
+    for i in range(steps + 2):
+        if i == 2:
+            sync(model.device)
+            t0 = time.perf_counter()
+        tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+        out.append(int(tok))
+    sync(model.device)
+    return out, (time.perf_counter() - t0) / steps
+
+
+def pinned_copy_rate(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Host (pinned) -> device bytes/s for one large copy, best of 5."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", default="16k")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--segment-tokens", type=int, default=4096)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    n = parse_length(args.context)
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(args.preset)
+    model = Model(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model = model.to(device=device, dtype=dtype)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n), device=device)
+
+    resident = model.new_cache(offload=OffloadPolicy(segment_tokens=args.segment_tokens))
+    t0 = time.perf_counter()
+    last = prefill(model, tokens, resident, 2048, progress=True)
+    sync(device)
+    prefill_s = time.perf_counter() - t0
+    first = last.argmax(-1, keepdim=True)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":
+            lower = OffloadPolicy(device_bytes=0, segment_tokens=args.segment_tokens)  # pinned CPU
+            tier = "cpu"
+        else:
+            lower = OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp, segment_tokens=args.segment_tokens)
+            tier = "disk"
+        offloaded = model.new_cache(offload=lower)
+        prefill(model, tokens, offloaded, 2048)
+        for name, cache in (("resident", resident.fork()), (tier, offloaded)):
+            toks, per_step = decode(model, cache, first, args.steps)
+            rows[name] = {"tokens": toks, "s_per_step": per_step, "tier_bytes": cache.tier_bytes()}
+    same = rows["resident"]["tokens"] == rows[tier]["tokens"]
+    lines = [f"context {n} tokens, prefill {prefill_s:.1f} s ({n / prefill_s:.0f} tok/s), {args.steps} decode steps, "
+             f"same tokens resident vs {tier}: {same}"]
+    for name, r in rows.items():
+        lines.append(f"- {name}: {1 / r['s_per_step']:.1f} tok/s ({r['s_per_step'] * 1e3:.2f} ms/step), "
+                     f"KV bytes by tier {r['tier_bytes']}")
+    if device.type == "cuda":
+        streamed = rows[tier]["tier_bytes"]["cpu"]
+        achieved = streamed / rows[tier]["s_per_step"]
+        peak = pinned_copy_rate(device)
+        lines.append(f"- host->device: {achieved / 1e9:.2f} GB/s achieved, pinned copy {peak / 1e9:.2f} GB/s, "
+                     f"fraction {achieved / peak:.2f}")
+    print("\n".join(lines))
+    if args.record:
+        RESULTS.mkdir(exist_ok=True)
+        day = datetime.date.today().isoformat()
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+        path = RESULTS / f"decode_{device.type}_{day}.md"
+        path.write_text("\n".join([f"# Decode over an offloaded KV cache ({day})", "", f"- device: {dev}",
+                                   f"- command: `python benchmarks/decode.py --context {args.context} --steps {args.steps} "
+                                   f"--preset {args.preset} --record`",
+                                   f"- model: `{args.preset}` preset, random weights, {str(dtype).removeprefix('torch.')}", "",
+                                   *lines]) + "\n")
+        print(f"recorded {path}")
+
+
+if __name__ == "__main__":
+    main()
