@@ -9,6 +9,7 @@ token-by-token calls compute the same thing; the kernels in ``longctx.kernels`` 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -62,7 +63,9 @@ class Attention(nn.Module):
 
         chunk = cfg.attention_chunk_size if self.chunked else None
         scale = self.head_dim**-0.5
-        if kv is None:
+        if kv is None and torch.is_grad_enabled():
+            out = dense_attention(q, k, v, start, chunk, scale)  # training: needs autograd
+        elif kv is None:
             out, _ = flash_attention(q, k, v, q_start=start, k_start=start, causal=True, chunk=chunk, scale=scale)
         else:
             segments = kv.segments() + [(k, v, start)]
@@ -71,6 +74,20 @@ class Attention(nn.Module):
             if getattr(kv, "mass", None) is not None:  # a GlobalCache recording attention mass
                 kv.mass = attention_mass(q, segments, lse, scale, kv.mass)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int | None,
+                    scale: float) -> torch.Tensor:
+    """The same masked attention through PyTorch SDPA with an explicit (T, T) mask: O(T²)
+    memory, but differentiable. Used for training (grad enabled, no cache); the kernels'
+    reference path is inference-only (in-place softmax)."""
+    pos = torch.arange(start, start + q.shape[2], device=q.device)
+    mask = pos[None, :] <= pos[:, None]
+    if chunk is not None:
+        mask &= (pos[None, :] // chunk) == (pos[:, None] // chunk)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # GQA: head h reads KV head h // g
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: float):

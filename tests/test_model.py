@@ -274,3 +274,15 @@ def test_triton_kernels_inside_the_model_match_the_reference(monkeypatch):
     got = run()
     assert len(launches) > 19 * len(model.layers)  # every attention call ran the Triton kernel
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_training_path_equals_inference_path_and_has_gradients():
+    model = random_model(tiny_config(interleave_moe_layer_step=2))
+    tokens = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model(tokens)
+    got = model(tokens)  # grad enabled: dense SDPA attention
+    assert got.requires_grad
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    got.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts" not in n)
