@@ -1,0 +1,351 @@
+"""Needle-in-a-haystack evaluation: tasks, a depth × length grid, scoring, resumable results.
+
+    from longctx import load_model, niah
+    res = niah.run(load_model(), task="single", lengths=[1024, 4096], depths=[0, .5, 1], samples=2,
+                   out="niah/results.jsonl")
+    print(res.table()); res.heatmap("niah/heatmap.png"); res.effective_length(0.9)
+
+Prompts use the layout of ``longctx.prompt`` (context prefix + question suffix). A cell's
+length is exact: the whole prompt, chat template included, has ``length`` tokens. The needle
+goes in at a sentence boundary at the requested depth of the context (0 = first sentence,
+1 = just before the question); its absolute token index is recorded.
+
+Tasks (``TASKS``): ``single`` (one needle), ``multi_key`` (the needle plus 3 distractor needles
+with other keys), ``multi_value`` (one key, 3 needles with different values, all expected),
+``multi_query`` (two needles, both asked), ``none`` (no needle for the key asked: the right
+answer is "not stated").
+
+Every cell of one sample shares one haystack stream, so cells are run in order of their first
+needle position: a base cache is extended along the haystack and forked for each cell, which
+then prefills only its own tail (needle, rest of the haystack, question). ``reuse_prefix=False``
+prefills every cell from scratch (same answers, for measuring the saving).
+
+Results stream to JSONL, one line per finished cell, flushed. Each line carries a content hash
+of everything that determines the cell (model fingerprint, tokenizer, template, haystack
+digest, needles, question, length, depth, seed, generation settings); a rerun skips a cell
+only if a line with the same hash exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import needles
+from .generate import generate, prefill
+from .prompt import NOT_STATED, context_prefix, question_suffix
+
+TASKS = ("single", "multi_key", "multi_value", "multi_query", "none")
+TEMPLATE_ID = "longctx.prompt/1"  # bump when longctx.prompt's layout changes
+
+
+@dataclass
+class Cell:
+    """One evaluation prompt and what a right answer contains."""
+
+    task: str
+    length: int
+    depth: float
+    sample: int
+    prompt: list[int]
+    question: str
+    expected: list[str]  # every string must appear in the answer (one entry: NOT_STATED for "none")
+    needles: list[dict]  # {"text", "token_index", "doc", "page"}
+    shared: int  # the first `shared` prompt tokens equal the sample's base (header + haystack)
+    hash: str = ""
+
+
+@dataclass
+class Haystack:
+    """A token stream to hide needles in, with the indices where sentences start."""
+
+    name: str
+    ids: np.ndarray  # int32 token ids
+    bounds: np.ndarray  # sorted sentence-start indices into ids (0 included)
+    packed: object = None  # the Packed corpus, for provenance (document, page)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.ids.tobytes()).hexdigest()
+
+
+def make_haystack(tokenizer, source="english", min_tokens: int = 0, seed: int = 0) -> Haystack:
+    """source: "english" (Python's documentation prose), "noise" (five repeated sentences), or
+    a ``Corpus`` (packed with ``tokenizer``; needles then carry document and page). The English
+    text starts at a seeded sentence and wraps around until ``min_tokens`` are there."""
+    if hasattr(source, "pack"):
+        packed = source.pack(tokenizer, progress=False)
+        ids = packed.ids.astype(np.int32)
+        ends = [i + 1 for i in range(len(ids) - 1) if re.search(r"[.!?\n]\s*$", tokenizer.decode([int(ids[i])]))]
+        return Haystack("corpus", ids, np.array([0, *ends], dtype=np.int64), packed)
+    if source not in ("english", "noise"):
+        raise ValueError(f"haystack must be 'english', 'noise' or a Corpus, got {source!r}")
+    sents = needles.encoded_sentences(tokenizer, source)
+    i = random.Random(seed).randrange(len(sents)) if source == "english" else 0
+    pieces, total = [], 0
+    while total < max(min_tokens, 1):
+        pieces.append(sents[i % len(sents)])
+        total += len(pieces[-1])
+        i += 1
+    lens = np.array([len(p) for p in pieces])
+    return Haystack(source, np.array([t for p in pieces for t in p], dtype=np.int32),
+                    np.concatenate([[0], np.cumsum(lens)[:-1]]))
+
+
+def _task_needles(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """(question, [(key, value) needles, the first one placed at the depth], expected answers)."""
+    keys = needles.make_keys(rng, 4, "eval")
+    vals = [needles.make_value(rng) for _ in range(4)]
+    if task == "single":
+        return needles.QUESTION.format(key=keys[0]), [(keys[0], vals[0])], [vals[0]]
+    if task == "multi_key":
+        return needles.QUESTION.format(key=keys[0]), list(zip(keys, vals)), [vals[0]]
+    if task == "multi_value":
+        return needles.QUESTION.format(key=keys[0]), [(keys[0], v) for v in vals[:3]], vals[:3]
+    if task == "multi_query":
+        return (needles.QUESTION_MULTI.format(keys=f"{keys[0]} and {keys[1]}"),
+                [(keys[0], vals[0]), (keys[1], vals[1])], vals[:2])
+    if task == "none":
+        return needles.QUESTION.format(key=keys[0]), [], [NOT_STATED]
+    raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+
+
+def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack) -> Cell:
+    """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
+    the haystack on (seed, sample) only, so all cells of a sample share it."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    rng = random.Random(f"{seed}/{task}/{sample}")
+    question, pairs, expected = _task_needles(task, rng)
+    head = context_prefix(tokenizer, [])
+    suffix = question_suffix(tokenizer, question)
+    needle_ids = [tokenizer.encode(" " + needles.NEEDLE.format(key=k, value=v)) for k, v in pairs]
+    room = length - len(head) - len(suffix) - sum(map(len, needle_ids))
+    if room < 1:
+        raise ValueError(f"length {length} is too short for task {task!r} (needs more than {length - room})")
+    if room > len(hay.ids):
+        raise ValueError(f"haystack has {len(hay.ids)} tokens, length {length} needs {room}")
+    bounds = hay.bounds[hay.bounds <= room]
+    # The first needle at the sentence boundary nearest the depth; others at seeded boundaries.
+    spots = [int(bounds[np.abs(bounds - depth * room).argmin()])]
+    spots += [int(rng.choice(bounds)) for _ in needle_ids[1:]]
+    order = sorted(range(len(needle_ids)), key=lambda j: (spots[j], j))
+    context: list[int] = []
+    placed, last = [], 0
+    for j in order:
+        context += hay.ids[last : spots[j]].tolist()
+        placed.append((j, len(head) + len(context), spots[j]))
+        context += needle_ids[j]
+        last = spots[j]
+    context += hay.ids[last:room].tolist()
+    prompt = head + context + suffix
+    assert len(prompt) == length
+    info = [None] * len(needle_ids)
+    for j, index, at in placed:
+        doc = page = None
+        if hay.packed is not None:
+            where = hay.packed.locate(min(at, len(hay.ids) - 1))
+            if where is not None:
+                doc, page = where[0].title, where[1]
+        info[j] = {"text": needles.NEEDLE.format(key=pairs[j][0], value=pairs[j][1]), "token_index": index,
+                   "doc": doc, "page": page}
+    shared = len(head) + (min(spots) if spots else room)
+    return Cell(task, length, depth, sample, prompt, question, expected, info, shared)
+
+
+def score(answer: str, expected: list[str]) -> tuple[bool, bool]:
+    """(exact, normalised-substring) match. Exact: the answer is the expected text (values
+    joined by ", "). Substring: every expected string appears in the lower-cased answer with
+    punctuation dropped, so "The number is 1234567." counts."""
+    norm = lambda s: re.sub(r"[^0-9a-z ]+", " ", s.lower()).split()  # noqa: E731
+    words = " ".join(norm(answer))
+    exact = answer.strip().rstrip(".") == ", ".join(expected)
+    return exact, all(" ".join(norm(e)) in words for e in expected)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95 % by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Results:
+    """All finished cells (dicts, one per JSONL line)."""
+
+    records: list[dict] = field(default_factory=list)
+
+    def grid(self, metric: str = "substring") -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
+        """lengths, depths, and (depth × length) arrays of hits and counts."""
+        lengths = sorted({r["length"] for r in self.records})
+        depths = sorted({r["depth"] for r in self.records})
+        hits = np.zeros((len(depths), len(lengths)))
+        n = np.zeros_like(hits)
+        for r in self.records:
+            i, j = depths.index(r["depth"]), lengths.index(r["length"])
+            hits[i, j] += bool(r[metric])
+            n[i, j] += 1
+        return lengths, depths, hits, n
+
+    def table(self, metric: str = "substring") -> str:
+        """Accuracy per depth (rows) and length (columns), plus each length's pooled accuracy."""
+        lengths, depths, hits, n = self.grid(metric)
+        fmt = lambda h, c: f"{h / c:6.0%}" if c else "     -"  # noqa: E731
+        lines = [f"{metric} match   " + "".join(f"{_short(L):>7}" for L in lengths)]
+        for i, d in enumerate(depths):
+            lines.append(f"depth {d:6.0%}   " + "".join(f" {fmt(hits[i, j], n[i, j])}" for j in range(len(lengths))))
+        lines.append("all depths     " + "".join(f" {fmt(hits[:, j].sum(), n[:, j].sum())}" for j in range(len(lengths))))
+        return "\n".join(lines)
+
+    def effective_length(self, threshold: float = 0.9, metric: str = "substring") -> dict:
+        """The longest length up to which every length's accuracy (pooled over depths) reaches
+        ``threshold``, with a Wilson 95 % interval per length and per cell."""
+        lengths, depths, hits, n = self.grid(metric)
+        per_length, effective, passing = [], 0, True
+        for j, L in enumerate(lengths):
+            k, m = int(hits[:, j].sum()), int(n[:, j].sum())
+            per_length.append({"length": L, "accuracy": k / m if m else None, "ci95": wilson(k, m), "n": m})
+            passing = passing and m > 0 and k / m >= threshold
+            if passing:
+                effective = L
+        cells = [{"length": L, "depth": d, "accuracy": hits[i, j] / n[i, j] if n[i, j] else None,
+                  "ci95": wilson(int(hits[i, j]), int(n[i, j]))}
+                 for i, d in enumerate(depths) for j, L in enumerate(lengths)]
+        return {"threshold": threshold, "effective_length": effective, "per_length": per_length, "cells": cells}
+
+    def heatmap(self, path, metric: str = "substring", title: str | None = None) -> Path:
+        """Write a depth × length PNG of accuracy (needs the ``plot`` extra: matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("Results.heatmap needs matplotlib: pip install 'longctx[plot]'") from None
+        lengths, depths, hits, n = self.grid(metric)
+        acc = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_short(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if n[i, j]:
+                    ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_title(title or f"needle retrieval ({metric} match)")
+        fig.colorbar(im, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _load_done(path: Path) -> dict[str, dict]:
+    """Finished cells by hash. A torn last line (a crash mid-write) is ignored."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["hash"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+        samples: int = 1, seed: int = 0, haystack="english", out=None, reuse_prefix: bool = True,
+        max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True) -> Results:
+    """Evaluate ``model`` on a depth × length grid (see the module docstring).
+
+    out: a JSONL path; finished cells there with a matching hash are skipped, new cells are
+    appended as they finish. Returns every cell of the grid (loaded or computed).
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("model has no tokenizer (load it from a folder with tokenizer.model)")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    out = Path(out) if out is not None else None
+    done = _load_done(out) if out else {}
+    fh = None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(out, "a", encoding="utf-8")
+        if out.stat().st_size and not out.read_bytes().endswith(b"\n"):
+            fh.write("\n")  # finish a torn last line so the next record starts clean
+    settings = {"max_new_tokens": max_new_tokens, "greedy": True}
+    fingerprint = (model.fingerprint, tok.fingerprint)
+    records = []
+    bar = tqdm(total=len(lengths) * len(depths) * samples, desc=f"niah {task}", unit="cell", disable=not progress)
+    try:
+        for sample in range(samples):
+            hay = make_haystack(tok, haystack, max(lengths), seed=seed * 1_000_003 + sample)
+            cells = []
+            for L in lengths:
+                for d in depths:
+                    c = make_cell(tok, task, L, float(d), sample, seed, hay)
+                    c.hash = hashlib.sha256(json.dumps(
+                        [fingerprint, TEMPLATE_ID, hay.digest, c.needles, c.question, c.expected, L, float(d),
+                         seed, sample, task, settings], sort_keys=True).encode()).hexdigest()
+                    cells.append(c)
+            todo = sorted((c for c in cells if c.hash not in done), key=lambda c: c.shared)
+            records += [done[c.hash] for c in cells if c.hash in done]
+            bar.update(len(cells) - len(todo))
+            base_ids = context_prefix(tok, hay.ids)
+            base, fed = model.new_cache(), 0
+            for c in todo:
+                t0 = time.perf_counter()
+                if reuse_prefix:
+                    if c.shared > fed:
+                        prefill(model, torch.tensor([base_ids[fed : c.shared]]), base, chunk_size, progress=False)
+                        fed = c.shared
+                    cache, rest = base.fork(), c.prompt[fed:]
+                else:
+                    cache, rest = model.new_cache(), c.prompt
+                base_s = time.perf_counter() - t0
+                gen = generate(model, torch.tensor([rest]), cache=cache, max_new_tokens=max_new_tokens,
+                               chunk_size=chunk_size, progress=False)
+                answer = tok.decode(gen.tokens[0]).strip()
+                exact, sub = score(answer, c.expected)
+                rec = {"hash": c.hash, "task": task, "length": c.length, "depth": c.depth, "sample": c.sample,
+                       "seed": seed, "haystack": hay.name, "prompt_sha256": hashlib.sha256(
+                           np.asarray(c.prompt, dtype="<i8").tobytes()).hexdigest(),
+                       "question": c.question, "expected": c.expected, "needles": c.needles, "answer": answer,
+                       "exact": exact, "substring": sub, "prefill_s": round(base_s + gen.prefill_s, 4),
+                       "decode_s": round(gen.decode_s, 4), "new_prefill_tokens": len(rest),
+                       "kv_bytes": cache.nbytes, "model": fingerprint[0][:16]}
+                records.append(rec)
+                if fh:
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                bar.update(1)
+    finally:
+        bar.close()
+        if fh:
+            fh.close()
+    return Results(records)

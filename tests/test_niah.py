@@ -1,0 +1,178 @@
+"""Needle-in-a-haystack: generators, scoring, resume, prefix reuse, heatmap, CLI on a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longctx import niah
+from longctx.checkpoint import save_model
+from longctx.documents import ingest
+from longctx.prompt import NOT_STATED
+from longctx.tokenizer import Tokenizer
+
+from conftest import random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = tiny_config(vocab_size=tok.vocab_size, attention_chunk_size=32, floor_scale=64,
+                      bos_token_id=tok.bos_id, eos_token_id=[tok.eot_id], pad_token_id=tok.pad_id)
+    m = random_model(cfg, std=0.1)
+    m.tokenizer = tok
+    return m
+
+
+@pytest.mark.parametrize("task", niah.TASKS)
+def test_generator_is_deterministic_exact_length_and_places_the_needle(tok, task):
+    hay = niah.make_haystack(tok, "english", 2000, seed=3)
+    for length, depth in ((300, 0.0), (700, 0.5), (1500, 1.0)):
+        a = niah.make_cell(tok, task, length, depth, 0, 7, hay)
+        b = niah.make_cell(tok, task, length, depth, 0, 7, niah.make_haystack(tok, "english", 2000, seed=3))
+        assert a.prompt == b.prompt and a.needles == b.needles
+        assert len(a.prompt) == length
+        text = tok.decode(a.prompt)
+        if task == "none":
+            assert a.needles == [] and "special magic number" not in text.split("\n\n")[1]
+            assert a.expected == [NOT_STATED]
+            continue
+        first = a.needles[0]
+        needle_ids = tok.encode(" " + first["text"])
+        i = first["token_index"]
+        assert a.prompt[i : i + len(needle_ids)] == needle_ids  # the recorded index is exact
+        head = len(niah.context_prefix(tok, []))
+        context_len = length - head - len(niah.question_suffix(tok, a.question))
+        before = sum(len(tok.encode(" " + n["text"])) for n in a.needles if n["token_index"] < i)
+        at = i - head - before  # the needle's place in the haystack stream
+        assert abs(at / context_len - depth) < 0.15  # nearest sentence boundary to the requested depth
+        assert at in set(hay.bounds.tolist())  # on a sentence boundary
+        for n in a.needles:
+            assert n["text"] in text
+    other = niah.make_cell(tok, task, 700, 0.5, 0, 8, hay)
+    assert other.prompt != niah.make_cell(tok, task, 700, 0.5, 0, 7, hay).prompt
+
+
+def test_multi_needle_tasks_hold_what_they_promise(tok):
+    hay = niah.make_haystack(tok, "noise", 3000)
+    mk = niah.make_cell(tok, "multi_key", 1000, 0.3, 0, 0, hay)
+    assert len(mk.needles) == 4 and len({n["text"].split(" is:")[0] for n in mk.needles}) == 4
+    mv = niah.make_cell(tok, "multi_value", 1000, 0.3, 0, 0, hay)
+    assert len(mv.expected) == 3 and all(v in tok.decode(mv.prompt) for v in mv.expected)
+    mq = niah.make_cell(tok, "multi_query", 1000, 0.3, 0, 0, hay)
+    assert " and " in mq.question and len(mq.expected) == 2
+
+
+def test_scoring_accepts_extra_words():
+    assert niah.score("1234567", ["1234567"]) == (True, True)
+    assert niah.score("The special magic number is 1234567.", ["1234567"]) == (False, True)
+    assert niah.score("1234568", ["1234567"]) == (False, False)
+    assert niah.score("It is not stated in the text.", [NOT_STATED]) == (False, True)
+    assert niah.score("7654321, 1234567", ["7654321", "1234567"]) == (True, True)
+    assert niah.score("only 7654321", ["7654321", "1234567"])[1] is False
+
+
+def test_wilson_interval():
+    lo, hi = niah.wilson(9, 10)
+    assert 0.59 < lo < 0.6 and 0.98 < hi < 0.99  # the textbook values for 9/10
+    assert niah.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_prefix_reuse_gives_the_same_answers(model):
+    kw = dict(task="multi_key", lengths=[200, 320], depths=[0, 0.5, 1], samples=1, seed=1, progress=False,
+              max_new_tokens=4)
+    a = niah.run(model, reuse_prefix=True, **kw)
+    b = niah.run(model, reuse_prefix=False, **kw)
+    key = lambda r: (r["length"], r["depth"])  # noqa: E731
+    assert [(key(r), r["answer"]) for r in sorted(a.records, key=key)] == \
+           [(key(r), r["answer"]) for r in sorted(b.records, key=key)]
+    assert sum(r["new_prefill_tokens"] for r in a.records) < sum(r["new_prefill_tokens"] for r in b.records)
+
+
+def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    kw = dict(task="single", lengths=[200, 260], depths=[0, 1], samples=1, seed=2, progress=False,
+              max_new_tokens=3, out=out)
+    first = niah.run(model, **kw)
+    assert len(out.read_text().splitlines()) == 4
+    calls = []
+    real = niah.generate
+    monkeypatch.setattr(niah, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = niah.run(model, **kw)
+    assert calls == [] and len(again.records) == 4
+    assert sorted(r["hash"] for r in again.records) == sorted(r["hash"] for r in first.records)
+    # A torn last line (crash mid-write) is ignored and that cell recomputed.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+    niah.run(model, **kw)
+    assert len(calls) == 1
+    # Another haystack: different content hashes, so every cell runs again.
+    calls.clear()
+    niah.run(model, **{**kw, "haystack": "noise"})
+    assert len(calls) == 4
+    # Another needle (seed changes the needles): recomputed too.
+    calls.clear()
+    niah.run(model, **{**kw, "seed": 3})
+    assert len(calls) == 4
+    recs = [json.loads(l) for l in out.read_text().splitlines() if l.startswith("{") and l.endswith("}")]
+    assert len(recs) == 3 + 1 + 4 + 4  # the torn line stays as it was; nothing else lost
+
+
+def test_results_table_effective_length_and_heatmap(tmp_path):
+    recs = [{"length": L, "depth": d, "substring": ok, "exact": ok}
+            for L, oks in ((1024, [1, 1, 1, 1]), (2048, [1, 1, 1, 0]), (4096, [0, 0, 1, 0]))
+            for d, ok in zip((0.0, 0.5, 1.0, 1.0), oks)]
+    res = niah.Results(recs)
+    eff = res.effective_length(0.75)
+    assert eff["effective_length"] == 2048
+    assert [p["accuracy"] for p in eff["per_length"]] == [1.0, 0.75, 0.25]
+    assert "1k" in res.table() and "100%" in res.table()
+    png = res.heatmap(tmp_path / "h.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corpus_haystack_records_provenance(tok, model):
+    corpus = ingest([("Alpha", "The first document talks about rivers. " * 30),
+                     ("Beta", "The second one is about mountains. " * 30)])
+    hay = niah.make_haystack(tok, corpus)
+    probe = niah.make_cell(tok, "single", 300, 0.0, 0, 0, hay)
+    length = len(hay.ids) + len(probe.prompt) - _room(tok, probe, 300)
+    assert niah.make_cell(tok, "single", length, 0.1, 0, 0, hay).needles[0]["doc"] == "Alpha"
+    assert niah.make_cell(tok, "single", length, 0.9, 0, 0, hay).needles[0]["doc"] == "Beta"
+
+
+def _room(tok, cell, length):
+    """Haystack tokens in a cell of `length` (prompt minus template, question and needles)."""
+    return length - len(niah.context_prefix(tok, [])) - len(niah.question_suffix(tok, cell.question)) \
+        - sum(len(tok.encode(" " + n["text"])) for n in cell.needles)
+
+
+def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok):
+    """Bar 4: the same script on a real checkpoint folder (written by transformers)."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, intermediate_size=32, intermediate_size_mlp=32, num_local_experts=2, attention_chunk_size=64,
+        floor_scale=32, no_rope_layer_interval=2, bos_token_id=tok.bos_id, eos_token_id=tok.eot_id,
+        pad_token_id=tok.pad_id))
+    hf.save_pretrained(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt" / "tokenizer.model")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("niah_bench", Path(__file__).parents[1] / "benchmarks" / "niah.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,1", "--samples", "1",
+                     "--out", str(tmp_path / "out")])
+    assert rc == 0
+    lines = (tmp_path / "out" / "single.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all("substring" in json.loads(l) for l in lines)
+    assert (tmp_path / "out" / "single.png").exists()
