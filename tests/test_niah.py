@@ -164,13 +164,9 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok):
         pad_token_id=tok.pad_id))
     hf.save_pretrained(tmp_path / "ckpt")
     tok.save(tmp_path / "ckpt" / "tokenizer.model")
-    import importlib.util
-    from pathlib import Path
+    from longctx.cli import niah_main
 
-    spec = importlib.util.spec_from_file_location("niah_bench", Path(__file__).parents[1] / "benchmarks" / "niah.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rc = bench.main(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,1", "--samples", "1",
+    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,1", "--samples", "1",
                      "--out", str(tmp_path / "out")])
     assert rc == 0
     lines = (tmp_path / "out" / "single.jsonl").read_text().splitlines()

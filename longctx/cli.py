@@ -1,0 +1,230 @@
+"""The ``longctx`` command.
+
+    longctx ask docs/ report.pdf -q "Which report mentions the merger?"
+    longctx batch jobs.jsonl --out answers.jsonl          (also under torchrun)
+    longctx niah --task single --lengths 1k,8k             (the needle-in-a-haystack benchmark)
+    longctx info --context 1m                              (model summary and memory plan)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def parse_length(s: str) -> int:
+    """"32k" -> 32768, "1m" -> 1048576, "500" -> 500."""
+    s = s.strip().lower()
+    try:
+        return int(float(s.rstrip("km")) * {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a length: {s!r} (examples: 4096, 32k, 1m)") from None
+
+
+def _model(args):
+    from .checkpoint import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def cmd_ask(args) -> int:
+    from .documents import ingest
+    from .qa import Session
+
+    model = _model(args)
+    corpus = ingest(args.paths, errors="skip" if args.skip_bad else "raise")
+    for s in corpus.skipped:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    session = Session(model, corpus, chunk_size=args.chunk_size, progress=True)
+    print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
+          file=sys.stderr)
+    for q in args.question:
+        a = session.ask(q, max_new_tokens=args.max_new_tokens)
+        print(f"Q: {q}\nA: {a.text}")
+        for c in a.citations[: args.citations]:
+            page = f", page {c.page}" if c.page else ""
+            print(f"   [{c.share:5.1%}] {c.title}{page}  ({c.source or 'in memory'})")
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .qa import run_batch
+
+    run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+              max_context=args.max_context)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .checkpoint import DEFAULT_MODEL
+    from .config import ModelConfig
+
+    if args.preset:
+        cfg = ModelConfig.preset(args.preset)
+        name = f"preset {args.preset}"
+    else:
+        folder = Path(args.model) if args.model else DEFAULT_MODEL
+        cfg = ModelConfig.from_file(folder / "config.json")
+        name = str(folder)
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+    n = args.context
+    kv = cfg.kv_bytes_per_token(dtype_bytes)
+    n_chunked = cfg.layer_kinds.count("chunked")
+    weights = cfg.num_parameters() * dtype_bytes
+    global_kv = kv["global"] * n
+    chunked_kv = kv["per_layer"] * n_chunked * min(n, cfg.attention_chunk_size)
+    gib = 2**30
+    print(f"model: {name}")
+    print(f"  {cfg.num_hidden_layers} layers ({cfg.layer_kinds.count('global')} global NoPE, {n_chunked} chunked, "
+          f"chunk {cfg.attention_chunk_size}), hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
+          f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim}, {cfg.num_local_experts} experts top-"
+          f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}")
+    print(f"  parameters: {cfg.num_parameters():,}")
+    print(f"memory plan for {n:,} tokens in {args.dtype}:")
+    print(f"  weights           {weights / gib:10.2f} GiB")
+    print(f"  global-layer KV   {global_kv / gib:10.2f} GiB  ({kv['global']:,} B/token, offloadable by segment)")
+    print(f"  chunked-layer KV  {chunked_kv / gib:10.2f} GiB  (bounded by one attention chunk)")
+    print(f"  total             {(weights + global_kv + chunked_kv) / gib:10.2f} GiB")
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        print(f"  GPU: {free / gib:.1f} of {total / gib:.1f} GiB free")
+    return 0
+
+
+def niah_main(argv=None) -> int:
+    """The needle-in-a-haystack benchmark (also ``benchmarks/niah.py``)."""
+    import torch
+
+    from . import niah
+    from .checkpoint import load_model
+
+    ap = argparse.ArgumentParser(prog="longctx niah", description="Needle-in-a-haystack benchmark: a depth x length "
+                                 "grid; writes <out>/<task>.jsonl (resumable) and <out>/<task>.png.")
+    ap.add_argument("--task", default="single", choices=niah.TASKS)
+    ap.add_argument("--lengths", default="1k,2k,4k", help="comma-separated, e.g. 1k,32k,1m")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystack", default="english", help="english | noise | a folder or file to ingest")
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (tokens)")
+    ap.add_argument("--out", type=Path, default=Path("niah_results"))
+    ap.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
+    ap.add_argument("--compare-reuse", action="store_true", help="run with and without prefix reuse; compare")
+    ap.add_argument("--record", type=Path, default=None, metavar="DIR",
+                    help="also write a result file (device, date, command, numbers) into DIR")
+    args = ap.parse_args(argv)
+
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    model = load_model(args.model, device=args.device)
+    haystack = args.haystack
+    if haystack not in ("english", "noise"):
+        from .documents import ingest
+
+        haystack = ingest([haystack])
+    common = dict(task=args.task, lengths=lengths, depths=depths, samples=args.samples, seed=args.seed,
+                  haystack=haystack, chunk_size=args.chunk_size)
+    t0 = time.perf_counter()
+    if args.compare_reuse:
+        timings, answers = {}, {}
+        for reuse in (True, False):
+            t = time.perf_counter()
+            res = niah.run(model, **common, reuse_prefix=reuse)
+            timings[reuse] = time.perf_counter() - t
+            answers[reuse] = sorted((r["length"], r["depth"], r["sample"], r["answer"]) for r in res.records)
+        same = answers[True] == answers[False]
+        body = [f"prefix reuse: {timings[True]:.1f} s, no reuse: {timings[False]:.1f} s, "
+                f"speed-up {timings[False] / timings[True]:.2f}x, same answers: {same}", "", "```", res.table(), "```"]
+        print("\n".join(body))
+        if args.record:
+            _record(args, argv, lengths, depths, body, "niah_prefix_reuse")
+        return 0 if same else 1
+
+    out_jsonl = args.out / f"{args.task}.jsonl"
+    res = niah.run(model, **common, out=out_jsonl, reuse_prefix=not args.no_reuse)
+    elapsed = time.perf_counter() - t0
+    eff = res.effective_length(0.9)
+    body = ["```", res.table("exact"), "", res.table("substring"), "```", "",
+            f"effective length (substring accuracy >= 90 % at every length up to it): {eff['effective_length']} tokens"]
+    print("\n".join(body[1:4] + body[6:]))
+    try:
+        png = res.heatmap(args.out / f"{args.task}.png",
+                          title=f"NIAH {args.task} ({'embedded model' if args.model is None else Path(args.model).name})")
+        print(f"wrote {out_jsonl} and {png} ({elapsed:.1f} s)")
+    except ImportError as e:
+        print(f"wrote {out_jsonl} ({elapsed:.1f} s); no heatmap: {e}", file=sys.stderr)
+    if args.record:
+        _record(args, argv, lengths, depths, body + [f"wall time: {elapsed:.1f} s"], f"niah_{args.task}")
+    return 0
+
+
+def _record(args, argv, lengths, depths, body: list[str], stem: str) -> None:
+    import torch
+
+    args.record.mkdir(parents=True, exist_ok=True)
+    day = datetime.date.today().isoformat()
+    path = args.record / f"{stem}_{day}.md"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads")
+    cmd = "python benchmarks/niah.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    path.write_text("\n".join([f"# NIAH {args.task} ({day})", "", f"- device: {device}", f"- command: `{cmd}`",
+                               f"- model: {args.model or 'embedded default (longctx/assets/default)'}",
+                               f"- lengths {lengths}, depths {depths}, samples {args.samples}, seed {args.seed}, "
+                               f"haystack {args.haystack}", "", *body]) + "\n")
+    print(f"recorded {path}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["niah"]:
+        return niah_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="longctx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk (tokens)")
+
+    p = sub.add_parser("ask", help="ask questions about files and folders")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("-q", "--question", action="append", required=True, help="repeat for several questions")
+    p.add_argument("--citations", type=int, default=3, help="documents to list per answer")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed) instead of failing")
+    common(p)
+    p.set_defaults(fn=cmd_ask)
+    p = sub.add_parser("batch", help="run a JSONL file of QA jobs (resumable; shards under torchrun)")
+    p.add_argument("jobs", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-context", type=parse_length, default=None)
+    common(p)
+    p.set_defaults(fn=cmd_batch)
+    sub.add_parser("niah", help="the needle-in-a-haystack benchmark (see `longctx niah --help`)")
+    p = sub.add_parser("info", help="model summary and memory plan for a context length")
+    p.add_argument("--model", default=None)
+    p.add_argument("--preset", default=None, choices=["scout", "tiny"])
+    p.add_argument("--context", type=parse_length, default=parse_length("128k"))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.set_defaults(fn=cmd_info)
+    args = ap.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .documents import IngestError
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, IngestError, FileNotFoundError) as e:
+        print(f"longctx {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The `longctx` command: info, ask, batch, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longctx.checkpoint import save_model
+from longctx.cli import main, parse_length
+from longctx.tokenizer import Tokenizer
+
+from conftest import random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tok = Tokenizer.default()
+    cfg = tiny_config(vocab_size=tok.vocab_size, attention_chunk_size=32, bos_token_id=tok.bos_id,
+                      eos_token_id=[tok.eot_id], pad_token_id=tok.pad_id)
+    return save_model(random_model(cfg, std=0.1), tmp_path_factory.mktemp("ckpt"), tokenizer=tok)
+
+
+def test_parse_length():
+    assert [parse_length(s) for s in ("500", "32k", "1m", "1.5k")] == [500, 32768, 1 << 20, 1536]
+
+
+def test_info_memory_plan_for_scout(capsys):
+    assert main(["info", "--preset", "scout", "--context", "1m"]) == 0
+    out = capsys.readouterr().out
+    assert "107,769,861,120" in out
+    assert "48.00 GiB" in out  # 12 global layers x 8 KV heads x 128 x 2 (K, V) x 2 B x 2^20 tokens
+
+
+def test_ask_prints_answer_and_citations(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
+    (tmp_path / "b.md").write_text("# Peaks\n\nMountains rise above the clouds. " * 5)
+    rc = main(["ask", str(tmp_path / "a.txt"), str(tmp_path / "b.md"), "-q", "Where does the river run?",
+               "-q", "What rises?", "--model", str(ckpt), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("Q: ") == 2 and out.count("A: ") == 2
+    assert "Peaks" in out and "a" in out
+
+
+def test_ask_missing_file_is_a_clear_error(ckpt, tmp_path, capsys):
+    rc = main(["ask", str(tmp_path / "nope.txt"), "-q", "?", "--model", str(ckpt)])
+    assert rc == 2 and "nope.txt" in capsys.readouterr().err
+
+
+def test_batch_command(ckpt, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.txt").write_text("Some text about apples. " * 10)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "j", "corpus": str(tmp_path / "docs"), "questions": ["Fruit?", "Colour?"]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", str(jobs), "--out", str(out), "--model", str(ckpt), "--max-new-tokens", "3"]) == 0
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [(r["job"], r["id"], r["error"]) for r in recs] == [("j", "0", None), ("j", "1", None)]
