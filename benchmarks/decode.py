@@ -21,16 +21,13 @@ from pathlib import Path
 import torch
 
 from longctx.cache import OffloadPolicy
+from longctx.cli import parse_length
 from longctx.config import ModelConfig
 from longctx.generate import prefill
 from longctx.model import Model
 
 RESULTS = Path(__file__).parent / "results"
 
-
-def parse_length(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s.rstrip("km")) * {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1))
 
 
 def sync(device: torch.device) -> None:

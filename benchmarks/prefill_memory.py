@@ -20,13 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from longctx.cli import parse_length
+
 RESULTS = Path(__file__).parent / "results"
 
-
-def parse_length(s: str) -> int:
-    s = s.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1)
-    return int(float(s.rstrip("km")) * mult)
 
 
 def one_run(n: int, chunk_size: int, threads: int) -> dict:
