@@ -42,13 +42,13 @@ from longctx.prompt import NOT_STATED, answer_ids, context_prefix, question_suff
 from longctx.tokenizer import Tokenizer
 
 
-def model_config(tok: Tokenizer) -> ModelConfig:
+def model_config(tok: Tokenizer, chunk: int = 32) -> ModelConfig:
     return ModelConfig(
         vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, intermediate_size=192, intermediate_size_mlp=384,
         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
         no_rope_layer_interval=2,  # layers: chunked, global, chunked, global
-        attention_chunk_size=32, floor_scale=64, attn_scale=0.1, rope_theta=10000.0, rope_scaling=None,
+        attention_chunk_size=chunk, floor_scale=64, attn_scale=0.1, rope_theta=10000.0, rope_scaling=None,
         max_position_embeddings=1 << 22, bos_token_id=tok.bos_id, eos_token_id=[tok.eot_id, tok.eom_id],
         pad_token_id=tok.pad_id,
     )
@@ -117,13 +117,18 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents) ->
 def make_batch(tok, rng: random.Random, length: int, batch: int, sents) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (B, T) and targets (B, T) with -100 everywhere but the answer tokens."""
     rows = []
+    noise = needles.encoded_sentences(tok, "noise")
     for _ in range(batch):
+        if rng.random() < 0.25:  # a quarter on the repetitive noise haystack: needles stand out
+            sents_b = noise
+        else:
+            sents_b = sents
         r = rng.random()
         if r < 0.1:
-            prompt, ans, _ = document_example(tok, rng, length, "train", sents)
+            prompt, ans, _ = document_example(tok, rng, length, "train", sents_b)
         else:
             kind = "single" if r < 0.5 else "multi" if r < 0.65 else "distractor" if r < 0.85 else "none"
-            prompt, ans, _ = needle_example(tok, rng, length, "train", kind, sents)
+            prompt, ans, _ = needle_example(tok, rng, length, "train", kind, sents_b)
         rows.append((prompt, ans))
     T = max(len(p) + len(a) for p, a in rows) - 1
     x = torch.full((batch, T), tok.pad_id, dtype=torch.long)
@@ -135,11 +140,13 @@ def make_batch(tok, rng: random.Random, length: int, batch: int, sents) -> tuple
     return x, y
 
 
-def curriculum(step: int, steps: int, rng: random.Random) -> int:
-    """Training length for a step: 128-256 for the first 15 %, then up to 1024, short kept in."""
+def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 1024) -> int:
+    """Training length for a step: 128-256 for the first 15 %, then growing to ``max_len``,
+    with short lengths kept in the mix."""
     if step < 0.15 * steps:
         return rng.choice([128, 192, 256])
-    return rng.choice([256, 384, 512, 512, 768, 1024] if step > 0.5 * steps else [128, 256, 384, 512])
+    top = max_len if step > 0.5 * steps else max_len // 2
+    return rng.choice([128, 256, 384] + [L for L in (512, 768, 1024, 1536, 2048) if L <= top])
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -170,6 +177,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=32, help="attention chunk of the local layers (tokens)")
+    ap.add_argument("--max-len", type=int, default=1024, help="longest training prompt (tokens)")
     ap.add_argument("--eval-lengths", default="1024,2048,4096")
     ap.add_argument("--eval-samples", type=int, default=20)
     ap.add_argument("--out", type=Path, default=DEFAULT_MODEL)
@@ -180,7 +189,7 @@ def main(argv=None) -> None:
     rng = random.Random(args.seed)
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
-    cfg = model_config(tok)
+    cfg = model_config(tok, args.chunk)
     model = Model(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -197,7 +206,7 @@ def main(argv=None) -> None:
     ema = None
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
-        length = curriculum(step, args.steps, rng)
+        length = curriculum(step, args.steps, rng, args.max_len)
         x, y = make_batch(tok, rng, length, args.batch, sents)
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
@@ -232,13 +241,13 @@ def main(argv=None) -> None:
         f"attention chunk {cfg.attention_chunk_size}, floor_scale {cfg.floor_scale}, vocab {cfg.vocab_size}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, fp32",
         f"- data: generated on the fly (seed {args.seed}): needles \"{needles.NEEDLE}\" in English sentences from "
-        "Python's pydoc_data; single, multi-key (2-3 asked), 3 distractors, no-needle (answer "
+        "Python's pydoc_data (a quarter in the five-sentence noise haystack); single, multi-key (2-3 asked), 3 distractors, no-needle (answer "
         f"\"{NOT_STATED}\"), which-document over 3-8 packed documents; train-split keys only",
-        f"- training: {args.steps} steps × batch {args.batch}, lengths 128-1024 (curriculum), AdamW lr {args.lr}, "
+        f"- training: {args.steps} steps × batch {args.batch}, lengths 128-{args.max_len} (curriculum), AdamW lr {args.lr}, "
         f"loss on answer tokens only; {train_s / 60:.1f} min",
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
         f"- command: `python examples/train_tiny_model.py --steps {args.steps} --batch {args.batch} --seed {args.seed} "
-        f"--threads {args.threads}`",
+        f"--threads {args.threads} --chunk {args.chunk} --max-len {args.max_len}`",
         "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
         f"chunked prefill + KV cache; {eval_s / 60:.1f} min)", "",
         "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
