@@ -140,12 +140,10 @@ class ChunkedCache:
             if pos != self.start + self.k.shape[2]:
                 raise CacheError(f"chunked cache holds positions up to {self.start + self.k.shape[2]}, got {pos}")
             k, v, pos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), self.start
-        end = pos + k.shape[2]
-        keep = (end // self.chunk) * self.chunk - pos  # first index in the current chunk
-        self.k, self.v = k[:, :, max(keep, 0):], v[:, :, max(keep, 0):]
-        self.start = pos + max(keep, 0)
-        if self.k.shape[2] > 0:  # own the memory: a view would pin the whole appended block
-            self.k, self.v = self.k.contiguous(), self.v.contiguous()
+        drop = ((pos + k.shape[2]) // self.chunk) * self.chunk - pos  # keys before the current chunk
+        if drop > 0:  # clone: a view would keep the whole appended block alive
+            k, v, pos = k[:, :, drop:].clone(), v[:, :, drop:].clone(), pos + drop
+        self.k, self.v, self.start = k, v, pos
         assert self.k.shape[2] <= self.chunk, "chunked cache exceeded one attention chunk"
 
     @property
