@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from longctx.cache import OffloadPolicy
 from longctx.checkpoint import save_model
 from longctx.documents import ingest
 from longctx.generate import generate
 from longctx.prompt import context_prefix, question_suffix
-from longctx.qa import QAError, Session, run_batch
+from longctx.qa import QAError, Session, _read_records, run_batch
 from longctx.tokenizer import Tokenizer
 
 from conftest import random_model, tiny_config
@@ -66,6 +67,20 @@ def test_ask_equals_fresh_full_prefill_and_questions_are_isolated(model, corpus,
     assert s.ask(questions[0], max_new_tokens=6).text == answers[0].text  # not affected by question 2
 
 
+def test_ask_over_disk_tier_segments_equals_resident(model, corpus, tmp_path):
+    """Forks share sealed segments wherever they live: a session whose corpus KV sits in
+    memory-mapped files answers and cites exactly as a resident one."""
+    q = "Where are the deserts?"
+    resident = Session(model, corpus, chunk_size=64).ask(q, max_new_tokens=5)
+    policy = OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path, segment_tokens=128)
+    s = Session(model, corpus, chunk_size=64, offload=policy)
+    assert s.cache.tier_bytes()["disk"] > 0
+    on_disk = s.ask(q, max_new_tokens=5)
+    assert on_disk.text == resident.text
+    assert [(c.title, c.page) for c in on_disk.citations] == [(c.title, c.page) for c in resident.citations]
+    assert [c.share for c in on_disk.citations] == pytest.approx([c.share for c in resident.citations], abs=1e-6)
+
+
 def test_citation_shares_sum_to_one_and_name_pages(model, corpus):
     s = Session(model, corpus)
     a = s.ask("Where are the deserts?", max_new_tokens=4)
@@ -83,10 +98,32 @@ def test_question_too_long_is_a_clear_error(model, corpus):
         s.ask("A question?", max_new_tokens=8, max_context=s.n_tokens + 5)
 
 
+def test_citations_map_span_offsets_to_documents_and_pages(model, corpus, tok):
+    """Mass put only on page 2 of the third document ranks it first with share 1 on page 2."""
+    s = Session(model, corpus)
+    packed = corpus.pack(tok)
+    page2 = next(sp for sp in packed.spans if sp.doc_id == 2 and sp.page == 2)
+    header = len(s.prefix) - len(packed.ids)
+    mass = torch.zeros(len(s.prefix) + 10)
+    mass[header + page2.start : header + page2.end] = 1.0
+    cites, other = s._cite(mass)
+    assert (cites[0].title, cites[0].page) == ("Paged", 2)
+    assert (cites[0].share, other) == (pytest.approx(1.0), pytest.approx(0.0, abs=1e-12))
+    mass[-10:] = mass.sum() / 10  # as much again on non-document tokens (question, answer)
+    cites, other = s._cite(mass)
+    assert (cites[0].share, other) == (pytest.approx(0.5), pytest.approx(0.5)) and cites[1].share == 0.0
+
+
+def test_corpus_longer_than_the_context_is_refused_before_prefill(model, corpus):
+    with pytest.raises(QAError, match="does not fit the context of 100 tokens"):
+        Session(model, corpus, max_context=100)
+
+
 def test_session_save_load_round_trip_and_refusals(model, corpus, tok, tmp_path):
     s = Session(model, corpus)
     want = s.ask("Which document is about rivers?", max_new_tokens=5)
     s.save(tmp_path / "s")
+    s.save(tmp_path / "s")  # overwriting is atomic too
     loaded = Session.load(model, tmp_path / "s", corpus)
     got = loaded.ask("Which document is about rivers?", max_new_tokens=5)
     assert got.text == want.text
@@ -96,6 +133,9 @@ def test_session_save_load_round_trip_and_refusals(model, corpus, tok, tmp_path)
     other = ingest([("Rivers", "A different text. " * 20)])
     with pytest.raises(QAError, match="other documents"):
         Session.load(model, tmp_path / "s", other)
+    with pytest.raises(QAError, match="not a saved session"):
+        Session.load(model, tmp_path / "nothing-here")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary folders left
 
 
 def write_corpus(folder: Path, n: int) -> Path:
@@ -106,6 +146,9 @@ def write_corpus(folder: Path, n: int) -> Path:
 
 
 def jobs_file(tmp_path: Path) -> Path:
+    """Five jobs: a good one, a missing corpus, a malformed line, one with a too-long
+    question (files given as a list), and one on a relative folder path with plain-string
+    questions; 10 output lines in all."""
     a = write_corpus(tmp_path / "a", 2)
     b = write_corpus(tmp_path / "b", 3)
     jobs = [
@@ -114,7 +157,7 @@ def jobs_file(tmp_path: Path) -> Path:
         "this line is not JSON",
         {"id": "j3", "corpus": [str(b / "doc0.txt"), str(b / "doc2.txt")],
          "questions": [{"id": "q0", "question": "Which word?"}, {"id": "long", "question": "word " * 3000}]},
-        {"id": "j4", "corpus": str(b), "questions": ["What does document 1 say?", "And document 2?"]},
+        {"id": "j4", "corpus": "b", "questions": ["What does document 1 say?", "And document 2?"]},
     ]
     path = tmp_path / "jobs.jsonl"
     path.write_text("\n".join(j if isinstance(j, str) else json.dumps(j) for j in jobs) + "\n")
@@ -134,22 +177,77 @@ def test_batch_answers_each_question_once_with_per_job_errors(model, tmp_path):
     assert len(ids) == len(set(ids)) == 4 + 1 + 1 + 2 + 2
     by = {(r["job"], r["id"]): r for r in recs}
     assert "missing" in by[("j2", "q0")]["error"]
-    assert "malformed" in by[("line3", "-")]["error"]
+    assert "malformed" in by[("line3", "-")]["error"] and "jobs.jsonl:3" in by[("line3", "-")]["error"]
     assert "does not fit" in by[("j3", "long")]["error"]
     assert by[("j3", "q0")]["error"] is None and by[("j3", "q0")]["citations"]
-    assert by[("j4", "0")]["error"] is None
+    assert by[("j4", "0")]["error"] is None  # "b" is relative to the jobs file's folder
+    assert {c["title"] for c in by[("j4", "0")]["citations"]} == {"doc0", "doc1", "doc2"}
+    assert 0 < sum(c["share"] for c in by[("j4", "0")]["citations"]) <= 1
     before = out.read_text()
     run_batch(model, jobs, out, max_new_tokens=4, max_context=3000, progress=False)  # nothing left to do
     assert out.read_text() == before
 
 
+def test_batch_validates_jobs_and_shares_one_prefill_per_corpus(model, tmp_path, monkeypatch):
+    a = write_corpus(tmp_path / "a", 2)
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"id": "x", "corpus": str(a), "questions": ["First?"]},
+             {"id": "y", "corpus": str(a), "questions": ["Second?", "Third?"]},  # same corpus: no new prefill
+             {"id": "x", "corpus": str(a), "questions": ["Duplicate job id?"]},
+             {"id": "z", "corpus": str(a), "questions": [{"id": "1", "question": "A?"}, {"id": "1", "question": "B?"}]},
+             {"id": "w", "corpus": str(a), "questions": [42]},
+             {"id": "v", "corpus": [], "questions": ["No corpus?"]},
+             {"id": "u", "corpus": str(a), "questions": ["word " * 400]}]  # fits nothing after the corpus
+    jobs.write_text("".join(json.dumps(j) + "\n" for j in lines) + "\n")
+    built = []
+    real_init = Session.__init__
+    monkeypatch.setattr(Session, "__init__", lambda self, *a, **k: (built.append(1), real_init(self, *a, **k))[1])
+    out = tmp_path / "out.jsonl"
+    run_batch(model, jobs, out, max_new_tokens=2, max_context=400, progress=False)
+    by = {(r["job"], r["id"]): r for r in read(out)}
+    assert len(built) == 1  # x, y and u share the corpus of one prefill
+    assert by[("x", "0")]["error"] is None and by[("y", "1")]["error"] is None
+    assert "already used on line 1" in by[("line3", "-")]["error"]
+    assert "appears twice" in by[("line4", "-")]["error"]
+    assert "non-empty string" in by[("line5", "-")]["error"]
+    assert "list of paths" in by[("line6", "-")]["error"]
+    assert "does not fit" in by[("u", "0")]["error"]
+    assert len(by) == 8
+
+
+def test_answers_file_repair_keeps_complete_lines(tmp_path):
+    out = tmp_path / "a.jsonl"
+    good = [json.dumps({"job": "j", "id": str(i), "answer": "x", "error": None}) for i in range(3)]
+    out.write_text(good[0] + "\n" + "\x00\x00garbage\n" + good[1] + "\n" + good[2] + "\n" + '{"job": "j", "id": "3", "ans')
+    with pytest.warns(UserWarning, match="a.jsonl:2: unreadable"):
+        recs = _read_records(out, repair=True)
+    assert [k for k, _ in recs] == [("j", "0"), ("j", "1"), ("j", "2")]
+    assert out.read_text().endswith(good[2] + "\n")  # only the torn tail was cut
+
+
+def test_single_process_folds_in_rank_files_of_an_interrupted_sharded_run(model, tmp_path):
+    jobs = jobs_file(tmp_path)
+    full = tmp_path / "full.jsonl"
+    run_batch(model, jobs, full, max_new_tokens=3, max_context=3000, progress=False)
+    lines = full.read_text().splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.rank1").write_text("".join(lines[5:7]))  # what a killed rank 1 had written
+    (tmp_path / "out.jsonl.rank0").write_text("".join(lines[:2]) + lines[2][:15])  # torn line
+    run_batch(model, jobs, out, max_new_tokens=3, max_context=3000, progress=False)
+    assert out.read_text() == full.read_text()
+
+
 RUNNER = textwrap.dedent("""
-    import sys, torch
+    import sys, time, torch
     sys.path.insert(0, {tests!r})
     from longctx.checkpoint import load_model
-    from longctx.qa import run_batch
+    from longctx import qa
+    if {delay}:  # slow each answer down, so that a kill lands mid-way through the batch
+        ask = qa.Session.ask
+        qa.Session.ask = lambda *a, **k: (time.sleep({delay}), ask(*a, **k))[1]
     model = load_model({ckpt!r})
-    run_batch(model, {jobs!r}, {out!r}, max_new_tokens=4, max_context=3000, progress=False)
+    qa.run_batch(model, {jobs!r}, {out!r}, max_new_tokens=4, max_context=3000, temperature={temperature},
+                 progress=False)
 """)
 
 
@@ -158,23 +256,32 @@ def checkpoint(model, tmp_path):
     return save_model(model, tmp_path / "ckpt")
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def test_batch_survives_sigkill(checkpoint, tmp_path):
     jobs = jobs_file(tmp_path)
     out = tmp_path / "answers.jsonl"
-    script = RUNNER.format(tests=str(ROOT / "tests"), ckpt=str(checkpoint), jobs=str(jobs), out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    runner = dict(tests=str(ROOT / "tests"), ckpt=str(checkpoint), jobs=str(jobs), out=str(out), temperature=0.0)
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER.format(**runner, delay=0.5)], cwd=ROOT, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = out.read_text().splitlines()
     assert 2 <= len(partial) < 10  # killed mid-way
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
+    with open(out, "a") as f:
+        f.write('{"job": "j1", "id": "q')  # as if the kill had landed mid-write
+    subprocess.run([sys.executable, "-c", RUNNER.format(**runner, delay=0)], cwd=ROOT, check=True, env=ENV)
     recs = read(out)  # every line parses: nothing corrupt
     ids = [(r["job"], r["id"]) for r in recs]
     assert len(ids) == len(set(ids)) == 10  # each question exactly once
-    assert [json.loads(l) for l in partial if l.endswith("}")] == recs[: len([l for l in partial if l.endswith("}")])]
+    assert recs[: len(partial)] == [json.loads(l) for l in partial]  # earlier answers kept as written
+    single = tmp_path / "single.jsonl"
+    subprocess.run([sys.executable, "-c", RUNNER.format(**{**runner, "out": str(single)}, delay=0)], cwd=ROOT,
+                   check=True, env=ENV)
+    assert out.read_text() == single.read_text()  # and the same as an uninterrupted run
 
 
 def free_port() -> int:
@@ -184,14 +291,19 @@ def free_port() -> int:
 
 
 def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
+    """Sampled answers too: each question has its own seed, whatever rank answers it."""
     jobs = jobs_file(tmp_path)
     single = tmp_path / "single.jsonl"
-    run_batch(model, jobs, single, max_new_tokens=4, max_context=3000, progress=False)
+    run_batch(model, jobs, single, max_new_tokens=4, max_context=3000, temperature=0.8, progress=False)
     multi = tmp_path / "multi.jsonl"
     script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(tests=str(ROOT / "tests"), ckpt=str(checkpoint), jobs=str(jobs), out=str(multi)))
+    script.write_text(RUNNER.format(tests=str(ROOT / "tests"), ckpt=str(checkpoint), jobs=str(jobs), out=str(multi),
+                                    temperature=0.8, delay=0))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(torchrun, cwd=ROOT, check=True, env=env, timeout=300)
+    subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)
+    assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == ["multi.jsonl", "multi.jsonl.rank0",
+                                                                     "multi.jsonl.rank1"]
+    assert multi.read_text() == single.read_text()
+    subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)  # a rerun has nothing to do
     assert multi.read_text() == single.read_text()
