@@ -25,10 +25,27 @@ def parse_length(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not a length: {s!r} (examples: 4096, 32k, 1m)") from None
 
 
+def _device(device: str) -> str:
+    """Under torchrun, a bare "cuda" means this rank's GPU (cuda:LOCAL_RANK)."""
+    import os
+
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
 def _model(args):
     from .checkpoint import load_model
 
-    return load_model(args.model, device=args.device)
+    return load_model(args.model, device=_device(args.device))
+
+
+def _size(nbytes: float) -> str:
+    """Bytes in the largest binary unit (up to TiB) that keeps the number >= 1."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:10.2f} {unit}"
+    return f"{nbytes:10.0f} B  "
 
 
 def cmd_ask(args) -> int:
@@ -39,11 +56,19 @@ def cmd_ask(args) -> int:
     corpus = ingest(args.paths, errors="skip" if args.skip_bad else "raise")
     for s in corpus.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
-    session = Session(model, corpus, chunk_size=args.chunk_size, progress=True)
-    print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
-          file=sys.stderr)
+    if args.session is not None and (args.session / "session.json").exists():
+        session = Session.load(model, args.session, corpus)  # refuses another model or other documents
+        print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, loaded from {args.session}",
+              file=sys.stderr)
+    else:
+        session = Session(model, corpus, chunk_size=args.chunk_size, max_context=args.max_context, progress=True)
+        print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
+              file=sys.stderr)
+        if args.session is not None:
+            session.save(args.session)
+            print(f"saved the prefilled session to {args.session}", file=sys.stderr)
     for q in args.question:
-        a = session.ask(q, max_new_tokens=args.max_new_tokens)
+        a = session.ask(q, max_new_tokens=args.max_new_tokens, max_context=args.max_context)
         print(f"Q: {q}\nA: {a.text}")
         for c in a.citations[: args.citations]:
             page = f", page {c.page}" if c.page else ""
@@ -55,7 +80,8 @@ def cmd_batch(args) -> int:
     from .qa import run_batch
 
     run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
-              max_context=args.max_context)
+              max_context=args.max_context, temperature=args.temperature, seed=args.seed,
+              progress=not args.no_progress)
     return 0
 
 
@@ -70,6 +96,10 @@ def cmd_info(args) -> int:
         name = f"preset {args.preset}"
     else:
         folder = Path(args.model) if args.model else DEFAULT_MODEL
+        if not (folder / "config.json").exists():
+            hint = " (the embedded default model is not there yet; pass --model DIR or --preset)" if not args.model else ""
+            print(f"longctx info: {folder}: no config.json{hint}", file=sys.stderr)
+            return 2
         cfg = ModelConfig.from_file(folder / "config.json")
         name = str(folder)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
@@ -87,13 +117,20 @@ def cmd_info(args) -> int:
           f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}")
     print(f"  parameters: {cfg.num_parameters():,}")
     print(f"memory plan for {n:,} tokens in {args.dtype}:")
-    print(f"  weights           {weights / gib:10.2f} GiB")
-    print(f"  global-layer KV   {global_kv / gib:10.2f} GiB  ({kv['global']:,} B/token, offloadable by segment)")
-    print(f"  chunked-layer KV  {chunked_kv / gib:10.2f} GiB  (bounded by one attention chunk)")
-    print(f"  total             {(weights + global_kv + chunked_kv) / gib:10.2f} GiB")
+    print(f"  weights           {_size(weights)}")
+    print(f"  global-layer KV   {_size(global_kv)}  ({kv['global']:,} B/token, offloadable by segment)")
+    print(f"  chunked-layer KV  {_size(chunked_kv)}  (bounded by one attention chunk)")
+    print(f"  total             {_size(weights + global_kv + chunked_kv)}")
+    if n > cfg.max_position_embeddings:
+        print(f"  NOTE: {n:,} tokens is past the model's max_position_embeddings ({cfg.max_position_embeddings:,})")
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         print(f"  GPU: {free / gib:.1f} of {total / gib:.1f} GiB free")
+        room = free - weights - chunked_kv
+        if room < global_kv:
+            on_gpu = max(0, room) // max(1, kv["global"])
+            print(f"  the global KV does not fit next to the weights: keep ~{on_gpu:,} tokens on the GPU "
+                  "(OffloadPolicy.device_bytes) and offload the rest to CPU / disk")
     return 0
 
 
@@ -200,12 +237,20 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--question", action="append", required=True, help="repeat for several questions")
     p.add_argument("--citations", type=int, default=3, help="documents to list per answer")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed) instead of failing")
+    p.add_argument("--max-context", type=parse_length, default=None,
+                   help="tokens corpus + question + answer may take (default: the model's maximum)")
+    p.add_argument("--session", type=Path, default=None, metavar="DIR",
+                   help="reuse the prefilled corpus saved in DIR (made there on first use)")
     common(p)
     p.set_defaults(fn=cmd_ask)
     p = sub.add_parser("batch", help="run a JSONL file of QA jobs (resumable; shards under torchrun)")
     p.add_argument("jobs", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--max-context", type=parse_length, default=None)
+    p.add_argument("--max-context", type=parse_length, default=None,
+                   help="tokens corpus + question + answer may take (default: the model's maximum)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, seeded per question")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
     common(p)
     p.set_defaults(fn=cmd_batch)
     sub.add_parser("niah", help="the needle-in-a-haystack benchmark (see `longctx niah --help`)")
@@ -216,12 +261,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.set_defaults(fn=cmd_info)
     args = ap.parse_args(argv)
+    from .cache import CacheError
     from .checkpoint import CheckpointError
+    from .config import ConfigError
     from .documents import IngestError
+    from .qa import QAError
 
     try:
         return args.fn(args)
-    except (CheckpointError, IngestError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, IngestError, QAError, CacheError, FileNotFoundError) as e:
         print(f"longctx {args.cmd}: {e}", file=sys.stderr)
         return 2
 

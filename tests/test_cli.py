@@ -56,3 +56,48 @@ def test_batch_command(ckpt, tmp_path):
     assert main(["batch", str(jobs), "--out", str(out), "--model", str(ckpt), "--max-new-tokens", "3"]) == 0
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert [(r["job"], r["id"], r["error"]) for r in recs] == [("j", "0", None), ("j", "1", None)]
+
+
+def test_info_units_and_missing_default(capsys, monkeypatch, tmp_path):
+    assert main(["info", "--preset", "tiny", "--context", "32k"]) == 0
+    out = capsys.readouterr().out
+    assert "4.00 MiB" in out  # 1 global layer x 2 KV heads x 16 x 2 (K, V) x 2 B x 32768 tokens
+    monkeypatch.setattr("longctx.checkpoint.DEFAULT_MODEL", tmp_path / "absent")
+    assert main(["info"]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_ask_session_folder_is_made_once_then_reused(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
+    args = [str(tmp_path / "a.txt"), "-q", "Where?", "--model", str(ckpt), "--max-new-tokens", "4",
+            "--session", str(tmp_path / "sess")]
+    assert main(["ask", *args]) == 0
+    first = capsys.readouterr()
+    assert "saved the prefilled session" in first.err
+    assert main(["ask", *args]) == 0
+    second = capsys.readouterr()
+    assert "loaded from" in second.err and second.out == first.out
+    (tmp_path / "a.txt").write_text("Now the file says something else. " * 20)
+    assert main(["ask", *args]) == 2
+    assert "other documents" in capsys.readouterr().err
+
+
+def test_ask_corpus_too_long_is_a_clear_error(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 200)
+    rc = main(["ask", str(tmp_path / "a.txt"), "-q", "?", "--model", str(ckpt), "--max-context", "500"])
+    assert rc == 2 and "does not fit the context of 500 tokens" in capsys.readouterr().err
+
+
+def test_niah_is_forwarded_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["niah", "--help"])
+    assert e.value.code == 0 and "longctx niah" in capsys.readouterr().out
+
+
+def test_cuda_device_under_torchrun_is_the_local_rank(monkeypatch):
+    from longctx.cli import _device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (_device("cuda"), _device("cuda:0"), _device("cpu")) == ("cuda:3", "cuda:0", "cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _device("cuda") == "cuda"
