@@ -1,32 +1,43 @@
 """A batch QA job: a JSONL file of jobs in, a JSONL file of answers out (resumable).
 
-    python examples/batch_job.py                    # writes demo docs + jobs, runs them
-    torchrun --nproc-per-node 2 examples/batch_job.py   # the same, sharded over 2 processes
+    python examples/batch_job.py                                  # examples/batch/jobs.jsonl
+    python examples/batch_job.py my_jobs.jsonl --out answers.jsonl --model /path/to/checkpoint
+    torchrun --nproc-per-node 2 examples/batch_job.py             # the same, sharded over 2 processes
 
-Equivalent command line: `longctx batch jobs.jsonl --out answers.jsonl`. Kill it at any point
-and run it again: answered questions are skipped, nothing is written twice.
+Equivalent command line: `longctx batch examples/batch/jobs.jsonl --out out/batch_answers.jsonl`.
+
+One job per line: {"id": ..., "corpus": a folder or file, or a list of them (relative paths are
+relative to the jobs file), "questions": [{"id": ..., "question": ...} or plain strings]}.
+Kill it at any point and run it again: answered questions are skipped and nothing is written
+twice. A job naming a missing corpus, a malformed line or a question too long for the context
+becomes an error line; the other jobs still run.
 """
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 from longctx import load_model, run_batch
 
-work = Path("batch_example")
-(work / "docs").mkdir(parents=True, exist_ok=True)
-for name, key, value in [("harbor", "quiet-otter", "5512309"), ("orchard", "bold-crane", "7093415")]:
-    (work / "docs" / f"{name}.txt").write_text(
-        "The shipment arrived late because of the storm. " * 30
-        + f"One of the special magic numbers for {key} is: {value}. " + "Everyone went home early. " * 20)
-jobs = [
-    {"id": "harbor-and-orchard", "corpus": str(work / "docs"),
-     "questions": [{"id": "q1", "question": "What is the special magic number for quiet-otter?"},
-                   {"id": "q2", "question": "What is the special magic number for bold-crane?"}]},
-    {"id": "missing", "corpus": str(work / "no-such-folder"), "questions": ["Recorded as an error, not a crash."]},
-]
-(work / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+HERE = Path(__file__).parent
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("jobs", nargs="?", type=Path, default=HERE / "batch" / "jobs.jsonl")
+ap.add_argument("--out", type=Path, default=Path("out") / "batch_answers.jsonl")
+ap.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+ap.add_argument("--max-new-tokens", type=int, default=24)
+args = ap.parse_args()
 
-out = run_batch(load_model(), work / "jobs.jsonl", work / "answers.jsonl", max_new_tokens=16)
-for line in out.read_text().splitlines():
-    rec = json.loads(line)
-    print(rec["job"], rec["id"], rec.get("answer"), rec["error"] or "")
+args.out.parent.mkdir(parents=True, exist_ok=True)
+model = load_model(args.model)
+out = run_batch(model, args.jobs, args.out, max_new_tokens=args.max_new_tokens)
+
+if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the merged file
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["error"]:
+            print(f"{rec['job']}/{rec['id']}: ERROR {rec['error']}")
+        else:
+            top = rec["citations"][0] if rec["citations"] else None
+            cite = f"  [{top['title']} {top['share']:.0%}]" if top else ""
+            print(f"{rec['job']}/{rec['id']}: {rec['question']}\n    -> {rec['answer']}{cite}")

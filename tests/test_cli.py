@@ -101,3 +101,26 @@ def test_cuda_device_under_torchrun_is_the_local_rank(monkeypatch):
     assert (_device("cuda"), _device("cuda:0"), _device("cpu")) == ("cuda:3", "cuda:0", "cpu")
     monkeypatch.delenv("LOCAL_RANK")
     assert _device("cuda") == "cuda"
+
+
+def test_examples_run_on_a_checkpoint(ckpt, tmp_path):
+    """examples/batch_job.py on its jobs file (relative corpus paths, an error job) and the
+    notebook-style example, as scripts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "answers.jsonl"
+    run = subprocess.run([sys.executable, str(root / "examples" / "batch_job.py"), "--model", str(ckpt), "--out",
+                          str(out), "--max-new-tokens", "3"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [(r["job"], r["error"] is None) for r in recs] == [("all-reports", True)] * 3 + [("two-files", True)] * 2 \
+        + [("missing-corpus", False)]
+    run = subprocess.run([sys.executable, str(root / "examples" / "qa_notebook.py"), "--model", str(ckpt)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("Q: ") == 2 and "reloaded:" in run.stdout
