@@ -152,6 +152,8 @@ def niah_main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (tokens)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; 1 on a machine busy with other work)")
     ap.add_argument("--out", type=Path, default=Path("niah_results"))
     ap.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
     ap.add_argument("--compare-reuse", action="store_true", help="run with and without prefix reuse; compare")
@@ -161,6 +163,8 @@ def niah_main(argv=None) -> int:
 
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     haystack = args.haystack
     if haystack not in ("english", "noise"):
@@ -171,15 +175,21 @@ def niah_main(argv=None) -> int:
                   haystack=haystack, chunk_size=args.chunk_size)
     t0 = time.perf_counter()
     if args.compare_reuse:
-        timings, answers = {}, {}
+        # Warm-up outside the timings: haystack encoding (cached) and first-call allocations.
+        niah.run(model, **{**common, "lengths": [min(lengths)], "depths": [0.0], "samples": 1},
+                 reuse_prefix=False, progress=False)
+        timings, answers, tokens = {}, {}, {}
         for reuse in (True, False):
             t = time.perf_counter()
             res = niah.run(model, **common, reuse_prefix=reuse)
             timings[reuse] = time.perf_counter() - t
             answers[reuse] = sorted((r["length"], r["depth"], r["sample"], r["answer"]) for r in res.records)
+            tokens[reuse] = sum(r["new_prefill_tokens"] + r.get("base_prefill_tokens", 0) for r in res.records)
         same = answers[True] == answers[False]
         body = [f"prefix reuse: {timings[True]:.1f} s, no reuse: {timings[False]:.1f} s, "
-                f"speed-up {timings[False] / timings[True]:.2f}x, same answers: {same}", "", "```", res.table(), "```"]
+                f"speed-up {timings[False] / timings[True]:.2f}x, same answers: {same}",
+                f"prefilled tokens: {tokens[True]:,} with reuse (base extensions included), {tokens[False]:,} "
+                f"without ({tokens[False] / max(1, tokens[True]):.2f}x)", "", "```", res.table(), "```"]
         print("\n".join(body))
         if args.record:
             _record(args, argv, lengths, depths, body, "niah_prefix_reuse")
@@ -192,6 +202,7 @@ def niah_main(argv=None) -> int:
     body = ["```", res.table("exact"), "", res.table("substring"), "```", "",
             f"effective length (substring accuracy >= 90 % at every length up to it): {eff['effective_length']} tokens"]
     print("\n".join(body[1:4] + body[6:]))
+    png = None
     try:
         png = res.heatmap(args.out / f"{args.task}.png",
                           title=f"NIAH {args.task} ({'embedded model' if args.model is None else Path(args.model).name})")
@@ -199,7 +210,15 @@ def niah_main(argv=None) -> int:
     except ImportError as e:
         print(f"wrote {out_jsonl} ({elapsed:.1f} s); no heatmap: {e}", file=sys.stderr)
     if args.record:
-        _record(args, argv, lengths, depths, body + [f"wall time: {elapsed:.1f} s"], f"niah_{args.task}")
+        stem = f"niah_{args.task}_{datetime.date.today().isoformat()}"
+        extra = [f"wall time: {elapsed:.1f} s ({len(res.records)} cells)"]
+        if png is not None:
+            import shutil
+
+            args.record.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, args.record / f"{stem}.png")
+            extra += ["", f"![NIAH {args.task} heatmap]({stem}.png)"]
+        _record(args, argv, lengths, depths, body + extra, f"niah_{args.task}")
     return 0
 
 

@@ -21,9 +21,9 @@ then prefills only its own tail (needle, rest of the haystack, question). ``reus
 prefills every cell from scratch (same answers, for measuring the saving).
 
 Results stream to JSONL, one line per finished cell, flushed. Each line carries a content hash
-of everything that determines the cell (model fingerprint, tokenizer, template, haystack
-digest, needles, question, length, depth, seed, generation settings); a rerun skips a cell
-only if a line with the same hash exists.
+of everything that determines the cell (model fingerprint, tokenizer, template, digest of
+the haystack tokens it uses, needles, question, the prompt, length, depth, seed, generation
+settings); a rerun skips a cell only if a line with the same hash exists.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Cell:
     expected: list[str]  # every string must appear in the answer (one entry: NOT_STATED for "none")
     needles: list[dict]  # {"text", "token_index", "doc", "page"}
     shared: int  # the first `shared` prompt tokens equal the sample's base (header + haystack)
+    haystack_sha256: str = ""  # of the haystack tokens this cell uses (its first `room` tokens)
     hash: str = ""
 
 
@@ -83,12 +84,11 @@ class Haystack:
 def make_haystack(tokenizer, source="english", min_tokens: int = 0, seed: int = 0) -> Haystack:
     """source: "english" (Python's documentation prose), "noise" (five repeated sentences), or
     a ``Corpus`` (packed with ``tokenizer``; needles then carry document and page). The English
-    text starts at a seeded sentence and wraps around until ``min_tokens`` are there."""
+    text starts at a seeded sentence and wraps around until ``min_tokens`` are there; a longer
+    ``min_tokens`` only extends the stream (its start is the same), so cells of a short length
+    are identical whatever the longest length of the grid."""
     if hasattr(source, "pack"):
-        packed = source.pack(tokenizer, progress=False)
-        ids = packed.ids.astype(np.int32)
-        ends = [i + 1 for i in range(len(ids) - 1) if re.search(r"[.!?\n]\s*$", tokenizer.decode([int(ids[i])]))]
-        return Haystack("corpus", ids, np.array([0, *ends], dtype=np.int64), packed)
+        return _corpus_haystack(tokenizer, source)
     if source not in ("english", "noise"):
         raise ValueError(f"haystack must be 'english', 'noise' or a Corpus, got {source!r}")
     sents = needles.encoded_sentences(tokenizer, source)
@@ -101,6 +101,35 @@ def make_haystack(tokenizer, source="english", min_tokens: int = 0, seed: int = 
     lens = np.array([len(p) for p in pieces])
     return Haystack(source, np.array([t for p in pieces for t in p], dtype=np.int32),
                     np.concatenate([[0], np.cumsum(lens)[:-1]]))
+
+
+def _sentence_end_table(tokenizer) -> np.ndarray:
+    """bool per token id: the token's text ends a sentence or a line (``.``, ``!``, ``?``,
+    newline, then optional spaces). One pass over the vocabulary instead of one decode per
+    token of the corpus."""
+    table = np.zeros(tokenizer.vocab_size, dtype=bool)
+    end = re.compile(rb"[.!?\n]\s*$")
+    for i in range(tokenizer.n_ranks):
+        table[i] = end.search(tokenizer.token_bytes(i)) is not None
+    return table
+
+
+def _corpus_haystack(tokenizer, corpus) -> Haystack:
+    """The packed corpus; sentence boundaries only inside document text (never in the
+    delimiters), so every needle lands in a document and records its document and page."""
+    packed = corpus.pack(tokenizer, progress=False)
+    ids = packed.ids.astype(np.int32)
+    inside = np.zeros(len(ids) + 1, dtype=bool)
+    starts = []
+    for span in packed.spans:
+        if span.end > span.start:
+            inside[span.start : span.end] = True
+            starts.append(span.start)
+    after_end = np.flatnonzero(_sentence_end_table(tokenizer)[ids]) + 1
+    bounds = np.union1d(after_end[inside[after_end]], np.array(starts, dtype=np.int64)).astype(np.int64)
+    if len(bounds) == 0:
+        raise ValueError("the corpus has no document text to hide needles in")
+    return Haystack("corpus", ids, bounds, packed)
 
 
 def _task_needles(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]], list[str]]:
@@ -135,8 +164,11 @@ def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed
     if room < 1:
         raise ValueError(f"length {length} is too short for task {task!r} (needs more than {length - room})")
     if room > len(hay.ids):
-        raise ValueError(f"haystack has {len(hay.ids)} tokens, length {length} needs {room}")
+        raise ValueError(f"the {hay.name} haystack has {len(hay.ids)} tokens; length {length} needs {room} "
+                         "(use shorter lengths, or a bigger corpus)")
     bounds = hay.bounds[hay.bounds <= room]
+    if hay.packed is not None and len(bounds) == 0:
+        raise ValueError(f"length {length}: no sentence boundary inside a document in the first {room} corpus tokens")
     # The first needle at the sentence boundary nearest the depth; others at seeded boundaries.
     spots = [int(bounds[np.abs(bounds - depth * room).argmin()])]
     spots += [int(rng.choice(bounds)) for _ in needle_ids[1:]]
@@ -155,23 +187,38 @@ def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed
     for j, index, at in placed:
         doc = page = None
         if hay.packed is not None:
-            where = hay.packed.locate(min(at, len(hay.ids) - 1))
+            where = hay.packed.locate(at)  # `at` is a boundary inside a document's text
             if where is not None:
                 doc, page = where[0].title, where[1]
         info[j] = {"text": needles.NEEDLE.format(key=pairs[j][0], value=pairs[j][1]), "token_index": index,
                    "doc": doc, "page": page}
     shared = len(head) + (min(spots) if spots else room)
-    return Cell(task, length, depth, sample, prompt, question, expected, info, shared)
+    used = hashlib.sha256(hay.ids[:room].astype("<i4").tobytes()).hexdigest()
+    return Cell(task, length, depth, sample, prompt, question, expected, info, shared, used)
 
 
-def score(answer: str, expected: list[str]) -> tuple[bool, bool]:
-    """(exact, normalised-substring) match. Exact: the answer is the expected text (values
-    joined by ", "). Substring: every expected string appears in the lower-cased answer with
-    punctuation dropped, so "The number is 1234567." counts."""
-    norm = lambda s: re.sub(r"[^0-9a-z ]+", " ", s.lower()).split()  # noqa: E731
-    words = " ".join(norm(answer))
-    exact = answer.strip().rstrip(".") == ", ".join(expected)
-    return exact, all(" ".join(norm(e)) in words for e in expected)
+def _words(s: str) -> str:
+    """Lower case, every run of characters other than letters and digits turned into one space,
+    padded with spaces so that `f" {w} " in _words(...)` matches whole words only."""
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", s.lower()).split()) + " "
+
+
+def score(answer: str, expected: list[str], *, ordered: bool = True) -> tuple[bool, bool]:
+    """(exact, normalised-substring) match of an answer against the expected strings.
+
+    exact: the answer, stripped of spaces and a final full stop, is the expected values joined
+    by ", " (in any order when ``ordered`` is False: multi-value needles have no order).
+    substring: every expected string appears as whole words in the answer once lower-cased
+    with punctuation dropped, so "The number is 1234567." counts, extra words are fine, but
+    "12345678" is not a hit for 1234567.
+    """
+    text = answer.strip().rstrip(".").strip()
+    if ordered:
+        exact = text == ", ".join(expected)
+    else:
+        exact = sorted(p.strip() for p in text.split(",")) == sorted(expected)
+    words = _words(answer)
+    return exact, all(_words(e) in words for e in expected)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -214,19 +261,26 @@ class Results:
 
     def effective_length(self, threshold: float = 0.9, metric: str = "substring") -> dict:
         """The longest length up to which every length's accuracy (pooled over depths) reaches
-        ``threshold``, with a Wilson 95 % interval per length and per cell."""
+        ``threshold``, with a Wilson 95 % interval per length and per cell.
+
+        ``effective_length_lower`` is the conservative variant: the longest length up to which
+        every length's Wilson lower bound reaches the threshold (with few samples it is 0,
+        which says the grid is too small to claim the threshold, not that the model fails)."""
         lengths, depths, hits, n = self.grid(metric)
-        per_length, effective, passing = [], 0, True
+        per_length, effective, passing, surely, sure = [], 0, True, 0, True
         for j, L in enumerate(lengths):
             k, m = int(hits[:, j].sum()), int(n[:, j].sum())
-            per_length.append({"length": L, "accuracy": k / m if m else None, "ci95": wilson(k, m), "n": m})
+            ci = wilson(k, m)
+            per_length.append({"length": L, "accuracy": k / m if m else None, "ci95": ci, "n": m})
             passing = passing and m > 0 and k / m >= threshold
-            if passing:
-                effective = L
+            sure = sure and m > 0 and ci[0] >= threshold
+            effective = L if passing else effective
+            surely = L if sure else surely
         cells = [{"length": L, "depth": d, "accuracy": hits[i, j] / n[i, j] if n[i, j] else None,
                   "ci95": wilson(int(hits[i, j]), int(n[i, j]))}
                  for i, d in enumerate(depths) for j, L in enumerate(lengths)]
-        return {"threshold": threshold, "effective_length": effective, "per_length": per_length, "cells": cells}
+        return {"threshold": threshold, "effective_length": effective, "effective_length_lower": surely,
+                "per_length": per_length, "cells": cells}
 
     def heatmap(self, path, metric: str = "substring", title: str | None = None) -> Path:
         """Write a depth × length PNG of accuracy (needs the ``plot`` extra: matplotlib)."""
@@ -261,6 +315,23 @@ class Results:
 
 def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def prompt_sha256(prompt) -> str:
+    """SHA-256 of prompt token ids as little-endian int64."""
+    return hashlib.sha256(np.asarray(prompt, dtype="<i8").tobytes()).hexdigest()
+
+
+def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dict) -> str:
+    """Content hash of a cell: the model and tokenizer fingerprints, the template, the digest of
+    the haystack tokens the cell uses (not of the whole stream, so adding a longer length to a
+    grid keeps the shorter cells), the needles with their token indices, the question, the
+    expected answers, the prompt itself, the grid position (task, length, depth, sample, seed)
+    and the generation settings. A finished cell is reused only on an identical hash."""
+    return hashlib.sha256(json.dumps(
+        [fingerprint, TEMPLATE_ID, cell.haystack_sha256, cell.needles, cell.question, cell.expected,
+         prompt_sha256(cell.prompt), cell.length, cell.depth, seed, cell.sample, cell.task, settings],
+        sort_keys=True).encode()).hexdigest()
 
 
 def _load_done(path: Path) -> dict[str, dict]:
@@ -302,15 +373,14 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
     records = []
     bar = tqdm(total=len(lengths) * len(depths) * samples, desc=f"niah {task}", unit="cell", disable=not progress)
     try:
+        corpus_hay = make_haystack(tok, haystack) if hasattr(haystack, "pack") else None  # one packing
         for sample in range(samples):
-            hay = make_haystack(tok, haystack, max(lengths), seed=seed * 1_000_003 + sample)
+            hay = corpus_hay or make_haystack(tok, haystack, max(lengths), seed=seed * 1_000_003 + sample)
             cells = []
             for L in lengths:
                 for d in depths:
                     c = make_cell(tok, task, L, float(d), sample, seed, hay)
-                    c.hash = hashlib.sha256(json.dumps(
-                        [fingerprint, TEMPLATE_ID, hay.digest, c.needles, c.question, c.expected, L, float(d),
-                         seed, sample, task, settings], sort_keys=True).encode()).hexdigest()
+                    c.hash = cell_hash(c, fingerprint, seed, settings)
                     cells.append(c)
             todo = sorted((c for c in cells if c.hash not in done), key=lambda c: c.shared)
             records += [done[c.hash] for c in cells if c.hash in done]
@@ -319,8 +389,10 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
             base, fed = model.new_cache(), 0
             for c in todo:
                 t0 = time.perf_counter()
+                grown = 0  # tokens this cell added to the shared base cache
                 if reuse_prefix:
                     if c.shared > fed:
+                        grown = c.shared - fed
                         prefill(model, torch.tensor([base_ids[fed : c.shared]]), base, chunk_size, progress=False)
                         fed = c.shared
                     cache, rest = base.fork(), c.prompt[fed:]
@@ -330,13 +402,14 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
                 gen = generate(model, torch.tensor([rest]), cache=cache, max_new_tokens=max_new_tokens,
                                chunk_size=chunk_size, progress=False)
                 answer = tok.decode(gen.tokens[0]).strip()
-                exact, sub = score(answer, c.expected)
+                exact, sub = score(answer, c.expected, ordered=task != "multi_value")
                 rec = {"hash": c.hash, "task": task, "length": c.length, "depth": c.depth, "sample": c.sample,
-                       "seed": seed, "haystack": hay.name, "prompt_sha256": hashlib.sha256(
-                           np.asarray(c.prompt, dtype="<i8").tobytes()).hexdigest(),
+                       "seed": seed, "haystack": hay.name, "haystack_sha256": c.haystack_sha256,
+                       "prompt_sha256": prompt_sha256(c.prompt),
                        "question": c.question, "expected": c.expected, "needles": c.needles, "answer": answer,
                        "exact": exact, "substring": sub, "prefill_s": round(base_s + gen.prefill_s, 4),
                        "decode_s": round(gen.decode_s, 4), "new_prefill_tokens": len(rest),
+                       "base_prefill_tokens": grown,
                        "kv_bytes": cache.nbytes, "model": fingerprint[0][:16]}
                 records.append(rec)
                 if fh:

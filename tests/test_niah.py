@@ -17,6 +17,16 @@ from longctx.tokenizer import Tokenizer
 from conftest import random_model, tiny_config
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test models are tiny: threads buy nothing, and on a machine busy with other work
+    (a 2-core CI box) oversubscribed threads make each small matmul tens of times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.default()
@@ -77,6 +87,13 @@ def test_scoring_accepts_extra_words():
     assert niah.score("It is not stated in the text.", [NOT_STATED]) == (False, True)
     assert niah.score("7654321, 1234567", ["7654321", "1234567"]) == (True, True)
     assert niah.score("only 7654321", ["7654321", "1234567"])[1] is False
+    # Whole words only: a longer number that contains the value is a miss.
+    assert niah.score("12345678", ["1234567"]) == (False, False)
+    assert niah.score("The answer: 1234567!", ["1234567"]) == (False, True)
+    assert niah.score("NOT STATED.", [NOT_STATED]) == (False, True)
+    # Multi-value needles have no order; multi-query answers follow the question's order.
+    assert niah.score("3000000, 1000000, 2000000", ["1000000", "2000000", "3000000"], ordered=False) == (True, True)
+    assert niah.score("2000000, 1000000", ["1000000", "2000000"]) == (False, True)
 
 
 def test_wilson_interval():
@@ -123,6 +140,15 @@ def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, mo
     assert len(calls) == 4
     recs = [json.loads(l) for l in out.read_text().splitlines() if l.startswith("{") and l.endswith("}")]
     assert len(recs) == 3 + 1 + 4 + 4  # the torn line stays as it was; nothing else lost
+    # A longer length added to the grid: only its cells run (the shorter cells are identical,
+    # although the haystack stream behind them is now longer).
+    calls.clear()
+    grown = niah.run(model, **{**kw, "lengths": [200, 260, 330]})
+    assert len(calls) == 2 and len(grown.records) == 6
+    # Other generation settings: a different cell.
+    calls.clear()
+    niah.run(model, **{**kw, "max_new_tokens": 2})
+    assert len(calls) == 4
 
 
 def test_results_table_effective_length_and_heatmap(tmp_path):
@@ -132,6 +158,9 @@ def test_results_table_effective_length_and_heatmap(tmp_path):
     res = niah.Results(recs)
     eff = res.effective_length(0.75)
     assert eff["effective_length"] == 2048
+    assert eff["effective_length_lower"] == 0  # 4/4 has a Wilson lower bound of 0.51 < 0.75
+    big = niah.Results([{"length": 1024, "depth": 0.0, "substring": True}] * 40).effective_length(0.9)
+    assert big["effective_length_lower"] == 1024 and big["per_length"][0]["ci95"][0] > 0.9
     assert [p["accuracy"] for p in eff["per_length"]] == [1.0, 0.75, 0.25]
     assert "1k" in res.table() and "100%" in res.table()
     png = res.heatmap(tmp_path / "h.png")
@@ -146,6 +175,12 @@ def test_corpus_haystack_records_provenance(tok, model):
     length = len(hay.ids) + len(probe.prompt) - _room(tok, probe, 300)
     assert niah.make_cell(tok, "single", length, 0.1, 0, 0, hay).needles[0]["doc"] == "Alpha"
     assert niah.make_cell(tok, "single", length, 0.9, 0, 0, hay).needles[0]["doc"] == "Beta"
+    # Needles go inside document text only, never into the <document ...> delimiters.
+    spans = [(s.start, s.end) for s in hay.packed.spans]
+    assert all(any(a <= b < e for a, e in spans) for b in hay.bounds.tolist())
+    for depth in np.linspace(0, 1, 11):
+        cell = niah.make_cell(tok, "multi_key", length, float(depth), 0, 0, hay)
+        assert all(n["doc"] in ("Alpha", "Beta") for n in cell.needles)
 
 
 def _room(tok, cell, length):
