@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from longctx.checkpoint import save_model
 from longctx.cli import main, parse_length
 from longctx.tokenizer import Tokenizer
 
 from conftest import random_model, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from more threads, and on a shared 2-core machine two
+    threads per op can run many times slower than one; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,16 @@ from conftest import random_model, tiny_config
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from more threads, and on a shared 2-core machine two
+    threads per op can run many times slower than one; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.default()
