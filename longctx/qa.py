@@ -354,6 +354,7 @@ def run_batch(model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, tempera
     world, rank, created = _distributed(model)
     jobs_jsonl, out_jsonl = Path(jobs_jsonl), Path(out_jsonl)
     mine = out_jsonl.with_name(out_jsonl.name + f".rank{rank}") if world > 1 else out_jsonl
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     jobs = _parse_jobs(jobs_jsonl)
     rank_files = _rank_files(out_jsonl)
     done = {k for k, _ in _read_records(mine, repair=True)}
@@ -361,7 +362,7 @@ def run_batch(model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, tempera
         done |= {k for k, _ in _read_records(path, repair=False)}
     todo = [j for i, j in enumerate(jobs) if i % world == rank]
     bar = tqdm(total=sum(len(j["questions"]) for j in todo), desc=f"batch (rank {rank})" if world > 1 else "batch",
-               unit="q", disable=not progress)
+               unit="q", disable=not progress, position=rank)
     last: tuple[tuple, Session] | None = None  # the latest corpus session, reused by the next job
     with open(mine, "a", encoding="utf-8") as fh:
         for job in todo:
