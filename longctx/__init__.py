@@ -24,7 +24,7 @@ from .tokenizer import Tokenizer, TokenizerError
 
 __version__ = "0.1.0"
 
-_LAZY = {"Session": "qa", "Answer": "qa", "run_batch": "qa", "niah": None}
+_LAZY = {"Session": "qa", "Answer": "qa", "Citation": "qa", "QAError": "qa", "run_batch": "qa", "niah": None}
 
 
 def __getattr__(name: str):
