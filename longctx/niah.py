@@ -237,6 +237,13 @@ class Results:
 
     records: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_jsonl(cls, path, *, task: str | None = None) -> "Results":
+        """The finished cells in a results file (one per content hash; a torn line is skipped),
+        optionally of one task: redraw a table or heatmap without running anything."""
+        recs = _load_done(Path(path)).values()
+        return cls([r for r in recs if task is None or r.get("task") == task])
+
     def grid(self, metric: str = "substring") -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
         """lengths, depths, and (depth × length) arrays of hits and counts."""
         lengths = sorted({r["length"] for r in self.records})
@@ -253,7 +260,7 @@ class Results:
         """Accuracy per depth (rows) and length (columns), plus each length's pooled accuracy."""
         lengths, depths, hits, n = self.grid(metric)
         fmt = lambda h, c: f"{h / c:6.0%}" if c else "     -"  # noqa: E731
-        lines = [f"{metric} match   " + "".join(f"{_short(L):>7}" for L in lengths)]
+        lines = [f"{metric + ' match':<15}" + "".join(f"{_short(L):>7}" for L in lengths)]
         for i, d in enumerate(depths):
             lines.append(f"depth {d:6.0%}   " + "".join(f" {fmt(hits[i, j], n[i, j])}" for j in range(len(lengths))))
         lines.append("all depths     " + "".join(f" {fmt(hits[:, j].sum(), n[:, j].sum())}" for j in range(len(lengths))))

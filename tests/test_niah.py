@@ -149,6 +149,10 @@ def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, mo
     calls.clear()
     niah.run(model, **{**kw, "max_new_tokens": 2})
     assert len(calls) == 4
+    # The file alone redraws the results (one record per hash; the torn line is skipped).
+    loaded = niah.Results.from_jsonl(out, task="single")
+    assert len(loaded.records) == len({r["hash"] for r in loaded.records}) == 3 + 1 + 4 + 4 + 2 + 4
+    assert niah.Results.from_jsonl(out, task="none").records == []
 
 
 def test_results_table_effective_length_and_heatmap(tmp_path):
