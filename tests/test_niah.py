@@ -211,3 +211,15 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok):
     lines = (tmp_path / "out" / "single.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all("substring" in json.loads(l) for l in lines)
     assert (tmp_path / "out" / "single.png").exists()
+    # Prefix reuse vs none on the same checkpoint, recorded with device, command and numbers.
+    rec = tmp_path / "rec"
+    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,0.5,1", "--samples", "1",
+                    "--compare-reuse", "--record", str(rec), "--threads", "1"])
+    assert rc == 0  # 0 only when both modes gave the same answers
+    (md,) = rec.glob("niah_prefix_reuse_*.md")
+    text = md.read_text()
+    assert "same answers: True" in text and "speed-up" in text and "device:" in text and "--compare-reuse" in text
+    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
+                    "--out", str(tmp_path / "out"), "--record", str(rec)])
+    assert rc == 0 and len(list(rec.glob("niah_single_*.png"))) == 1
+    assert "![NIAH single heatmap](niah_single_" in next(rec.glob("niah_single_*.md")).read_text()
