@@ -301,16 +301,16 @@ def free_port() -> int:
 
 
 def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
-    """Sampled answers too: each question has its own seed, whatever rank answers it."""
+    """`torchrun -m longctx.cli batch` on 2 gloo ranks writes the file one process writes;
+    sampled answers too, since each question has its own seed whatever rank answers it."""
     jobs = jobs_file(tmp_path)
     single = tmp_path / "single.jsonl"
     run_batch(model, jobs, single, max_new_tokens=4, max_context=3000, temperature=0.8, progress=False)
     multi = tmp_path / "multi.jsonl"
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(tests=str(ROOT / "tests"), ckpt=str(checkpoint), jobs=str(jobs), out=str(multi),
-                                    temperature=0.8, delay=0))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "longctx.cli", "batch",
+                str(jobs), "--out", str(multi), "--model", str(checkpoint), "--max-new-tokens", "4",
+                "--max-context", "3000", "--temperature", "0.8", "--no-progress"]
     subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)
     assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == ["multi.jsonl", "multi.jsonl.rank0",
                                                                      "multi.jsonl.rank1"]
