@@ -121,20 +121,25 @@ def part_citations(model, args, rng) -> list[str]:
     first = hits = 0
     ranks = []
     t0 = time.perf_counter()
+    lo, hi = (int(x) for x in args.docs.split("-"))
+    sizes = [int(x) for x in args.doc_tokens.split(",")]
+    lengths = []
     for t in range(args.trials):
-        n = rng.randint(5, 20)
-        corpus, key, value, holder = make_corpus(rng, n, rng.choice([100, 200, 400]))
-        a = Session(model, corpus, chunk_size=args.chunk_size).ask(needles.QUESTION.format(key=key),
-                                                                   max_new_tokens=args.max_new_tokens)
+        n = rng.randint(lo, hi)
+        corpus, key, value, holder = make_corpus(rng, n, rng.choice(sizes))
+        session = Session(model, corpus, chunk_size=args.chunk_size)
+        a = session.ask(needles.QUESTION.format(key=key), max_new_tokens=args.max_new_tokens)
+        lengths.append(session.n_tokens)
         order = [c.doc_id for c in a.citations]
         ranks.append(order.index(holder) + 1)
         first += ranks[-1] == 1
         hits += value in a.text
         if args.verbose:
             print(f"trial {t}: {n} docs, holder rank {ranks[-1]}, answer {a.text!r}", file=sys.stderr)
-    chance = sum(1 / rng.randint(5, 20) for _ in range(10000)) / 10000
+    chance = sum(1 / rng.randint(lo, hi) for _ in range(10000)) / 10000
     n = args.trials
-    return [f"### Citations ({n} corpora of 5-20 documents of 100/200/400 tokens, one holds the fact)", "",
+    return [f"### Citations ({n} corpora of {args.docs} documents of {args.doc_tokens} tokens, one holds the fact; "
+            f"corpus {min(lengths)}-{max(lengths)} tokens)", "",
             f"holder ranked first: {first}/{n} = {first / n:.0%} (bar: >= 90 %; chance ~{chance:.0%}); "
             f"mean rank of the holder: {sum(ranks) / n:.2f}; value in the answer: {hits}/{n} = {hits / n:.0%}; "
             f"{time.perf_counter() - t0:.0f} s", ""]
@@ -148,6 +153,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=parse_length, default=parse_length("32k"), help="timing corpus size")
     ap.add_argument("--questions", type=int, default=5)
     ap.add_argument("--trials", type=int, default=50)
+    ap.add_argument("--docs", default="5-20", help="documents per citation corpus: a range")
+    ap.add_argument("--doc-tokens", default="100,200,400", help="document sizes to draw from (approximate tokens)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
