@@ -331,6 +331,10 @@ def _distributed(model) -> tuple[int, int, bool]:
         return dist.get_world_size(), dist.get_rank(), False
     cuda = model.device.type == "cuda"
     if cuda:
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and model.device.index != int(local):
+            warnings.warn(f"the model is on {model.device} but LOCAL_RANK is {local}: under torchrun load it on "
+                          f"cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU)")
         torch.cuda.set_device(model.device)
     # NOTE: ranks meet only at the end, where the fastest waits for the slowest; the default
     # collective timeout (10-30 min) would kill a long uneven batch, so wait up to a week.
