@@ -178,14 +178,17 @@ def main(argv=None) -> None:
     if args.record:
         day = datetime.date.today().isoformat()
         path = RESULTS / f"qa_{day}.md"
-        head = [] if path.exists() else [f"# Cross-document QA ({day})", ""]
+        if path.exists():  # one blank line between sections, whatever the file ends with
+            head = [""] if not path.read_text().endswith("\n\n") else []
+        else:
+            head = [f"# Cross-document QA ({day})", ""]
         cmd = "python benchmarks/qa.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         section = [f"## {args.part}: {name}", "",
                    f"- device: {args.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads",
                    f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}", f"- command: `{cmd}`",
                    f"- model: {name} ({model.fingerprint[:12]})", "", *lines]
         with open(path, "a") as f:
-            f.write("\n".join(head + section).rstrip("\n") + "\n\n")
+            f.write("\n".join(head + section).rstrip("\n") + "\n")
         print(f"recorded {path}")
 
 
