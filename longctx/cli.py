@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import sys
 import time
@@ -102,6 +103,10 @@ def cmd_info(args) -> int:
             return 2
         cfg = ModelConfig.from_file(folder / "config.json")
         name = str(folder)
+    if args.dtype is None:  # the checkpoint's own dtype (a preset: bfloat16, as Scout ships)
+        raw = {} if args.preset else json.loads((folder / "config.json").read_text())
+        args.dtype = (raw.get("text_config") or {}).get("torch_dtype") or raw.get("torch_dtype") or "bfloat16"
+        args.dtype = args.dtype if args.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
     n = args.context
     kv = cfg.kv_bytes_per_token(dtype_bytes)
@@ -282,7 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--preset", default=None, choices=["scout", "tiny"])
     p.add_argument("--context", type=parse_length, default=parse_length("128k"))
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: the checkpoint's dtype (bfloat16 for a preset)")
     p.set_defaults(fn=cmd_info)
     args = ap.parse_args(argv)
     from .cache import CacheError
