@@ -72,6 +72,7 @@ class Answer:
     answer_tokens: int
     prefill_s: float
     decode_s: float
+    stopped: str = "stop"  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
 
     @property
     def seconds(self) -> float:
@@ -150,17 +151,18 @@ class Session:
         cache.record_attention()
         logits = model(torch.tensor([suffix[-1:]], device=model.device), cache)[:, -1].float()
         t1 = time.perf_counter()
-        stops, out = set(model.config.stop_ids) | {tok.eot_id, tok.eom_id}, []
+        stops, out, stopped = set(model.config.stop_ids) | {tok.eot_id, tok.eom_id}, [], "length"
         for step in range(max_new_tokens):
             nxt = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
             if int(nxt) in stops:
+                stopped = "stop"
                 break
             out.append(int(nxt))
             if step < max_new_tokens - 1:
                 logits = model(nxt[:, None].to(model.device), cache)[:, -1].float()
         citations, other = self._cite(cache.attention_mass()[0])
         t2 = time.perf_counter()
-        return Answer(tok.decode(out).strip(), citations, other, len(suffix), len(out), t1 - t0, t2 - t1)
+        return Answer(tok.decode(out).strip(), citations, other, len(suffix), len(out), t1 - t0, t2 - t1, stopped)
 
     def _cite(self, mass: torch.Tensor) -> tuple[list[Citation], float]:
         """Attention mass per position (L,) -> documents ranked by their share, and the rest."""
@@ -349,8 +351,8 @@ def run_batch(model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, tempera
 
     A job: {"id", "corpus": a folder/file or a list of them (relative to the jobs file's
     folder), "questions": [{"id", "question"} or a plain string, ...]}. Each output line:
-    {"job", "id", "question", "answer", "citations": [{"title", "source", "page", "share"}]
-    (top 5), "error": null}, or for a job or question that failed {"job", "id", "question",
+    {"job", "id", "question", "answer", "stopped": "stop" | "length", "citations": [{"title",
+    "source", "page", "share"}] (top 5), "error": null}, or for a job or question that failed {"job", "id", "question",
     "error": "..."} (missing/unreadable corpus, malformed line, too long for max_context).
     Consecutive jobs naming the same corpus share one prefill. Resumable: answered (job, id)
     pairs are skipped. Under torchrun each rank answers jobs i with i % world == rank into
@@ -397,7 +399,7 @@ def run_batch(model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, tempera
                     try:
                         a = session.ask(q["question"], max_new_tokens=max_new_tokens, temperature=temperature,
                                         generator=gen)
-                        rec.update(answer=a.text, citations=[
+                        rec.update(answer=a.text, stopped=a.stopped, citations=[
                             {"title": c.title, "source": c.source, "page": c.page, "share": round(c.share, 6)}
                             for c in a.citations[:5]], error=None)
                     except (QAError, CacheError) as e:

@@ -73,7 +73,7 @@ def test_ask_equals_fresh_full_prefill_and_questions_are_isolated(model, corpus,
         prompt = context_prefix(tok, corpus.pack(tok).ids) + question_suffix(tok, q)
         fresh = generate(model, torch.tensor([prompt]), max_new_tokens=6, stop_ids=[tok.eot_id, tok.eom_id])
         assert a.text == tok.decode(fresh.tokens[0]).strip()
-        assert a.answer_tokens == len(fresh.tokens[0])
+        assert a.answer_tokens == len(fresh.tokens[0]) and a.stopped == fresh.stopped[0]
     assert s.ask(questions[0], max_new_tokens=6).text == answers[0].text  # not affected by question 2
 
 
@@ -178,6 +178,17 @@ def read(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines()]
 
 
+def assert_same_answers(a: Path, b: Path) -> None:
+    """Two answer files hold the same lines in the same order. Shares may differ in their
+    last rounded digit: BLAS results can depend on memory alignment, so two processes agree
+    to ~1e-7, not bit for bit (answers, citation order and everything else must be equal)."""
+    ra, rb = read(a), read(b)
+    assert [{**r, "citations": [{**c, "share": None} for c in r.get("citations") or []]} for r in ra] == \
+           [{**r, "citations": [{**c, "share": None} for c in r.get("citations") or []]} for r in rb]
+    shares = lambda recs: [c["share"] for r in recs for c in r.get("citations") or []]  # noqa: E731
+    assert shares(ra) == pytest.approx(shares(rb), abs=2e-6)
+
+
 def test_batch_answers_each_question_once_with_per_job_errors(model, tmp_path):
     jobs = jobs_file(tmp_path)
     out = tmp_path / "answers.jsonl"
@@ -244,7 +255,7 @@ def test_single_process_folds_in_rank_files_of_an_interrupted_sharded_run(model,
     (tmp_path / "out.jsonl.rank1").write_text("".join(lines[5:7]))  # what a killed rank 1 had written
     (tmp_path / "out.jsonl.rank0").write_text("".join(lines[:2]) + lines[2][:15])  # torn line
     run_batch(model, jobs, out, max_new_tokens=3, max_context=3000, progress=False)
-    assert out.read_text() == full.read_text()
+    assert_same_answers(out, full)
 
 
 RUNNER = textwrap.dedent("""
@@ -291,7 +302,7 @@ def test_batch_survives_sigkill(checkpoint, tmp_path):
     single = tmp_path / "single.jsonl"
     subprocess.run([sys.executable, "-c", RUNNER.format(**{**runner, "out": str(single)}, delay=0)], cwd=ROOT,
                    check=True, env=ENV)
-    assert out.read_text() == single.read_text()  # and the same as an uninterrupted run
+    assert_same_answers(out, single)  # and the same as an uninterrupted run
 
 
 def free_port() -> int:
@@ -314,6 +325,7 @@ def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
     subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)
     assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == ["multi.jsonl", "multi.jsonl.rank0",
                                                                      "multi.jsonl.rank1"]
-    assert multi.read_text() == single.read_text()
+    assert_same_answers(multi, single)
+    before = multi.read_text()
     subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)  # a rerun has nothing to do
-    assert multi.read_text() == single.read_text()
+    assert multi.read_text() == before
