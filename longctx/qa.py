@@ -92,19 +92,22 @@ class Session:
                  max_context: int | None = None, budget: int | None = None, progress: bool | None = None):
         tok = self._tokenizer(model)
         limit = max_context or model.config.max_position_embeddings
-        header = len(context_prefix(tok, []))
+        head = np.asarray(context_prefix(tok, []), dtype=np.int64)  # the prompt header
+        header = len(head)
         try:
             packed = corpus.pack(tok, budget=limit - header if budget is None else budget, progress=bool(progress))
         except BudgetError as e:
             raise QAError(f"the corpus does not fit the context of {limit} tokens ({header} of them are the prompt "
                           f"header): {e}") from e
-        prefix = context_prefix(tok, packed.ids)
+        # = context_prefix(tok, packed.ids), kept as one int64 array: a list of Python ints
+        # would cost ~36 bytes a token (360 MB at 10M tokens).
+        prefix = np.concatenate([head, np.asarray(packed.ids, dtype=np.int64)])
         self._init(model, [dataclasses.asdict(s) for s in packed.spans],
                    [{"title": d.title, "source": d.source, "sha256": d.sha256} for d in corpus.documents],
                    prefix, header, chunk_size, max_context)
         self.cache = model.new_cache(offload=offload)
         t0 = time.perf_counter()
-        prefill(model, torch.tensor([prefix]), self.cache, chunk_size, progress)
+        prefill(model, torch.from_numpy(prefix)[None], self.cache, chunk_size, progress)
         self.prefill_s = time.perf_counter() - t0
 
     def _init(self, model, spans, documents, prefix, offset, chunk_size, max_context) -> None:
@@ -121,7 +124,8 @@ class Session:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens in the prefilled prefix (template + packed corpus)."""
+        """Tokens in the prefilled prefix (template + packed corpus); ``prefix`` holds them
+        (int64 array)."""
         return len(self.prefix)
 
     def __repr__(self) -> str:
@@ -193,7 +197,7 @@ class Session:
             np.save(tmp / "prefix.npy", np.asarray(self.prefix, dtype=np.int64))
             meta = {"format": SESSION_FORMAT, "spans": self.spans, "documents": self.documents,
                     "offset": self.offset, "chunk_size": self.chunk_size, "max_context": self.max_context,
-                    "prefix_sha256": token_hash([self.prefix])[0]}
+                    "prefix_sha256": token_hash(self.prefix[None])[0]}
             (tmp / "session.json").write_text(json.dumps(meta))
             old = None
             if folder.exists():
@@ -214,7 +218,7 @@ class Session:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "session.json").read_text())
-            prefix = np.load(folder / "prefix.npy").tolist()
+            prefix = np.load(folder / "prefix.npy").astype(np.int64)
         except FileNotFoundError as e:
             raise QAError(f"{folder}: not a saved session ({Path(e.filename).name} missing)") from None
         if meta.get("format") != SESSION_FORMAT:
@@ -226,13 +230,13 @@ class Session:
                 diff = next((i for i, (a, b) in enumerate(zip(have, saved)) if a != b), min(len(have), len(saved)))
                 raise QAError(f"{folder}: saved for other documents than this corpus ({len(saved)} saved, "
                               f"{len(have)} given; first difference at document {diff})")
-        if token_hash([prefix])[0] != meta["prefix_sha256"]:
+        if token_hash(prefix[None])[0] != meta["prefix_sha256"]:
             raise QAError(f"{folder}: prefix.npy does not match session.json")
         self = object.__new__(cls)
         self._init(model, meta["spans"], meta["documents"], prefix, meta["offset"], meta["chunk_size"],
                    meta.get("max_context"))
         self._tokenizer(model)
-        self.cache = KVCache.load(folder / "cache", model, tokens=torch.tensor([prefix]), offload=offload)
+        self.cache = KVCache.load(folder / "cache", model, tokens=torch.from_numpy(prefix)[None], offload=offload)
         self.prefill_s = 0.0
         return self
 
