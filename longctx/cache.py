@@ -236,6 +236,18 @@ class GlobalCache:
         return {"kind": "global", "starts": [s for _, s, _ in self.sealed], "tail_start": self.tail_start}
 
 
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Put the finished folder ``tmp`` at ``folder``: an existing one is moved aside first and
+    removed only after the rename, so a reader sees the old or the new folder, never half."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        folder.rename(old)
+    tmp.rename(folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def token_hash(tokens) -> list[str]:
     """SHA-256 (hex) of each row's token ids as little-endian int64: (B, T) -> B digests."""
     rows = np.asarray(torch.as_tensor(tokens).cpu(), dtype="<i8").reshape(-1, np.shape(tokens)[-1])
@@ -326,13 +338,7 @@ class KVCache:
                     "layer_kinds": self.layer_kinds, "segment_tokens": self.offload.segment_tokens,
                     "layers": metas}
             (tmp / "cache.json").write_text(json.dumps(meta, indent=1))
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-                folder.rename(old)
-            tmp.rename(folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

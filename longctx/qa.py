@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CacheError, KVCache, OffloadPolicy, token_hash
+from .cache import CacheError, KVCache, OffloadPolicy, replace_folder, token_hash
 from .documents import BudgetError, IngestError, ingest
 from .generate import prefill, sample
 from .prompt import context_prefix, question_suffix
@@ -199,13 +199,7 @@ class Session:
                     "offset": self.offset, "chunk_size": self.chunk_size, "max_context": self.max_context,
                     "prefix_sha256": token_hash(self.prefix[None])[0]}
             (tmp / "session.json").write_text(json.dumps(meta))
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-                folder.rename(old)
-            tmp.rename(folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
