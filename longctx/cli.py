@@ -185,6 +185,7 @@ def niah_main(argv=None) -> int:
                  reuse_prefix=False, progress=False)
         # Order reuse, none, none, reuse: a drift in machine load (other jobs) hits both alike.
         timings, answers, tokens, runs, consistent = {True: 0.0, False: 0.0}, {}, {}, [], True
+        prefill_s, decode_s = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
         for reuse in (True, False, False, True):
             t = time.perf_counter()
             res = niah.run(model, **common, reuse_prefix=reuse)
@@ -194,12 +195,18 @@ def niah_main(argv=None) -> int:
             answers.setdefault(reuse, got)
             consistent = consistent and answers[reuse] == got  # runs of one mode agree too
             tokens[reuse] = sum(r["new_prefill_tokens"] + r.get("base_prefill_tokens", 0) for r in res.records)
+            prefill_s[reuse] += sum(r["prefill_s"] for r in res.records)
+            decode_s[reuse] += sum(r["decode_s"] for r in res.records)
         same = answers[True] == answers[False] and consistent
         body = [f"prefix reuse: {timings[True] / 2:.1f} s, no reuse: {timings[False] / 2:.1f} s (mean of 2 runs each; "
                 f"in order: {', '.join(runs)}), speed-up {timings[False] / timings[True]:.2f}x, "
                 f"same answers: {same} ({len(res.records)} cells)",
                 f"prefilled tokens: {tokens[True]:,} with reuse (base extensions included), {tokens[False]:,} "
-                f"without ({tokens[False] / max(1, tokens[True]):.2f}x)", "", "```", res.table(), "```"]
+                f"without ({tokens[False] / max(1, tokens[True]):.2f}x)",
+                f"prefill time (base extensions included): {prefill_s[True] / 2:.1f} s with reuse, "
+                f"{prefill_s[False] / 2:.1f} s without ({prefill_s[False] / max(1e-9, prefill_s[True]):.2f}x); "
+                f"decode time {decode_s[True] / 2:.1f} s / {decode_s[False] / 2:.1f} s (the same work either way)",
+                "", "```", res.table(), "```"]
         print("\n".join(body))
         if args.record:
             _record(args, argv, lengths, depths, body, "niah_prefix_reuse")
@@ -241,7 +248,8 @@ def _record(args, argv, lengths, depths, body: list[str], stem: str) -> None:
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads")
     cmd = "python benchmarks/niah.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    path.write_text("\n".join([f"# NIAH {args.task} ({day})", "", f"- device: {device}", f"- command: `{cmd}`",
+    what = f"prefix reuse vs none, task {args.task}" if stem == "niah_prefix_reuse" else args.task
+    path.write_text("\n".join([f"# NIAH {what} ({day})", "", f"- device: {device}", f"- command: `{cmd}`",
                                f"- model: {args.model or 'embedded default (longctx/assets/default)'}",
                                f"- lengths {lengths}, depths {depths}, samples {args.samples}, seed {args.seed}, "
                                f"haystack {args.haystack}", "", *body]) + "\n")
