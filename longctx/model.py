@@ -67,6 +67,12 @@ class Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) in the model dtype; (B, 1, V) for the last position if ``last_only``."""
+        x = self.hidden(tokens, cache)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden_size), the input of ``lm_head``; training
+        takes logits only where there are targets (the head is a quarter of a small model's work)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         start = 0 if cache is None else cache.length
@@ -77,9 +83,7 @@ class Model(nn.Module):
             x = block(x, start, rope, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance(tokens)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def new_cache(self, batch: int = 1, offload: OffloadPolicy | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences; ``offload`` places global-layer segments."""

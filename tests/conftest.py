@@ -54,6 +54,27 @@ def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.25) -> Model:
     return model.eval()
 
 
+def text_model(tokenizer, seed: int = 0, **overrides) -> Model:
+    """A random tiny model over ``tokenizer``'s vocabulary (attention chunk 32), tokenizer
+    attached, for tests that go through text: NIAH, QA sessions, the CLI."""
+    cfg = tiny_config(vocab_size=tokenizer.vocab_size, attention_chunk_size=32, floor_scale=64,
+                      bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.eot_id],
+                      pad_token_id=tokenizer.pad_id, **overrides)
+    model = random_model(cfg, seed=seed, std=0.1)
+    model.tokenizer = tokenizer
+    return model
+
+
 @pytest.fixture
 def tiny_model():
     return random_model(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tests on tiny models gain nothing from more threads, and on a busy 2-core machine
+    (CI) oversubscribed threads make each small matmul tens of times slower; restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -11,25 +11,16 @@ from longctx.checkpoint import save_model
 from longctx.cli import main, parse_length
 from longctx.tokenizer import Tokenizer
 
-from conftest import random_model, tiny_config
+from conftest import text_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from more threads, and on a shared 2-core machine two
-    threads per op can run many times slower than one; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     tok = Tokenizer.default()
-    cfg = tiny_config(vocab_size=tok.vocab_size, attention_chunk_size=32, bos_token_id=tok.bos_id,
-                      eos_token_id=[tok.eot_id], pad_token_id=tok.pad_id)
-    return save_model(random_model(cfg, std=0.1), tmp_path_factory.mktemp("ckpt"), tokenizer=tok)
+    return save_model(text_model(tok), tmp_path_factory.mktemp("ckpt"), tokenizer=tok)
 
 
 def test_parse_length():

@@ -14,17 +14,10 @@ from longctx.documents import ingest
 from longctx.prompt import NOT_STATED
 from longctx.tokenizer import Tokenizer
 
-from conftest import random_model, tiny_config
+from conftest import text_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test models are tiny: threads buy nothing, and on a machine busy with other work
-    (a 2-core CI box) oversubscribed threads make each small matmul tens of times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +27,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    cfg = tiny_config(vocab_size=tok.vocab_size, attention_chunk_size=32, floor_scale=64,
-                      bos_token_id=tok.bos_id, eos_token_id=[tok.eot_id], pad_token_id=tok.pad_id)
-    m = random_model(cfg, std=0.1)
-    m.tokenizer = tok
-    return m
+    return text_model(tok)
 
 
 @pytest.mark.parametrize("task", niah.TASKS)

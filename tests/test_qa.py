@@ -23,19 +23,12 @@ from longctx.prompt import context_prefix, question_suffix
 from longctx.qa import QAError, Session, _read_records, run_batch
 from longctx.tokenizer import Tokenizer
 
-from conftest import random_model, tiny_config
+from conftest import text_model
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from more threads, and on a shared 2-core machine two
-    threads per op can run many times slower than one; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +36,9 @@ def tok():
     return Tokenizer.default()
 
 
-def make_model(tok, seed=0):
-    cfg = tiny_config(vocab_size=tok.vocab_size, attention_chunk_size=32, floor_scale=64,
-                      bos_token_id=tok.bos_id, eos_token_id=[tok.eot_id], pad_token_id=tok.pad_id)
-    m = random_model(cfg, seed=seed, std=0.1)
-    m.tokenizer = tok
-    return m
-
-
 @pytest.fixture(scope="module")
 def model(tok):
-    return make_model(tok)
+    return text_model(tok)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +124,7 @@ def test_session_save_load_round_trip_and_refusals(model, corpus, tok, tmp_path)
     assert got.text == want.text
     assert [(c.title, round(c.share, 6)) for c in got.citations] == [(c.title, round(c.share, 6)) for c in want.citations]
     with pytest.raises(Exception, match="another model"):
-        Session.load(make_model(tok, seed=1), tmp_path / "s")
+        Session.load(text_model(tok, seed=1), tmp_path / "s")
     other = ingest([("Rivers", "A different text. " * 20)])
     with pytest.raises(QAError, match="other documents"):
         Session.load(model, tmp_path / "s", other)
