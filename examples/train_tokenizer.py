@@ -2,7 +2,8 @@
 
 Corpus (offline, deterministic for a given Python version): the help topics in
 `pydoc_data.topics` plus the module, class and function docstrings of the standard library's
-.py sources, read with `ast` (nothing is imported, so no module runs). The result is byte-level
+.py sources, read with `ast` (nothing is imported, so no module runs), plus the needle
+vocabulary (`needle_vocabulary`: key words and 3-digit groups, so each is one token). The result is byte-level
 BPE with the Llama 4 regex (`--vocab-size` ranks, default 8192) and 256 Llama 4 special tokens
 right after the ranks (begin_of_text = +0, eot = +8, ... as in Scout), written as
 
@@ -50,6 +51,26 @@ def corpus(max_chars: int) -> list[str]:
     return texts
 
 
+def needle_vocabulary(repeat: int = 64) -> list[str]:
+    """Text that makes each NIAH key word one token and each 3-digit group one token.
+
+    The needles' keys ("amber-falcon") come from `longctx.needles`' word lists and their values
+    are 7-digit numbers, which the Llama 4 regex splits into groups of at most three digits.
+    Learned from Python's docs alone, a key took 4-8 sub-word tokens of varying length and a
+    value 4-6 irregular digit pieces, so the small model had to match keys of variable shape at
+    variable offsets; with one token per word (" amber", "-falcon", " Amber") and per digit
+    group ("805", "602", "0") the offsets are fixed. `repeat` copies of each make the pieces
+    frequent enough to be merged early (about 2,000 of the 7,936 merges)."""
+    from longctx import needles
+
+    adjectives, nouns = needles._ADJECTIVES, needles._NOUNS
+    n = max(len(adjectives), len(nouns))
+    keys = " ".join(f"{adjectives[i % len(adjectives)]}-{nouns[i % len(nouns)]}" for i in range(n))
+    titles = " ".join(f"{w.title()}" for w in adjectives + nouns)
+    numbers = " ".join(f"{i:03d}" for i in range(1000))
+    return [f"{keys}\n{titles}\n{numbers}\n"] * repeat
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab-size", type=int, default=8192, help="number of BPE ranks (256 bytes + merges)")
@@ -59,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    texts = corpus(int(args.max_mb * 1e6))
+    texts = corpus(int(args.max_mb * 1e6)) + needle_vocabulary()
     n_chars = sum(map(len, texts))
     print(f"corpus: {len(texts)} texts, {n_chars / 1e6:.2f} M chars ({time.perf_counter() - t0:.1f} s)")
 
