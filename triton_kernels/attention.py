@@ -12,8 +12,10 @@ the natural log of the sum of exp(scale * q.k) over visible keys. Rows that see 
 out = 0 and lse = -inf, so they drop out of ``merge_attention``.
 
 ``impl``: "reference" (PyTorch, any device), "triton" (the kernel; an error if it cannot run),
-"auto" (the kernel on CUDA tensors when triton imports, or on CPU tensors when
-TRITON_INTERPRET=1 asks for triton's interpreter; the reference otherwise).
+"torch" (``flash_attention`` only: PyTorch's fused flash-attention kernel for CPU tensors, about
+twice the reference's speed), "auto" (the kernel on CUDA tensors when triton imports, or on CPU
+tensors when TRITON_INTERPRET=1 asks for triton's interpreter; else "torch" for
+``flash_attention`` on CPU and the reference otherwise).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from ._env import interpret_requested, triton_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_IMPLS = ("auto", "triton", "reference")
+_IMPLS = ("auto", "triton", "torch", "reference")
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # Reference blocking: query rows per block, and the budget (in fp32 elements) for one block of
@@ -134,7 +136,7 @@ def _use_triton(impl: str, q: torch.Tensor) -> bool:
     """Decide the implementation; raise when "triton" is forced but cannot run."""
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "reference":
+    if impl in ("reference", "torch"):
         return False
     D = q.shape[-1]
     why = None
@@ -201,6 +203,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_star
         out, lse = _launch(q, k, v, q_start=q_start, k_start=k_start, causal=causal,
                            chunk=chunk, scale=scale, pack_heads=M < 16, num_splits=1)
         return out.to(q.dtype), lse
+    fused = _FUSED_CPU is not None and q.device.type == "cpu"
+    if impl == "torch" and not fused:
+        raise RuntimeError("impl='torch' needs CPU tensors and torch's fused CPU attention op "
+                           f"(tensors are on {q.device.type})")
+    if impl in ("auto", "torch") and fused:
+        return _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale)
     return _reference(q, k, v, q_start, k_start, causal, chunk, scale)
 
 
@@ -311,6 +319,63 @@ def _decode_splits(q: torch.Tensor, hkv: int, n_keys: int) -> int:
         target, min_len = 4, 64
     by_parallelism = max(1, target // max(1, B * hkv))
     return max(1, min(by_parallelism, n_keys // min_len))
+
+
+# ----------------------------------------------------------------------------- fused CPU path
+
+# aten's flash-attention kernel for CPU: blocked, vectorised, threaded, and it returns the LSE
+# that segment merging needs (the public SDPA does not). Private but present since torch 2.2.
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
+    """``flash_attention`` through ``_FUSED_CPU``, in fp32; arguments validated by ``_check``.
+
+    Per block of query rows: keys that every row sees (a causal, unchunked layer's past) go
+    in one call with no mask; the rest of the band (the diagonal, or the chunks overlapping
+    the block) in a second call with an additive mask of at most rows x (rows + chunk)
+    elements; the two are merged by LSE. GQA: the r query heads of a KV head are stacked as
+    r * rows query rows of that head (K/V are never repeated), the mask tiled to match.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    r = Hq // Hkv
+    out, lse_out = _empty_result(q)
+    qg = q.reshape(B, Hkv, r, M, D)
+    for m0 in range(0, M, _REF_BLOCK_M):
+        m1 = min(M, m0 + _REF_BLOCK_M)
+        mb = m1 - m0
+        lo, hi = q_start + m0, q_start + m1 - 1
+        n_lo, n_hi = _key_band(lo, hi, k_start, N, causal, chunk)
+        if n_hi <= n_lo:
+            continue  # rows stay out = 0, lse = -inf
+        qb = qg[:, :, :, m0:m1].reshape(B, Hkv, r * mb, D).float()
+        # Keys [n_lo, n_open) are visible to every row of the block.
+        n_open = n_lo if chunk is not None else max(n_lo, min(n_hi, lo - k_start + 1)) if causal else n_hi
+        parts = []
+        if n_open > n_lo:
+            o, l = _FUSED_CPU(qb, k[:, :, n_lo:n_open].float(), v[:, :, n_lo:n_open].float(), scale=scale)[:2]
+            parts.append((o, l))
+        if n_hi > n_open:
+            pos_q = torch.arange(lo, hi + 1)[:, None]
+            pos_k = torch.arange(k_start + n_open, k_start + n_hi)[None, :]
+            visible = torch.ones((mb, n_hi - n_open), dtype=torch.bool)
+            if causal:
+                visible &= pos_k <= pos_q
+            if chunk is not None:
+                visible &= (pos_k // chunk) == (pos_q // chunk)
+            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(r, 1)
+            o, l = _FUSED_CPU(qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(),
+                              attn_mask=mask, scale=scale)[:2]
+            seen = visible.any(dim=1).repeat(r)  # rows that see no key here: out 0, lse -inf
+            parts.append((torch.where(seen[:, None], o, 0.0), torch.where(seen, l, float("-inf"))))
+        if len(parts) == 1:
+            o, l = parts[0]
+        else:
+            o, l = _merge_stacked(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+        out[:, :, m0:m1] = o.reshape(B, Hq, mb, D).to(out.dtype)  # rows were (r, mb)
+        lse_out[:, :, m0:m1] = l.reshape(B, Hq, mb)
+    return out, lse_out
 
 
 # ----------------------------------------------------------------------------- reference
