@@ -1,19 +1,22 @@
 """Train the embedded default model from scratch and write it to longctx/assets/default/.
 
-    python examples/train_tiny_model.py --steps 3000 --threads 2
+    python examples/train_tiny_model.py            # about an hour on 2 CPU cores
 
 A Scout-architecture model at small width (chunked-local RoPE layers alternating with global
-NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert) learns to retrieve
-facts from long contexts: needle sentences hidden in English text from Python's own
-documentation, asked in the prompt layout of ``longctx.prompt``. The attention chunk (32
-tokens) is small against the training lengths (128-1024), so most needles can only be reached
-through the global layers. Loss is on answer tokens only.
+NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert, tied embeddings)
+learns to retrieve facts from long contexts: needle sentences hidden in English text from
+Python's own documentation, asked in the prompt layout of ``longctx.prompt``. The attention
+chunk (128 tokens) is small against the training lengths (192-2048), so most needles can only
+be reached through the global layers. Loss is on answer tokens only.
 
-Data is generated on the fly from a seeded RNG: single needles, several needles asked at once,
-distractor needles, no-needle contexts (answer "not stated") and which-document questions over
-packed documents. The run is deterministic for a given seed, step count and thread count.
-At the end it evaluates through the library's own path (chunked prefill + KV cache + greedy
-decode) on keys never seen in training and writes the scores to the training card.
+Data is generated on the fly from a seeded RNG: contexts with 1-12 needles, single needles,
+distractor needles, no-needle contexts (answer "not stated") and which-document contexts over
+packed documents. Each context is followed by several chat turns of questions about it (one
+key, two keys at once, a key that is not there), so one context yields many answers: the
+retrieval signal per step is several times denser than one question per context. The run is
+deterministic for a given seed, step count and thread count. At the end it evaluates through
+the library's own path (chunked prefill + KV cache + greedy decode) on keys never seen in
+training and writes the scores to the training card.
 """
 
 from __future__ import annotations
@@ -42,15 +45,19 @@ from longctx.prompt import NOT_STATED, answer_ids, context_prefix, question_suff
 from longctx.tokenizer import Tokenizer
 
 
-def model_config(tok: Tokenizer, chunk: int = 32) -> ModelConfig:
+def model_config(tok: Tokenizer, chunk: int = 128) -> ModelConfig:
     return ModelConfig(
         vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, intermediate_size=192, intermediate_size_mlp=384,
         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
         no_rope_layer_interval=2,  # layers: chunked, global, chunked, global
-        attention_chunk_size=chunk, floor_scale=64, attn_scale=0.1, rope_theta=10000.0, rope_scaling=None,
+        attention_chunk_size=chunk, floor_scale=chunk, attn_scale=0.1, rope_theta=10000.0, rope_scaling=None,
         max_position_embeddings=1 << 22, bos_token_id=tok.bos_id, eos_token_id=[tok.eot_id, tok.eom_id],
         pad_token_id=tok.pad_id,
+        # Tied input/output embeddings: copying a value token from the context then needs an
+        # output map close to the identity in model space, instead of one learned separately for
+        # each of the 1,000 digit-group tokens (a copy task learns ~10x faster in our trials).
+        tie_word_embeddings=True,
     )
 
 
@@ -58,95 +65,143 @@ def model_config(tok: Tokenizer, chunk: int = 32) -> ModelConfig:
 
 
 def haystack(rng: random.Random, sents, n_tokens: int) -> list[list[int]]:
-    """Consecutive sentences (wrapping around) from a random start, about n_tokens in all."""
+    """Consecutive sentences (wrapping around) from a random start, exactly n_tokens in all
+    (the last one cut short)."""
     out, total, i = [], 0, rng.randrange(len(sents))
     while total < n_tokens:
         out.append(list(sents[i % len(sents)]))
         total += len(out[-1])
         i += 1
+    if out:
+        out[-1] = out[-1][: len(out[-1]) - (total - n_tokens)]
     return out
 
 
-def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, sents) -> tuple[list[int], list[int], str]:
-    """(prompt ids, answer ids, answer text) with the prompt exactly ``length`` tokens long.
-    kind: "single" | "multi" (two keys asked) | "distractor" (3 other needles) | "none"."""
-    n_needles = {"single": rng.choice([1, 1, 2]), "multi": rng.choice([2, 3]), "distractor": 4, "none": rng.choice([0, 1, 2])}[kind]
-    keys = needles.make_keys(rng, n_needles + 1, split)
-    values = [needles.make_value(rng) for _ in keys]
-    if kind == "multi":
-        asked = rng.sample(range(n_needles), 2)
-        question = needles.QUESTION_MULTI.format(keys=f"{keys[asked[0]]} and {keys[asked[1]]}")
-        answer = f"{values[asked[0]]}, {values[asked[1]]}"
-    elif kind == "none":
-        question, answer = needles.QUESTION.format(key=keys[-1]), NOT_STATED  # keys[-1] is not in the text
-    else:
-        i = rng.randrange(n_needles)
-        question, answer = needles.QUESTION.format(key=keys[i]), values[i]
-    needle_ids = [tok.encode(" " + needles.NEEDLE.format(key=k, value=v)) for k, v in zip(keys[:n_needles], values)]
-    suffix = question_suffix(tok, question)
+def questions(rng: random.Random, keys: list[str], values: list[str], absent: list[str], turns: int) -> list[tuple[str, str]]:
+    """Up to ``turns`` (question, answer) pairs about the needles (keys/values) and keys that
+    are not in the context (answer NOT_STATED): each needle asked once, in random order, now
+    and then two at once."""
+    order = list(range(len(keys)))
+    rng.shuffle(order)
+    qa: list[tuple[str, str]] = []
+    while order:
+        if len(order) >= 2 and rng.random() < 0.2:
+            i, j = order.pop(), order.pop()
+            qa.append((needles.QUESTION_MULTI.format(keys=f"{keys[i]} and {keys[j]}"), f"{values[i]}, {values[j]}"))
+        else:
+            i = order.pop()
+            qa.append((needles.QUESTION.format(key=keys[i]), values[i]))
+    for k in absent:
+        qa.insert(rng.randrange(len(qa) + 1), (needles.QUESTION.format(key=k), NOT_STATED))
+    if turns == 1:  # one question (evaluation): about a needle when there is one
+        qa.sort(key=lambda q: q[1] == NOT_STATED)
+    return qa[:turns]
+
+
+def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, sents,
+                   turns: int = 1) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+    """A context of needles in haystack text and the questions asked about it.
+
+    kind: "single" (one needle), "distractor" (4 needles, one asked first), "many" (1-12
+    needles, for training), "none" (no needle, a key that is not there is asked).
+    Returns (prompt, later): prompt is exactly ``length`` tokens (context + first question,
+    ending in the assistant header) and its answer is later[0][1]; ``later`` lists
+    (turn ids, answer ids, answer text) for the first question's answer (empty turn ids) and
+    then up to ``turns - 1`` further chat turns about the same context.
+    """
+    n = {"single": 1, "distractor": 4, "many": rng.randint(1, 12), "none": 0}[kind]
+    keys = needles.make_keys(rng, n + 2, split)
+    values = [needles.make_value(rng) for _ in range(n)]
+    absent = keys[n:] if kind == "none" else keys[n:n + 1] if rng.random() < 0.3 else []
+    qa = questions(rng, keys[:n], values, absent[: 1 if kind == "none" else 2], turns)
+    needle_ids = [tok.encode(" " + needles.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
+    suffix = question_suffix(tok, qa[0][0])
     room = length - len(context_prefix(tok, "")) - len(suffix) - sum(map(len, needle_ids))
-    pieces = haystack(rng, sents, room)
-    pieces[-1] = pieces[-1][: len(pieces[-1]) - (sum(map(len, pieces)) - room)]  # exactly `room` tokens
+    pieces = haystack(rng, sents, max(0, room))
     for ids in needle_ids:
         pieces.insert(rng.randrange(len(pieces) + 1), ids)  # at a sentence boundary
     prompt = context_prefix(tok, [t for p in pieces for t in p]) + suffix
     assert len(prompt) == length or room < 0
-    return prompt, answer_ids(tok, answer), answer
+    later = [([], answer_ids(tok, qa[0][1]), qa[0][1])]
+    for q, a in qa[1:]:
+        later.append(([*tok.header("user"), *tok.encode(q), tok.eot_id, *tok.header("assistant")], answer_ids(tok, a), a))
+    return prompt, later
 
 
-def document_example(tok, rng: random.Random, length: int, split: str, sents) -> tuple[list[int], list[int], str]:
-    """Which-document question over 3-8 packed documents; one of them holds the needle."""
+def document_example(tok, rng: random.Random, length: int, split: str, sents,
+                     turns: int = 1) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+    """Which-document questions over 3-8 packed documents, 1-3 of which hold a needle.
+    Returns (prompt, later) as ``needle_example``."""
     n_docs = rng.randint(3, 8)
-    key, value = needles.make_key(rng, split), needles.make_value(rng)
-    titles = [f"{rng.choice(needles._ADJECTIVES).title()} {rng.choice(needles._NOUNS).title()} Report {rng.randint(1, 99)}"
-              for _ in range(n_docs)]
-    suffix = question_suffix(tok, needles.QUESTION_DOC.format(key=key))
-    per_doc = max(8, (length - len(suffix) - 20 * n_docs) // n_docs)
+    n = rng.randint(1, min(3, n_docs))
+    keys = needles.make_keys(rng, n, split)
+    values = [needles.make_value(rng) for _ in keys]
+    titles: list[str] = []
+    while len(titles) < n_docs:
+        t = f"{rng.choice(needles._ADJECTIVES).title()} {rng.choice(needles._NOUNS).title()} Report {rng.randint(1, 99)}"
+        if t not in titles:
+            titles.append(t)
+    holders = rng.sample(range(n_docs), n)
+    qa = [(needles.QUESTION_DOC.format(key=k), titles[h]) for k, h in zip(keys, holders)]
+    qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
+    rng.shuffle(qa)
+    qa = qa[:turns]
+    suffix = question_suffix(tok, qa[0][0])
+    per_doc = max(8, (length - len(suffix) - 25 * n_docs) // n_docs)
     docs = []
-    holder = rng.randrange(n_docs)
     for d in range(n_docs):
-        sents_d = [tok.decode(list(s)).strip() for s in haystack(rng, sents, per_doc)]
-        if d == holder:
-            sents_d.insert(rng.randrange(len(sents_d) + 1), needles.NEEDLE.format(key=key, value=value))
+        sents_d = [tok.decode(s).strip() for s in haystack(rng, sents, per_doc)]
+        for k, v, h in zip(keys, values, holders):
+            if h == d:
+                sents_d.insert(rng.randrange(len(sents_d) + 1), needles.NEEDLE.format(key=k, value=v))
         docs.append((titles[d], " ".join(sents_d)))
     ids = ingest(docs, progress=False).pack(tok, progress=False).ids.tolist()
     prompt = context_prefix(tok, ids) + suffix
-    return prompt, answer_ids(tok, titles[holder]), titles[holder]
+    later = [([], answer_ids(tok, qa[0][1]), qa[0][1])]
+    for q, a in qa[1:]:
+        later.append(([*tok.header("user"), *tok.encode(q), tok.eot_id, *tok.header("assistant")], answer_ids(tok, a), a))
+    return prompt, later
 
 
-def make_batch(tok, rng: random.Random, length: int, batch: int, sents) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (B, T) and targets (B, T) with -100 everywhere but the answer tokens."""
-    rows = []
+def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: int = 8,
+               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (rows, T) and targets (rows, T), -100 everywhere but the answer tokens.
+
+    Each row is one context followed by up to ``turns`` question/answer chat turns about it:
+    an answer costs ~25 tokens of sequence instead of a whole context, so the retrieval
+    signal per step is several times denser than with one question per context."""
     noise = needles.encoded_sentences(tok, "noise")
-    for _ in range(batch):
-        if rng.random() < 0.25:  # a quarter on the repetitive noise haystack: needles stand out
-            sents_b = noise
-        else:
-            sents_b = sents
+    seqs = []
+    for _ in range(rows):
+        sents_b = noise if rng.random() < 0.2 else sents  # some on the repetitive noise haystack
         r = rng.random()
         if r < 0.1:
-            prompt, ans, _ = document_example(tok, rng, length, "train", sents_b)
+            prompt, later = document_example(tok, rng, length, split, sents_b, turns)
         else:
-            kind = "single" if r < 0.5 else "multi" if r < 0.65 else "distractor" if r < 0.85 else "none"
-            prompt, ans, _ = needle_example(tok, rng, length, "train", kind, sents_b)
-        rows.append((prompt, ans))
-    T = max(len(p) + len(a) for p, a in rows) - 1
-    x = torch.full((batch, T), tok.pad_id, dtype=torch.long)
-    y = torch.full((batch, T), -100, dtype=torch.long)
-    for b, (p, a) in enumerate(rows):
-        seq = p + a
-        x[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-        y[b, len(p) - 1 : len(seq) - 1] = torch.tensor(a)  # predict each answer token
+            kind = "many" if r < 0.75 else "single" if r < 0.85 else "distractor" if r < 0.93 else "none"
+            prompt, later = needle_example(tok, rng, length, split, kind, sents_b, turns)
+        seq, target = list(prompt), [-100] * len(prompt)
+        for turn, ans, _ in later:
+            seq += turn + ans
+            target += [-100] * len(turn) + ans
+        seqs.append((seq, target))
+    T = max(len(s) for s, _ in seqs) - 1
+    x = torch.full((rows, T), tok.pad_id, dtype=torch.long)
+    y = torch.full((rows, T), -100, dtype=torch.long)
+    for b, (s, t) in enumerate(seqs):
+        x[b, : len(s) - 1] = torch.tensor(s[:-1])
+        y[b, : len(s) - 1] = torch.tensor(t[1:])  # position i predicts token i + 1
     return x, y
 
 
-def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 1024) -> int:
-    """Training length for a step: 128-256 for the first 15 %, then growing to ``max_len``,
-    with short lengths kept in the mix."""
-    if step < 0.15 * steps:
-        return rng.choice([128, 192, 256])
-    top = max_len if step > 0.5 * steps else max_len // 2
-    return rng.choice([128, 256, 384] + [L for L in (512, 768, 1024, 1536, 2048) if L <= top])
+def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 2048) -> int:
+    """Training length for a step: a recall warm-up at 192-512 tokens (one to four attention
+    chunks, needles packed densely) for the first 20 %, then lengths growing to ``max_len``
+    with short ones kept in the mix."""
+    if step < 0.2 * steps:
+        return rng.choice([192, 256, 384, 512])
+    top = max_len if step > 0.5 * steps else max(512, max_len // 2)
+    return rng.choice([256, 512] + [L for L in (768, 1024, 1536, 2048, 3072, 4096) if L <= top])
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -161,26 +216,50 @@ def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents) -> dic
             hits = 0
             for _ in range(samples):
                 if kind == "document":
-                    prompt, _, answer = document_example(tok, rng, length, "eval", sents)
+                    prompt, later = document_example(tok, rng, length, "eval", sents)
                 else:
-                    prompt, _, answer = needle_example(tok, rng, length, "eval", kind, sents)
+                    prompt, later = needle_example(tok, rng, length, "eval", kind, sents)
+                answer = later[0][2]
                 out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=512)
                 hits += tok.decode(out.tokens[0]).strip() == answer
             results[f"{kind}@{length}"] = hits / samples
     return results
 
 
+def answer_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens, the head applied only where y != -100."""
+    mask = y != -100
+    return F.cross_entropy(model.lm_head(model.hidden(x)[mask]).float(), y[mask])
+
+
+def probe(model, tok, sents, seed: int) -> dict:
+    """Teacher-forced exact match of whole answers on eval-split keys (one forward per length,
+    16 single-question contexts): a cheap progress signal for the log, not the final score."""
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        for length in (512, 2048):
+            x, y = make_batch(tok, random.Random(seed + length), length, 16, sents, turns=1, split="eval")
+            pred = model(x).argmax(-1)
+            ok = ((pred == y) | (y == -100)).all(dim=1)
+            out[length] = round(ok.float().mean().item(), 3)
+    model.train()
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2800)
+    ap.add_argument("--tokens", type=int, default=8192, help="sequence tokens per step, question turns included")
+    ap.add_argument("--turns", type=int, default=12, help="questions asked per training context")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=32, help="attention chunk of the local layers (tokens)")
-    ap.add_argument("--max-len", type=int, default=1024, help="longest training prompt (tokens)")
+    ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
+    ap.add_argument("--max-len", type=int, default=2048, help="longest training prompt (tokens)")
     ap.add_argument("--eval-lengths", default="1024,2048,4096")
     ap.add_argument("--eval-samples", type=int, default=20)
+    ap.add_argument("--probe-every", type=int, default=250, help="steps between logged probes (0: none)")
     ap.add_argument("--out", type=Path, default=DEFAULT_MODEL)
     args = ap.parse_args(argv)
 
@@ -207,9 +286,9 @@ def main(argv=None) -> None:
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
         length = curriculum(step, args.steps, rng, args.max_len)
-        x, y = make_batch(tok, rng, length, args.batch, sents)
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        rows = max(2, args.tokens // (length + 25 * args.turns))  # a turn is ~25 tokens
+        x, y = make_batch(tok, rng, length, rows, sents, args.turns)
+        loss = answer_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,8 +297,12 @@ def main(argv=None) -> None:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", len=length)
         if step % 25 == 0 or step == args.steps - 1:
-            log.write(json.dumps({"step": step, "len": length, "loss": round(loss.item(), 4), "ema": round(ema, 4),
-                                  "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+            entry = {"step": step, "len": length, "loss": round(loss.item(), 4), "ema": round(ema, 4),
+                     "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
+                entry["probe"] = probe(model, tok, sents, args.seed)
+                bar.write(json.dumps(entry))
+            log.write(json.dumps(entry) + "\n")
             log.flush()
     train_s = time.time() - t0
     model.eval()
@@ -241,13 +324,16 @@ def main(argv=None) -> None:
         f"attention chunk {cfg.attention_chunk_size}, floor_scale {cfg.floor_scale}, vocab {cfg.vocab_size}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, fp32",
         f"- data: generated on the fly (seed {args.seed}): needles \"{needles.NEEDLE}\" in English sentences from "
-        "Python's pydoc_data (a quarter in the five-sentence noise haystack); single, multi-key (2-3 asked), 3 distractors, no-needle (answer "
-        f"\"{NOT_STATED}\"), which-document over 3-8 packed documents; train-split keys only",
-        f"- training: {args.steps} steps × batch {args.batch}, lengths 128-{args.max_len} (curriculum), AdamW lr {args.lr}, "
-        f"loss on answer tokens only; {train_s / 60:.1f} min",
+        "Python's pydoc_data (a fifth in the five-sentence noise haystack): contexts with 1-12 needles, one needle, "
+        f"4 needles (3 distractors), no needle (answer \"{NOT_STATED}\"), and which-document contexts of 3-8 packed "
+        f"documents; up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
+        "in the context); train-split keys only",
+        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths 192-{args.max_len} (recall warm-up at "
+        f"192-512, then a curriculum), AdamW lr {args.lr}, loss on answer tokens only; {train_s / 60:.1f} min",
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
-        f"- command: `python examples/train_tiny_model.py --steps {args.steps} --batch {args.batch} --seed {args.seed} "
-        f"--threads {args.threads} --chunk {args.chunk} --max-len {args.max_len}`",
+        f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} --turns {args.turns} "
+        f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
+        f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples}`",
         "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
         f"chunked prefill + KV cache; {eval_s / 60:.1f} min)", "",
         "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
