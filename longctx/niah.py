@@ -15,10 +15,12 @@ with other keys), ``multi_value`` (one key, 3 needles with different values, all
 ``multi_query`` (two needles, both asked), ``none`` (no needle for the key asked: the right
 answer is "not stated").
 
-Every cell of one sample shares one haystack stream, so cells are run in order of their first
-needle position: a base cache is extended along the haystack and forked for each cell, which
-then prefills only its own tail (needle, rest of the haystack, question). ``reuse_prefix=False``
-prefills every cell from scratch (same answers, for measuring the saving).
+Every cell of one sample draws on one haystack stream, so prompts share prefixes: the cells
+before their first needle, and cells whose needles sit at the same token (depth 0 at every
+length) up to the shorter one's question. Cells run in a depth-first walk of the prompts'
+prefix tree: each shared prefix is prefilled once into a cache that is forked at every branch,
+and each cell prefills only what it does not share. ``reuse_prefix=False`` prefills every cell
+from scratch (same answers, for measuring the saving).
 
 Results stream to JSONL, one line per finished cell, flushed. Each line carries a content hash
 of everything that determines the cell (model fingerprint, tokenizer, template, digest of
@@ -354,6 +356,53 @@ def _load_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
+    """Caches for many prompts, each shared prefix prefilled once: a depth-first walk of the
+    prompts' prefix tree that forks the cache at every branch.
+
+    Yields ``(i, cache, rest, shared_tokens, shared_s)`` for every prompt, in walk order:
+    ``cache`` holds the KV of ``prompts[i][:-len(rest)]`` (``rest`` is never empty, so the
+    caller can generate from it); ``shared_tokens`` / ``shared_s`` are the prefix tokens and
+    seconds of prefill done on the way to this prompt and not yet reported for an earlier one.
+    Forks share their parent's tensors, so the walk holds one path's worth of KV, not one
+    cache per prompt.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    pending = [0, 0.0]  # shared prefill not yet reported: tokens, seconds
+
+    def common_prefix(a: list[int], b: list[int]) -> int:
+        n = min(len(a), len(b))
+        return next((j for j in range(n) if a[j] != b[j]), n)
+
+    def walk(cache, pos: int, group: list[int]):
+        if len(group) == 1:
+            i = group[0]
+            tokens, seconds = pending
+            pending[:] = [0, 0.0]
+            yield i, cache, prompts[i][pos:], tokens, seconds
+            return
+        # Sorted order: the group's common prefix is that of its first and last prompt. Keep
+        # one token of each prompt back, to generate from.
+        end = min(common_prefix(prompts[group[0]], prompts[group[-1]]), min(len(prompts[i]) for i in group) - 1)
+        if end > pos:
+            t0 = time.perf_counter()
+            prefill(model, torch.tensor([prompts[group[0]][pos:end]]), cache, chunk_size, progress=False)
+            pending[0] += end - pos
+            pending[1] += time.perf_counter() - t0
+        subgroups: dict[int, list[int]] = {}
+        for i in group:  # sorted, so each subgroup stays in order
+            subgroups.setdefault(prompts[i][end], []).append(i)
+        if len(subgroups) == 1:  # no branch: the first (shortest) prompt is a prefix of the rest
+            yield from walk(cache.fork(), end, group[:1])
+            yield from walk(cache, end, group[1:])
+            return
+        for sub in subgroups.values():
+            yield from walk(cache.fork(), end, sub)
+
+    if order:
+        yield from walk(model.new_cache(), 0, order)
+
+
 def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
         samples: int = 1, seed: int = 0, haystack="english", out=None, reuse_prefix: bool = True,
         max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True) -> Results:
@@ -389,23 +438,15 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
                     c = make_cell(tok, task, L, float(d), sample, seed, hay)
                     c.hash = cell_hash(c, fingerprint, seed, settings)
                     cells.append(c)
-            todo = sorted((c for c in cells if c.hash not in done), key=lambda c: c.shared)
+            todo = [c for c in cells if c.hash not in done]
             records += [done[c.hash] for c in cells if c.hash in done]
             bar.update(len(cells) - len(todo))
-            base_ids = context_prefix(tok, hay.ids)
-            base, fed = model.new_cache(), 0
-            for c in todo:
-                t0 = time.perf_counter()
-                grown = 0  # tokens this cell added to the shared base cache
-                if reuse_prefix:
-                    if c.shared > fed:
-                        grown = c.shared - fed
-                        prefill(model, torch.tensor([base_ids[fed : c.shared]]), base, chunk_size, progress=False)
-                        fed = c.shared
-                    cache, rest = base.fork(), c.prompt[fed:]
-                else:
-                    cache, rest = model.new_cache(), c.prompt
-                base_s = time.perf_counter() - t0
+            if reuse_prefix:
+                runs = prefix_forks(model, [c.prompt for c in todo], chunk_size)
+            else:
+                runs = ((i, model.new_cache(), c.prompt, 0, 0.0) for i, c in enumerate(todo))
+            for i, cache, rest, grown, base_s in runs:
+                c = todo[i]
                 gen = generate(model, torch.tensor([rest]), cache=cache, max_new_tokens=max_new_tokens,
                                chunk_size=chunk_size, progress=False)
                 answer = tok.decode(gen.tokens[0]).strip()

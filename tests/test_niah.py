@@ -102,6 +102,30 @@ def test_prefix_reuse_gives_the_same_answers(model):
     assert sum(r["new_prefill_tokens"] for r in a.records) < sum(r["new_prefill_tokens"] for r in b.records)
 
 
+def test_prefix_forks_prefill_each_shared_prefix_once(model):
+    """Every prompt comes out once with a cache that, continued with its rest, gives the same
+    last logits as a full forward; shared prefixes are prefilled once (duplicates and a prompt
+    that is a prefix of another included)."""
+    g = torch.Generator().manual_seed(0)
+    trunk = torch.randint(0, 1000, (90,), generator=g).tolist()
+    branch = torch.randint(0, 1000, (40,), generator=g).tolist()
+    prompts = [trunk + branch + [5, 6], trunk + branch + [5, 7, 8], trunk[:50] + [9] * 20, trunk + branch,
+               trunk + branch + [5, 6], [3, 4], trunk[:70]]
+    seen, fed = [], 0
+    for i, cache, rest, shared, _ in niah.prefix_forks(model, prompts, chunk_size=16):
+        assert rest and cache.length + len(rest) == len(prompts[i])
+        with torch.no_grad():
+            got = model(torch.tensor([rest]), cache, last_only=True)[0, -1]
+            want = model(torch.tensor([prompts[i]]))[0, -1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        seen.append(i)
+        fed += shared + len(rest)
+    assert sorted(seen) == list(range(len(prompts)))
+    distinct = len({tuple(p[:j]) for p in prompts for j in range(1, len(p) + 1)})  # prefix-tree nodes
+    assert fed <= distinct + len(prompts)  # each node once, plus at most one token kept back per prompt
+    assert fed < sum(map(len, prompts)) // 2
+
+
 def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
     kw = dict(task="single", lengths=[200, 260], depths=[0, 1], samples=1, seed=2, progress=False,
