@@ -128,11 +128,11 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
     return prompt, later
 
 
-def document_example(tok, rng: random.Random, length: int, split: str, sents,
-                     turns: int = 1) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
-    """Which-document questions over 3-8 packed documents, 1-3 of which hold a needle.
-    Returns (prompt, later) as ``needle_example``."""
-    n_docs = rng.randint(3, 8)
+def document_example(tok, rng: random.Random, length: int, split: str, sents, turns: int = 1,
+                     docs: tuple[int, int] = (3, 8)) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+    """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
+    hold a needle. Returns (prompt, later) as ``needle_example``."""
+    n_docs = rng.randint(*docs)
     n = rng.randint(1, min(3, n_docs))
     keys = needles.make_keys(rng, n, split)
     values = [needles.make_value(rng) for _ in keys]

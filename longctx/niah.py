@@ -64,7 +64,6 @@ class Cell:
     question: str
     expected: list[str]  # every string must appear in the answer (one entry: NOT_STATED for "none")
     needles: list[dict]  # {"text", "token_index", "doc", "page"}
-    shared: int  # the first `shared` prompt tokens equal the sample's base (header + haystack)
     haystack_sha256: str = ""  # of the haystack tokens this cell uses (its first `room` tokens)
     hash: str = ""
 
@@ -194,9 +193,8 @@ def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed
                 doc, page = where[0].title, where[1]
         info[j] = {"text": needles.NEEDLE.format(key=pairs[j][0], value=pairs[j][1]), "token_index": index,
                    "doc": doc, "page": page}
-    shared = len(head) + (min(spots) if spots else room)
     used = hashlib.sha256(hay.ids[:room].astype("<i4").tobytes()).hexdigest()
-    return Cell(task, length, depth, sample, prompt, question, expected, info, shared, used)
+    return Cell(task, length, depth, sample, prompt, question, expected, info, used)
 
 
 def _words(s: str) -> str:
