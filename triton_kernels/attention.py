@@ -108,6 +108,28 @@ def _key_band(lo: int, hi: int, k_start: int, n: int, causal: bool, chunk: int |
     return n_lo, max(n_lo, n_hi)
 
 
+def _row_blocks(M: int, N: int, q_start: int, k_start: int, causal: bool, chunk: int | None):
+    """Blocks of up to ``_REF_BLOCK_M`` query rows that see some key: (m0, m1, n_lo, n_hi),
+    rows [m0, m1) and the key band [n_lo, n_hi) they may see. Other rows keep out 0, lse -inf."""
+    for m0 in range(0, M, _REF_BLOCK_M):
+        m1 = min(M, m0 + _REF_BLOCK_M)
+        n_lo, n_hi = _key_band(q_start + m0, q_start + m1 - 1, k_start, N, causal, chunk)
+        if n_hi > n_lo:
+            yield m0, m1, n_lo, n_hi
+
+
+def _visible(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, chunk: int | None, device=None):
+    """Bool (queries q_lo..q_hi, keys k_lo..k_hi-1), absolute positions: which keys each sees."""
+    pos_q = torch.arange(q_lo, q_hi + 1, device=device)[:, None]
+    pos_k = torch.arange(k_lo, k_hi, device=device)[None, :]
+    visible = torch.ones((q_hi - q_lo + 1, k_hi - k_lo), dtype=torch.bool, device=device)
+    if causal:
+        visible &= pos_k <= pos_q
+    if chunk is not None:
+        visible &= (pos_k // chunk) == (pos_q // chunk)
+    return visible
+
+
 def _empty_result(q, out_dtype=None):
     B, Hq, M, D = q.shape
     out = torch.zeros((B, Hq, M, D), dtype=out_dtype or q.dtype, device=q.device)
@@ -342,13 +364,9 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
     r = Hq // Hkv
     out, lse_out = _empty_result(q)
     qg = q.reshape(B, Hkv, r, M, D)
-    for m0 in range(0, M, _REF_BLOCK_M):
-        m1 = min(M, m0 + _REF_BLOCK_M)
+    for m0, m1, n_lo, n_hi in _row_blocks(M, N, q_start, k_start, causal, chunk):
         mb = m1 - m0
         lo, hi = q_start + m0, q_start + m1 - 1
-        n_lo, n_hi = _key_band(lo, hi, k_start, N, causal, chunk)
-        if n_hi <= n_lo:
-            continue  # rows stay out = 0, lse = -inf
         qb = qg[:, :, :, m0:m1].reshape(B, Hkv, r * mb, D).float()
         # Keys [n_lo, n_open) are visible to every row of the block.
         n_open = n_lo if chunk is not None else max(n_lo, min(n_hi, lo - k_start + 1)) if causal else n_hi
@@ -357,13 +375,7 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
             o, l = _FUSED_CPU(qb, k[:, :, n_lo:n_open].float(), v[:, :, n_lo:n_open].float(), scale=scale)[:2]
             parts.append((o, l))
         if n_hi > n_open:
-            pos_q = torch.arange(lo, hi + 1)[:, None]
-            pos_k = torch.arange(k_start + n_open, k_start + n_hi)[None, :]
-            visible = torch.ones((mb, n_hi - n_open), dtype=torch.bool)
-            if causal:
-                visible &= pos_k <= pos_q
-            if chunk is not None:
-                visible &= (pos_k // chunk) == (pos_q // chunk)
+            visible = _visible(lo, hi, k_start + n_open, k_start + n_hi, causal, chunk)
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(r, 1)
             o, l = _FUSED_CPU(qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(),
                               attn_mask=mask, scale=scale)[:2]
@@ -404,15 +416,10 @@ def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
     r = Hq // Hkv
     out, lse_out = _empty_result(q, out_dtype)
     qg = q.reshape(B, Hkv, r, M, D)  # a view for contiguous q
-    for m0 in range(0, M, _REF_BLOCK_M):
-        m1 = min(M, m0 + _REF_BLOCK_M)
+    for m0, m1, n_lo, n_hi in _row_blocks(M, N, q_start, k_start, causal, chunk):
         mb = m1 - m0
         lo, hi = q_start + m0, q_start + m1 - 1
-        n_lo, n_hi = _key_band(lo, hi, k_start, N, causal, chunk)
-        if n_hi <= n_lo:
-            continue  # rows stay out = 0, lse = -inf
         qb = (qg[:, :, :, m0:m1].float() * scale).reshape(B, Hkv, r * mb, D)
-        pos_q = torch.arange(lo, hi + 1, device=q.device)[:, None]  # (mb, 1)
         # Key block: bounded by the scores (B, Hq, mb, bn) and by the fp32 copies of the K/V
         # block (B, Hkv, bn, D), whichever is larger (decode: one query, many keys).
         bn = _REF_SCORE_BUDGET // max(B * Hq * mb, B * Hkv * D)
@@ -422,12 +429,7 @@ def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
             n1 = min(n_hi, n0 + bn)
             kb = k[:, :, n0:n1].float()
             s = qb @ kb.transpose(-1, -2)  # (B, Hkv, r * mb, nb)
-            pos_k = torch.arange(k_start + n0, k_start + n1, device=q.device)[None, :]
-            visible = torch.ones((mb, n1 - n0), dtype=torch.bool, device=q.device)
-            if causal:
-                visible &= pos_k <= pos_q
-            if chunk is not None:
-                visible &= (pos_k // chunk) == (pos_q // chunk)
+            visible = _visible(lo, hi, k_start + n0, k_start + n1, causal, chunk, q.device)
             if not bool(visible.all()):  # interior blocks skip the masking pass
                 s = s.view(B, Hkv, r, mb, n1 - n0).masked_fill_(~visible, float("-inf"))
                 s = s.view(B, Hkv, r * mb, n1 - n0)
