@@ -98,6 +98,16 @@ def questions(rng: random.Random, keys: list[str], values: list[str], absent: li
     return qa[:turns]
 
 
+def answer_turns(tok, qa: list[tuple[str, str]]) -> list[tuple[list[int], list[int], str]]:
+    """(turn ids, answer ids, answer text) per (question, answer): the first question is in the
+    prompt already (empty turn ids); each later one is a new user turn of the Llama 4 chat
+    layout, ending in the assistant header."""
+    out = [([], answer_ids(tok, qa[0][1]), qa[0][1])]
+    for q, a in qa[1:]:
+        out.append(([*tok.header("user"), *tok.encode(q), tok.eot_id, *tok.header("assistant")], answer_ids(tok, a), a))
+    return out
+
+
 def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, sents,
                    turns: int = 1) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """A context of needles in haystack text and the questions asked about it.
@@ -112,8 +122,8 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
     n = {"single": 1, "distractor": 4, "many": rng.randint(1, 12), "none": 0}[kind]
     keys = needles.make_keys(rng, n + 2, split)
     values = [needles.make_value(rng) for _ in range(n)]
-    absent = keys[n:] if kind == "none" else keys[n:n + 1] if rng.random() < 0.3 else []
-    qa = questions(rng, keys[:n], values, absent[: 1 if kind == "none" else 2], turns)
+    absent = keys[n:n + 1] if kind == "none" or rng.random() < 0.3 else []  # a key not in the text
+    qa = questions(rng, keys[:n], values, absent, turns)
     needle_ids = [tok.encode(" " + needles.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
     suffix = question_suffix(tok, qa[0][0])
     room = length - len(context_prefix(tok, "")) - len(suffix) - sum(map(len, needle_ids))
@@ -122,10 +132,7 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
         pieces.insert(rng.randrange(len(pieces) + 1), ids)  # at a sentence boundary
     prompt = context_prefix(tok, [t for p in pieces for t in p]) + suffix
     assert len(prompt) == length or room < 0
-    later = [([], answer_ids(tok, qa[0][1]), qa[0][1])]
-    for q, a in qa[1:]:
-        later.append(([*tok.header("user"), *tok.encode(q), tok.eot_id, *tok.header("assistant")], answer_ids(tok, a), a))
-    return prompt, later
+    return prompt, answer_turns(tok, qa)
 
 
 def document_example(tok, rng: random.Random, length: int, split: str, sents, turns: int = 1,
@@ -157,10 +164,7 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
         docs.append((titles[d], " ".join(sents_d)))
     ids = ingest(docs, progress=False).pack(tok, progress=False).ids.tolist()
     prompt = context_prefix(tok, ids) + suffix
-    later = [([], answer_ids(tok, qa[0][1]), qa[0][1])]
-    for q, a in qa[1:]:
-        later.append(([*tok.header("user"), *tok.encode(q), tok.eot_id, *tok.header("assistant")], answer_ids(tok, a), a))
-    return prompt, later
+    return prompt, answer_turns(tok, qa)
 
 
 def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: int = 8,
