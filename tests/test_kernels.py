@@ -156,6 +156,18 @@ def test_fused_cpu_within_bar(B, Hq, Hkv, M, N, D, q_start, k_start, causal, chu
     assert lse_err(lse, ref_lse) <= 1e-5
 
 
+def test_fused_cpu_key_blocks(monkeypatch):
+    """With a small budget the fused path splits the open keys into several blocks (as it does
+    at long contexts) and still equals the reference."""
+    monkeypatch.setattr(attn_mod, "_REF_SCORE_BUDGET", 1)  # blocks of _REF_MIN_KEY_BLOCK keys
+    q, k, v = make_qkv(1, 5, 1, 97, 1100, 64, torch.bfloat16)
+    mask = dict(q_start=1003, k_start=0, causal=True, chunk=None)
+    out, lse = flash_attention(q, k, v, impl="torch", **mask)
+    assert_within_bar(out, lse, q, k, v, **mask)
+    ref_out, ref_lse = flash_attention(q, k, v, impl="reference", **mask)
+    assert max_err(out, ref_out) <= 1.6e-2 and lse_err(lse, ref_lse) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,Hq,Hkv,M,N,D,q_start,k_start,causal,chunk", CASES + BIG_CASES)
 def test_triton_within_bar(triton_device, B, Hq, Hkv, M, N, D, q_start, k_start, causal, chunk,

@@ -354,9 +354,9 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
     """``flash_attention`` through ``_FUSED_CPU``, in fp32; arguments validated by ``_check``.
 
     Per block of query rows: keys that every row sees (a causal, unchunked layer's past) go
-    in one call with no mask; the rest of the band (the diagonal, or the chunks overlapping
-    the block) in a second call with an additive mask of at most rows x (rows + chunk)
-    elements; the two are merged by LSE. GQA: the r query heads of a KV head are stacked as
+    in calls with no mask, in key blocks of bounded size; the rest of the band (the diagonal,
+    or the chunks overlapping the block) in one call with an additive mask of at most
+    rows x (rows + chunk) elements; the partial results are merged by LSE. GQA: the r query heads of a KV head are stacked as
     r * rows query rows of that head (K/V are never repeated), the mask tiled to match.
     """
     B, Hq, M, D = q.shape
@@ -371,9 +371,12 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
         # Keys [n_lo, n_open) are visible to every row of the block.
         n_open = n_lo if chunk is not None else max(n_lo, min(n_hi, lo - k_start + 1)) if causal else n_hi
         parts = []
-        if n_open > n_lo:
-            o, l = _FUSED_CPU(qb, k[:, :, n_lo:n_open].float(), v[:, :, n_lo:n_open].float(), scale=scale)[:2]
-            parts.append((o, l))
+        # The open keys go in blocks whose fp32 K/V copies (for fp16/bf16 inputs; fp32 is a
+        # view) stay within the reference's budget: no transient O(context) copy.
+        bn = max(_REF_MIN_KEY_BLOCK, _REF_SCORE_BUDGET // (B * Hkv * D))
+        for n0 in range(n_lo, n_open, bn):
+            n1 = min(n_open, n0 + bn)
+            parts.append(_FUSED_CPU(qb, k[:, :, n0:n1].float(), v[:, :, n0:n1].float(), scale=scale)[:2])
         if n_hi > n_open:
             visible = _visible(lo, hi, k_start + n_open, k_start + n_hi, causal, chunk)
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(r, 1)
