@@ -224,7 +224,7 @@ def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents) -> dic
                 else:
                     prompt, later = needle_example(tok, rng, length, "eval", kind, sents)
                 answer = later[0][2]
-                out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=512)
+                out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=512, progress=False)
                 hits += tok.decode(out.tokens[0]).strip() == answer
             results[f"{kind}@{length}"] = hits / samples
     return results
