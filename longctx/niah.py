@@ -365,6 +365,9 @@ def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
     Forks share their parent's tensors, so the walk holds one path's worth of KV, not one
     cache per prompt.
     """
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prefix_forks: prompt {empty[0]} is empty (each needs a token to generate from)")
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     pending = [0, 0.0]  # shared prefill not yet reported: tokens, seconds
 

@@ -124,6 +124,8 @@ def test_prefix_forks_prefill_each_shared_prefix_once(model):
     distinct = len({tuple(p[:j]) for p in prompts for j in range(1, len(p) + 1)})  # prefix-tree nodes
     assert fed <= distinct + len(prompts)  # each node once, plus at most one token kept back per prompt
     assert fed < sum(map(len, prompts)) // 2
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        next(niah.prefix_forks(model, [[1, 2], []]))
 
 
 def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, monkeypatch):
