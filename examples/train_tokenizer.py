@@ -3,8 +3,8 @@
 Corpus (offline, deterministic for a given Python version): the help topics in
 `pydoc_data.topics` plus the module, class and function docstrings of the standard library's
 .py sources, read with `ast` (nothing is imported, so no module runs), plus the needle
-vocabulary (`needle_vocabulary`: key words and 3-digit groups, so each is one token). The result is byte-level
-BPE with the Llama 4 regex (`--vocab-size` ranks, default 8192) and 256 Llama 4 special tokens
+vocabulary (`needle_vocabulary`: key words and 3-digit groups, so each is one token). The
+result is byte-level BPE with the Llama 4 regex (`--vocab-size` ranks, default 8192) and 256 Llama 4 special tokens
 right after the ranks (begin_of_text = +0, eot = +8, ... as in Scout), written as
 
     longctx/assets/tokenizer/tokenizer.model   tiktoken BPE file (base64 token, rank per line)

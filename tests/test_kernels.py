@@ -430,6 +430,19 @@ def test_dispatch_auto(monkeypatch):
         attn_mod._use_triton("cuda", q)
 
 
+def test_torch_impl_refusals(monkeypatch):
+    """impl="torch" is flash_attention's fused CPU path: decode_attention refuses it, and
+    without the fused op it is a clear error rather than a silent fallback."""
+    q, k, v = make_qkv(1, 2, 1, 5, 9, 16, torch.float32)
+    with pytest.raises(ValueError, match="impl='torch' is for flash_attention"):
+        decode_attention(q, [(k, v, 0)], q_start=4, impl="torch")
+    monkeypatch.setattr(attn_mod, "_FUSED_CPU", None)
+    with pytest.raises(RuntimeError, match="fused CPU attention op"):
+        flash_attention(q, k, v, q_start=4, k_start=0, impl="torch")
+    out, lse = flash_attention(q, k, v, q_start=4, k_start=0)  # auto: the reference then
+    assert_within_bar(out, lse, q, k, v, q_start=4, k_start=0, causal=True, chunk=None)
+
+
 def test_reference_runs_without_triton(monkeypatch):
     """With triton unimportable, auto falls back to PyTorch (fused CPU kernel) and forcing
     triton fails."""

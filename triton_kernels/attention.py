@@ -227,8 +227,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_star
         return out.to(q.dtype), lse
     fused = _FUSED_CPU is not None and q.device.type == "cpu"
     if impl == "torch" and not fused:
-        raise RuntimeError("impl='torch' needs CPU tensors and torch's fused CPU attention op "
-                           f"(tensors are on {q.device.type})")
+        why = (f"tensors are on {q.device.type}" if q.device.type != "cpu"
+               else "this torch has no aten._scaled_dot_product_flash_attention_for_cpu")
+        raise RuntimeError(f"impl='torch' needs CPU tensors and torch's fused CPU attention op: {why}")
     if impl in ("auto", "torch") and fused:
         return _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale)
     return _reference(q, k, v, q_start, k_start, causal, chunk, scale)
@@ -280,6 +281,8 @@ def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = 
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError("q must be a 4-D tensor (B, Hq, M, D)")
+    if impl == "torch":  # a few queries over many segments: the fused op gains nothing there
+        raise ValueError("impl='torch' is for flash_attention; decode_attention takes 'auto', 'triton' or 'reference'")
     use_triton = _use_triton(impl, q)
     M = q.shape[2]
     lo = _as_position("q_start", q_start)
@@ -356,8 +359,9 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
     Per block of query rows: keys that every row sees (a causal, unchunked layer's past) go
     in calls with no mask, in key blocks of bounded size; the rest of the band (the diagonal,
     or the chunks overlapping the block) in one call with an additive mask of at most
-    rows x (rows + chunk) elements; the partial results are merged by LSE. GQA: the r query heads of a KV head are stacked as
-    r * rows query rows of that head (K/V are never repeated), the mask tiled to match.
+    rows x (rows + chunk) elements; the partial results are merged by LSE. GQA: the r query
+    heads of a KV head are stacked as r * rows query rows of that head (K/V are never
+    repeated), the mask tiled to match.
     """
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
