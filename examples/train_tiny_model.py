@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -168,14 +169,16 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
 
 
 def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: int = 8,
-               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (rows, T) and targets (rows, T), -100 everywhere but the answer tokens.
+               split: str = "train") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (rows, T), targets (rows, T) (-100 everywhere but the answer tokens) and the
+    attention-guidance targets (N, 5): row, layer, head, query position, key position
+    (``guide_targets``).
 
     Each row is one context followed by up to ``turns`` question/answer chat turns about it:
     an answer costs ~25 tokens of sequence instead of a whole context, so the retrieval
     signal per step is several times denser than with one question per context."""
     noise = needles.encoded_sentences(tok, "noise")
-    seqs = []
+    seqs, guide = [], []
     for _ in range(rows):
         sents_b = noise if rng.random() < 0.2 else sents  # some on the repetitive noise haystack
         r = rng.random()
@@ -186,7 +189,9 @@ def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: in
             prompt, later = needle_example(tok, rng, length, split, kind, sents_b, turns)
         seq, target = list(prompt), [-100] * len(prompt)
         for turn, ans, _ in later:
-            seq += turn + ans
+            seq += turn
+            guide += [(len(seqs), *g) for g in guide_targets(tok, prompt, seq, ans)]
+            seq += ans
             target += [-100] * len(turn) + ans
         seqs.append((seq, target))
     T = max(len(s) for s, _ in seqs) - 1
@@ -195,17 +200,109 @@ def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: in
     for b, (s, t) in enumerate(seqs):
         x[b, : len(s) - 1] = torch.tensor(s[:-1])
         y[b, : len(s) - 1] = torch.tensor(t[1:])  # position i predicts token i + 1
-    return x, y
+    return x, y, torch.tensor(guide, dtype=torch.long).reshape(-1, 5)
 
 
 def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 2048) -> int:
-    """Training length for a step: a recall warm-up at 192-512 tokens (one to four attention
-    chunks, needles packed densely) for the first 20 %, then lengths growing to ``max_len``
+    """Training length for a step: a recall warm-up for the first 20 % (needles alone, or in
+    192-512 tokens: one to four attention chunks, needles packed densely), then lengths growing to ``max_len``
     with short ones kept in the mix."""
     if step < 0.2 * steps:
-        return rng.choice([192, 256, 384, 512])
+        return rng.choice([0, 0, 192, 256, 384, 512])  # 0: needles and questions, no haystack
     top = max_len if step > 0.5 * steps else max(512, max_len // 2)
     return rng.choice([256, 512] + [L for L in (768, 1024, 1536, 2048, 3072, 4096) if L <= top])
+
+
+# ---- attention guidance (training only) ------------------------------------------------------
+#
+# Left to itself, this model sits on a long plateau before the retrieval circuit forms: every
+# run of benchmarks/results/tiny_model_trials_2026-11-29.md stayed there for thousands of steps,
+# more than a CPU budget allows. The circuit is known, so training points a few heads at it
+# with an auxiliary cross-entropy on their attention (the model's forward is unchanged):
+#   local layer 0, at a needle's first value token and at the answer position that must produce
+#     it: head 0 attends to the key's last token, head 1 to its first (so both positions carry
+#     the key); head 2, at later value tokens on both sides, attends to the previous token;
+#   global layers, from the position that predicts an answer token: head 0 (first value token)
+#     and head 2 (later ones, an induction lookup) attend to the context position holding it.
+# The global layers also start from a mimetic initialisation (Trockman & Kolter, 2023): a KV
+# head's key map equals its first query head's map, so attention starts out matching similar
+# states, and o_proj is v_proj's transpose, so a head starts out copying what it reads.
+
+GUIDED = {"local": (0,), "global": (1, 3)}  # layer indices of the 4-layer model
+
+
+@functools.lru_cache(maxsize=4)
+def _needle_gap(tok) -> tuple[int, ...]:
+    """Token ids between a needle's key and its value (" is", ":", " ")."""
+    ids = tok.encode(" " + needles.NEEDLE.format(key="amber-falcon", value="1234567"))
+    key_end = ids.index(tok.encode(" amber-falcon")[-1]) + 1
+    return tuple(ids[key_end: ids.index(tok.encode("1234567")[0])])
+
+
+def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> list[tuple[int, int, int, int]]:
+    """(layer, head, query, key) attention targets for an answer ``ans`` about to be appended at
+    position len(seq) of a row whose context is ``prompt``. Only answers that start with a
+    needle's value are guided (not "not stated", nor a title: which document holds a key is
+    two lookups, left to the model), and an answer token only when the context holds it at
+    exactly one place (after the previous answer token, for j > 0)."""
+    at, gap, out = len(seq), _needle_gap(tok), []
+    g = len(gap)
+    for j, t in enumerate(ans[:-1]):  # not <|eot|>
+        src = [i for i in range(1, len(prompt)) if prompt[i] == t and (j == 0 or prompt[i - 1] == ans[j - 1])]
+        if len(src) != 1:
+            if j == 0:
+                return []
+            continue
+        k, q = src[0], at + j - 1  # the context position holding it, the position predicting it
+        if j == 0:
+            if tuple(prompt[k - g:k]) != gap or k < g + 2:
+                return []  # not a needle's value
+            for head, key_tok in ((0, prompt[k - g - 1]), (1, prompt[k - g - 2])):  # the key's tokens
+                asked = [i for i in range(q - 1, max(k, q - 16), -1) if seq[i] == key_tok]
+                if asked:  # the key as the question spells it
+                    out += [(layer, head, k, k - g - 1 - head) for layer in GUIDED["local"]]
+                    out += [(layer, head, q, asked[0]) for layer in GUIDED["local"]]
+        else:
+            out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (k, q)]
+        out += [(layer, 0 if j == 0 else 2, q, k) for layer in GUIDED["global"]]
+    return out
+
+
+def guidance_loss(model, inputs: dict, guide: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the guided heads' attention against their targets.
+    ``inputs`` maps a layer index to its attention's (input, rope) from the forward just run;
+    ``guide`` rows are (batch row, layer, head, query, key)."""
+    cfg, losses = model.config, []
+    for layer in guide[:, 1].unique().tolist():
+        b, _, head, q, k = guide[guide[:, 1] == layer].unbind(1)
+        attn = model.layers[layer].self_attn
+        x, rope = inputs[layer]
+        qs, ks, _ = attn.project(x, 0, rope)  # (B, T, H, D)
+        n = torch.arange(len(q))
+        logits = torch.einsum("nd,ntd->nt", qs[b, q, head], ks[b, :, head // (attn.n_heads // attn.n_kv)])
+        pos = torch.arange(x.shape[1])
+        hidden = pos[None] > q[:, None]
+        if attn.chunked:
+            hidden |= pos[None] // cfg.attention_chunk_size != q[:, None] // cfg.attention_chunk_size
+        logits = logits.masked_fill(hidden, float("-inf")) * attn.head_dim**-0.5
+        ok = ~hidden[n, k]  # a key in another chunk cannot be reached by a local head
+        losses.append((torch.logsumexp(logits, -1) - logits[n, k])[ok])
+    return torch.cat(losses).mean() if losses else torch.zeros(())
+
+
+def mimetic_init(model, std: float = 0.1) -> None:
+    """Global layers: k_proj of each KV head = q_proj of its first query head, o_proj ∝ v_proj^T."""
+    cfg = model.config
+    with torch.no_grad():
+        for layer in GUIDED["global"]:
+            attn = model.layers[layer].self_attn
+            D, g = attn.head_dim, attn.n_heads // attn.n_kv
+            attn.q_proj.weight.normal_(0.0, std)
+            for h in range(attn.n_kv):
+                attn.k_proj.weight[h * D:(h + 1) * D] = attn.q_proj.weight[h * g * D:(h * g + 1) * D]
+            attn.v_proj.weight.normal_(0.0, std)
+            v = attn.v_proj.weight.view(attn.n_kv, D, cfg.hidden_size)
+            attn.o_proj.weight.copy_(torch.cat([v[h // g] for h in range(attn.n_heads)]).T * (0.02 / std))
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -243,7 +340,7 @@ def probe(model, tok, sents, seed: int) -> dict:
     model.eval()
     with torch.no_grad():
         for length in (512, 2048):
-            x, y = make_batch(tok, random.Random(seed + length), length, 16, sents, turns=1, split="eval")
+            x, y, _ = make_batch(tok, random.Random(seed + length), length, 16, sents, turns=1, split="eval")
             pred = model(x).argmax(-1)
             ok = ((pred == y) | (y == -100)).all(dim=1)
             out[length] = round(ok.float().mean().item(), 3)
@@ -257,6 +354,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="sequence tokens per step, question turns included")
     ap.add_argument("--turns", type=int, default=12, help="questions asked per training context")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--guide", type=float, default=1.0, help="weight of the attention-guidance loss (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
@@ -278,6 +376,11 @@ def main(argv=None) -> None:
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0.0, 0.02)
+    mimetic_init(model)
+    inputs: dict = {}  # layer -> (attention input, rope) of the last forward, for the guidance loss
+    for layer in GUIDED["local"] + GUIDED["global"]:
+        model.layers[layer].self_attn.register_forward_pre_hook(
+            lambda _m, a, layer=layer: inputs.__setitem__(layer, (a[0], a[2])))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -290,18 +393,19 @@ def main(argv=None) -> None:
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
         length = curriculum(step, args.steps, rng, args.max_len)
-        rows = max(2, args.tokens // (length + 25 * args.turns))  # a turn is ~25 tokens
-        x, y = make_batch(tok, rng, length, rows, sents, args.turns)
+        rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
+        x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns)
         loss = answer_loss(model, x, y)
+        aux = guidance_loss(model, inputs, guide)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.guide * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", len=length)
+        bar.set_postfix(loss=f"{ema:.3f}", guide=f"{aux.item():.2f}", len=length)
         if step % 25 == 0 or step == args.steps - 1:
-            entry = {"step": step, "len": length, "loss": round(loss.item(), 4), "ema": round(ema, 4),
+            entry = {"step": step, "len": length, "loss": round(loss.item(), 4), "ema": round(ema, 4), "guide": round(aux.item(), 4),
                      "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
             if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
                 entry["probe"] = probe(model, tok, sents, args.seed)
@@ -332,10 +436,13 @@ def main(argv=None) -> None:
         f"4 needles (3 distractors), no needle (answer \"{NOT_STATED}\"), and which-document contexts of 3-8 packed "
         f"documents; up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
         "in the context); train-split keys only",
-        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths 192-{args.max_len} (recall warm-up at "
-        f"192-512, then a curriculum), AdamW lr {args.lr}, loss on answer tokens only; {train_s / 60:.1f} min",
+        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} (recall warm-up on needles alone or at "
+        f"192-512, then a curriculum), AdamW lr {args.lr}, loss on answer tokens only, plus attention guidance "
+        f"(weight {args.guide}: local heads to the key, global heads to the needle's value; mimetic initialisation "
+        f"of the global layers; see the script); {train_s / 60:.1f} min",
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
         f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} --turns {args.turns} "
+        f"--guide {args.guide} "
         f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
         f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples}`",
         "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "

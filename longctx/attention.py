@@ -44,13 +44,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor], kv) -> torch.Tensor:
-        """x (B, T, d) at absolute positions start..start+T-1; ``kv`` is this layer's cache
-        (``None`` for a cache-free forward). ``rope`` = (cos, sin), each (T, head_dim/2)."""
+    def project(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor]):
+        """q (B, T, Hq, D), k and v (B, T, Hkv, D) as the attention uses them: RoPE and QK-norm
+        on chunked layers, temperature tuning on global ones. (Training also calls this, to
+        put a loss on chosen heads' attention.)"""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if self.chunked:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -59,7 +60,14 @@ class Attention(nn.Module):
         elif cfg.attn_temperature_tuning:
             s = temperature_scale(cfg, start, T, x.device)
             q = (q * s[None, :, None, None]).to(q.dtype)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor], kv) -> torch.Tensor:
+        """x (B, T, d) at absolute positions start..start+T-1; ``kv`` is this layer's cache
+        (``None`` for a cache-free forward). ``rope`` = (cos, sin), each (T, head_dim/2)."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, start, rope))  # (B, H, T, D)
 
         chunk = cfg.attention_chunk_size if self.chunked else None
         scale = self.head_dim**-0.5

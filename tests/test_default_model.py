@@ -64,7 +64,7 @@ def test_training_batches_are_reproducible():
     assert len(prompt) == 300 and answer.isdigit() and len(answer) == 7
     assert tok.decode(prompt).count(f"is: {answer}.") == 1  # the needle holding the answer is there
     # Several turns: each needle asked once, the targets are exactly the answers' tokens.
-    x, y = train.make_batch(tok, random.Random(2), 400, 3, sents, turns=8)
+    x, y, _ = train.make_batch(tok, random.Random(2), 400, 3, sents, turns=8)
     for row_x, row_y in zip(x, y):
         text = tok.decode(row_x.tolist())
         answers = tok.decode([t for t in row_y.tolist() if t != -100]).split("<|eot|>")[:-1]
@@ -96,3 +96,34 @@ def test_training_is_reproducible(tmp_path):
     a, b = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b"))
     assert a == b
     assert (tmp_path / "a" / "CARD.md").read_text().count("| single |") == 1
+
+
+def test_attention_guidance_targets_point_at_the_answer_and_the_key():
+    """Global heads are guided from the position predicting an answer token to the one context
+    position holding that token; local heads 0/1 to the same key token on the needle's side and
+    the question's side; local head 2 to the previous token."""
+    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from longctx import needles
+    from longctx.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    sents = needles.encoded_sentences(tok)
+    x, y, guide = train.make_batch(tok, random.Random(3), 300, 4, sents, turns=6)
+    seq = torch.cat([x, torch.full((x.shape[0], 1), -1)], 1)
+    seq[:, 1:][y != -100] = y[y != -100]  # the row's tokens, the answers included
+    g_rows = guide[guide[:, 1] == 1]
+    assert len(g_rows) >= 8
+    for b, _, head, q, k in g_rows.tolist():
+        assert k < q and x[b, k] == y[b, q] and head in (0, 2)  # the source holds the token predicted at q
+    key_ids = {t for k in needles._ADJECTIVES + needles._NOUNS for t in tok.encode(" " + k) + tok.encode("-" + k)}
+    local = guide[guide[:, 1] == 0]
+    for head in (0, 1):
+        rows = local[local[:, 2] == head]
+        assert len(rows) >= 4 and len(rows) % 2 == 0
+        for (b, _, _, q1, k1), (b2, _, _, q2, k2) in zip(rows[0::2].tolist(), rows[1::2].tolist()):
+            assert b == b2 and q1 < q2 and k1 < q1 and k2 < q2  # needle side, then question side
+            assert x[b, k1] == x[b, k2] and int(x[b, k1]) in key_ids
+    for b, _, _, q, k in local[local[:, 2] == 2].tolist():
+        assert k == q - 1
