@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from longctx import needles
-from longctx.checkpoint import DEFAULT_MODEL, save_model
+from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
 from longctx.documents import ingest
 from longctx.generate import generate
@@ -203,13 +203,13 @@ def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: in
     return x, y, torch.tensor(guide, dtype=torch.long).reshape(-1, 5)
 
 
-def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 2048) -> int:
+def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 2048, warm_up: bool = True) -> int:
     """Training length for a step: a recall warm-up for the first 20 % (needles alone, or in
     192-512 tokens: one to four attention chunks, needles packed densely), then lengths growing to ``max_len``
     with short ones kept in the mix."""
-    if step < 0.2 * steps:
+    if warm_up and step < 0.2 * steps:
         return rng.choice([0, 0, 192, 256, 384, 512])  # 0: needles and questions, no haystack
-    top = max_len if step > 0.5 * steps else max(512, max_len // 2)
+    top = max_len if step > 0.5 * steps or not warm_up else max(512, max_len // 2)
     return rng.choice([256, 512] + [L for L in (768, 1024, 1536, 2048, 3072, 4096) if L <= top])
 
 
@@ -363,6 +363,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-samples", type=int, default=20)
     ap.add_argument("--probe-every", type=int, default=250, help="steps between logged probes (0: none)")
     ap.add_argument("--out", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this saved model (a second stage) instead of from scratch")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -371,12 +373,19 @@ def main(argv=None) -> None:
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
     cfg = model_config(tok, args.chunk)
-    model = Model(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.02)
-    mimetic_init(model)
+    if args.init is not None:  # a second stage: go on from a saved model, no warm-up
+        model = load_model(args.init)
+        cfg = model.config
+    else:
+        model = Model(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.02)
+        mimetic_init(model)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
     inputs: dict = {}  # layer -> (attention input, rope) of the last forward, for the guidance loss
     for layer in GUIDED["local"] + GUIDED["global"]:
         model.layers[layer].self_attn.register_forward_pre_hook(
@@ -392,7 +401,7 @@ def main(argv=None) -> None:
     ema = None
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
-        length = curriculum(step, args.steps, rng, args.max_len)
+        length = curriculum(step, args.steps, rng, args.max_len, warm_up=args.init is None)
         rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
         x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns)
         loss = answer_loss(model, x, y)
@@ -422,6 +431,11 @@ def main(argv=None) -> None:
     scores = evaluate(model, tok, [int(x) for x in args.eval_lengths.split(",")], None, args.eval_samples,
                       args.seed + 1, sents)
     eval_s = time.time() - t1
+    earlier = []  # a second stage's card keeps the first stage's training and command lines
+    if args.init is not None and (args.init / "CARD.md").exists():
+        earlier = ["- before this, the model it started from (`--init`):", *(
+            "  " + line for line in (args.init / "CARD.md").read_text().splitlines()
+            if line.startswith(("- training:", "- command:", "  ")))]
     card = [
         "# longctx embedded default model", "",
         "A Scout-architecture decoder at small width, trained from scratch by "
@@ -436,15 +450,17 @@ def main(argv=None) -> None:
         f"4 needles (3 distractors), no needle (answer \"{NOT_STATED}\"), and which-document contexts of 3-8 packed "
         f"documents; up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
         "in the context); train-split keys only",
-        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} (recall warm-up on needles alone or at "
-        f"192-512, then a curriculum), AdamW lr {args.lr}, loss on answer tokens only, plus attention guidance "
+        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} " + (
+            "(a second stage: no warm-up)" if args.init else
+            "(recall warm-up on needles alone or at 192-512, then a curriculum)") + f", AdamW lr {args.lr}, loss on answer tokens only, plus attention guidance "
         f"(weight {args.guide}: local heads to the key, global heads to the needle's value; mimetic initialisation "
         f"of the global layers; see the script); {train_s / 60:.1f} min",
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
         f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} --turns {args.turns} "
-        f"--guide {args.guide} "
+        f"--guide {args.guide} --lr {args.lr} " + (f"--init {args.init} " if args.init else "") +
         f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
         f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples}`",
+        *earlier,
         "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
         f"chunked prefill + KV cache; {eval_s / 60:.1f} min)", "",
         "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
