@@ -71,12 +71,16 @@ def test_training_batches_are_reproducible():
         assert answers and all(a == "not stated" or all(p in text for p in a.split(", ")) for a in answers)
 
 
-def test_answers_a_fixed_set_of_no_needle_questions(model):
-    """The shipped model's one reliable skill so far (see CARD.md): it says "not stated" when
-    the context does not hold the key asked for (93-100 % in the card's evaluation)."""
-    res = niah.run(model, task="none", lengths=[1024], depths=[0.0, 0.5, 1.0], samples=2, seed=11,
+@pytest.mark.parametrize("task", ["single", "multi_key", "none"])
+def test_answers_a_fixed_set_of_questions(model, task):
+    """A handful of answers of the shipped model through the library's path (chunked prefill,
+    KV cache, greedy decode): one needle, one needle among 3 distractors, no needle ("not
+    stated"); keys never seen in training. The full grids are in benchmarks/results/."""
+    res = niah.run(model, task=task, lengths=[1024], depths=[0.0, 1.0], samples=6, seed=11,
                    progress=False, max_new_tokens=8)
-    assert sum(r["exact"] for r in res.records) >= 5
+    # The card measures 73-100 % per length with retrieval, 0 % for a model without it; the
+    # bar here sits well below the measured rate, since its misses are whole needles.
+    assert sum(r["exact"] for r in res.records) >= (12 if task == "none" else 8), [r["answer"] for r in res.records]
 
 
 def test_training_is_reproducible(tmp_path):
