@@ -356,7 +356,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="sequence tokens per step, question turns included")
     ap.add_argument("--turns", type=int, default=12, help="questions asked per training context")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--guide", type=float, default=1.0, help="weight of the attention-guidance loss (0: off)")
+    ap.add_argument("--guide", type=float, default=1.0, help="weight of the attention-guidance loss (0: none; the mimetic init of the global layers stays)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
@@ -407,7 +407,7 @@ def main(argv=None) -> None:
         rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
         x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns)
         loss = answer_loss(model, x, y)
-        aux = guidance_loss(model, inputs, guide)
+        aux = guidance_loss(model, inputs, guide) if args.guide else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + args.guide * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -115,8 +115,6 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key():
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
     x, y, guide = train.make_batch(tok, random.Random(3), 300, 4, sents, turns=6)
-    seq = torch.cat([x, torch.full((x.shape[0], 1), -1)], 1)
-    seq[:, 1:][y != -100] = y[y != -100]  # the row's tokens, the answers included
     g_rows = guide[guide[:, 1] == 1]
     assert len(g_rows) >= 8
     for b, _, head, q, k in g_rows.tolist():
