@@ -155,6 +155,8 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     qa = [(needles.QUESTION_DOC.format(key=k), titles[h]) for k, h in zip(keys, holders)]
     qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
     rng.shuffle(qa)
+    if turns == 1:  # one question (evaluation): a which-document one
+        qa.sort(key=lambda q: q[1] not in titles)
     qa = qa[:turns]
     suffix = question_suffix(tok, qa[0][0])
     per_doc = max(8, (length - len(suffix) - 25 * n_docs) // n_docs)
