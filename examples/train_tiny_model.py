@@ -447,7 +447,8 @@ def main(argv=None) -> None:
         f"- architecture: {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads × {cfg.head_dim}, "
         f"{cfg.num_local_experts} experts top-1 + shared expert (width {cfg.intermediate_size}), "
-        f"attention chunk {cfg.attention_chunk_size}, floor_scale {cfg.floor_scale}, vocab {cfg.vocab_size}; "
+        f"attention chunk {cfg.attention_chunk_size}, floor_scale {cfg.floor_scale}, vocab {cfg.vocab_size}"
+        f"{', tied embeddings' if cfg.tie_word_embeddings else ''}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, fp32",
         f"- data: generated on the fly (seed {args.seed}): needles \"{needles.NEEDLE}\" in English sentences from "
         "Python's pydoc_data (a fifth in the five-sentence noise haystack): contexts with 1-12 needles, one needle, "
@@ -463,7 +464,8 @@ def main(argv=None) -> None:
         f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} --turns {args.turns} "
         f"--guide {args.guide} --lr {args.lr} " + (f"--init {args.init} " if args.init else "") +
         f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
-        f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples}`",
+        f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
+        + (f" --out {args.out}" if args.out != DEFAULT_MODEL else "") + "`",
         *earlier,
         "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
         f"chunked prefill + KV cache; {eval_s / 60:.1f} min)", "",
