@@ -159,12 +159,13 @@ def _on_device(segments, device: torch.device):
 def attention_mass(q: torch.Tensor, segments, lse: torch.Tensor, scale: float, mass: torch.Tensor) -> torch.Tensor:
     """Add, per key position, the causal-softmax probability that queries q (B, Hq, M, D) put
     on it, summed over heads and queries, to ``mass`` (B, L0) fp32 on CPU; grows it to cover
-    every key. Used for citations: each (head, query) row adds exactly 1 in total."""
+    every key (its capacity may run past the last key; those entries stay zero). Used for
+    citations: each (head, query) row adds exactly 1 in total."""
     B, Hq, M, D = q.shape
     q_start = segments[-1][2]  # the last segment holds this call's own keys
     end = q_start + M
-    if mass.shape[1] < end:
-        mass = torch.cat([mass, mass.new_zeros(B, end - mass.shape[1])], 1)
+    if mass.shape[1] < end:  # grow geometrically: a decode step adds one key, not one O(L) copy
+        mass = torch.cat([mass, mass.new_zeros(B, max(end, 2 * mass.shape[1]) - mass.shape[1])], 1)
     G = Hq // segments[-1][0].shape[1]  # query heads per KV head
     qf = q.float().unflatten(1, (-1, G))  # (B, Hkv, G, M, D)
     lse = lse.unflatten(1, (-1, G))[..., None]  # (B, Hkv, G, M, 1)

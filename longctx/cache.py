@@ -316,7 +316,8 @@ class KVCache:
         out = torch.zeros(self.batch, self.length)
         for layer in self.layers:
             if isinstance(layer, GlobalCache) and layer.mass is not None:
-                out[:, : layer.mass.shape[1]] += layer.mass
+                n = min(layer.mass.shape[1], self.length)  # its capacity may exceed the length
+                out[:, :n] += layer.mass[:, :n]
         return out
 
     # ---- persistence ------------------------------------------------------------------------

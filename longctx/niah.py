@@ -371,9 +371,14 @@ def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     pending = [0, 0.0]  # shared prefill not yet reported: tokens, seconds
 
-    def common_prefix(a: list[int], b: list[int]) -> int:
+    arrays = [np.asarray(p) for p in prompts]
+
+    def common_prefix(a: np.ndarray, b: np.ndarray, start: int) -> int:
+        """Length of a's and b's common prefix, known to be at least ``start``; vectorised,
+        and from ``start`` on, so a branch costs O(new tokens) in C, not O(prompt) in Python."""
         n = min(len(a), len(b))
-        return next((j for j in range(n) if a[j] != b[j]), n)
+        diff = np.flatnonzero(a[start:n] != b[start:n])
+        return start + int(diff[0]) if len(diff) else n
 
     def walk(cache, pos: int, group: list[int]):
         if len(group) == 1:
@@ -384,7 +389,7 @@ def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
             return
         # Sorted order: the group's common prefix is that of its first and last prompt. Keep
         # one token of each prompt back, to generate from.
-        end = min(common_prefix(prompts[group[0]], prompts[group[-1]]), min(len(prompts[i]) for i in group) - 1)
+        end = min(common_prefix(arrays[group[0]], arrays[group[-1]], pos), min(len(prompts[i]) for i in group) - 1)
         if end > pos:
             t0 = time.perf_counter()
             prefill(model, torch.tensor([prompts[group[0]][pos:end]]), cache, chunk_size, progress=False)
