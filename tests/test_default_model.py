@@ -78,9 +78,10 @@ def test_answers_a_fixed_set_of_questions(model, task):
     stated"); keys never seen in training. The full grids are in benchmarks/results/."""
     res = niah.run(model, task=task, lengths=[1024], depths=[0.0, 1.0], samples=6, seed=11,
                    progress=False, max_new_tokens=8)
-    # The card measures 73-100 % per length with retrieval, 0 % for a model without it; the
-    # bar here sits well below the measured rate, since its misses are whole needles.
-    assert sum(r["exact"] for r in res.records) >= (12 if task == "none" else 8), [r["answer"] for r in res.records]
+    # The shipped model gets all 12 of each (measured); one miss is allowed for float
+    # differences across platforms that could flip a close greedy choice. A model without
+    # retrieval gets 0 of the needle tasks (the card's grids: 92-100 % per length).
+    assert sum(r["exact"] for r in res.records) >= (12 if task == "none" else 11), [r["answer"] for r in res.records]
 
 
 def test_training_is_reproducible(tmp_path):
