@@ -71,6 +71,25 @@ def test_training_batches_are_reproducible():
         assert answers and all(a == "not stated" or all(p in text for p in a.split(", ")) for a in answers)
 
 
+def test_one_question_document_examples_ask_which_document():
+    """Evaluation draws one question per which-document context: it must be the title question
+    (a value question there would score retrieval, not the document hop)."""
+    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from longctx import needles
+    from longctx.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    sents = needles.encoded_sentences(tok)
+    rng = random.Random(4)
+    for _ in range(10):
+        prompt, later = train.document_example(tok, rng, 600, "eval", sents)
+        title = later[0][2]
+        assert not title.isdigit() and f'title="{title}"' in tok.decode(prompt)
+        assert "Which document" in tok.decode(prompt[-40:])
+
+
 @pytest.mark.parametrize("task", ["single", "multi_key", "none"])
 def test_answers_a_fixed_set_of_questions(model, task):
     """A handful of answers of the shipped model through the library's path (chunked prefill,
