@@ -86,15 +86,30 @@ class Attention(nn.Module):
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int | None,
                     scale: float) -> torch.Tensor:
-    """The same masked attention through PyTorch SDPA with an explicit (T, T) mask: O(T²)
-    memory, but differentiable. Used for training (grad enabled, no cache); the kernels'
-    reference path is inference-only (in-place softmax)."""
-    pos = torch.arange(start, start + q.shape[2], device=q.device)
-    mask = pos[None, :] <= pos[:, None]
-    if chunk is not None:
-        mask &= (pos[None, :] // chunk) == (pos[:, None] // chunk)
-    g = q.shape[1] // k.shape[1]
+    """The same masked attention through PyTorch SDPA, differentiable: used for training (grad
+    enabled, no cache; the kernels' reference path is inference-only, with in-place softmax).
+    q, k, v (B, H, T, D) at the same positions start..start+T-1 (self-attention).
+
+    Causal layers go through SDPA's is_causal path (its fused kernel skips the masked half and
+    never builds a (T, T) mask). Chunked layers whose first chunk starts at ``start`` are cut
+    into chunks, padded at the end, and run the same way with the chunks as a batch dimension:
+    O(T·chunk) work instead of O(T²). Any other start falls back to an explicit mask."""
+    B, H, T, D = q.shape
+    g = H // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # GQA: head h reads KV head h // g
+    if chunk is None or T <= chunk - start % chunk:  # one causal block
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if start % chunk == 0:
+        n = -(-T // chunk)
+        pad = n * chunk - T  # padded keys sit after every real query of the last chunk: masked
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0, 0, pad)).reshape(B, H, n, chunk, D)
+
+        out = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), is_causal=True, scale=scale)
+        return out.reshape(B, H, n * chunk, D)[:, :, :T]
+    pos = torch.arange(start, start + T, device=q.device)
+    mask = (pos[None, :] <= pos[:, None]) & ((pos[None, :] // chunk) == (pos[:, None] // chunk))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

@@ -286,3 +286,26 @@ def test_training_path_equals_inference_path_and_has_gradients():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     got.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "experts" not in n)
+
+
+@pytest.mark.parametrize("T,chunk,start", [(23, None, 0), (23, 5, 0), (16, 8, 0), (7, 16, 0), (23, 5, 3), (4, 5, 3)])
+def test_training_attention_equals_masked_reference(T, chunk, start):
+    """dense_attention (the differentiable path: SDPA causal, chunks as a batch dimension) against
+    an explicit float64 masked softmax, values and gradients; GQA 4:2, T not a multiple of the chunk."""
+    from longctx.attention import dense_attention
+
+    gen = torch.Generator().manual_seed(T * 7 + start)
+    q, k, v = (torch.randn(2, h, T, 8, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    pos = torch.arange(start, start + T)
+    mask = pos[None, :] <= pos[:, None]
+    if chunk is not None:
+        mask &= (pos[None, :] // chunk) == (pos[:, None] // chunk)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    want = ((q @ kk.transpose(-1, -2)) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+    got = dense_attention(q, k, v, start, chunk, 0.3)
+    torch.testing.assert_close(got, want)
+    w = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+    grads_got = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b)
