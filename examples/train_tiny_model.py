@@ -2,6 +2,10 @@
 
     python examples/train_tiny_model.py            # about an hour on 2 CPU cores
 
+The shipped model then had a second stage (~50 min; copy /tmp/stage2 back afterwards):
+
+    python examples/train_tiny_model.py --init longctx/assets/default --out /tmp/stage2 --steps 2000 --lr 5e-4 --seed 1
+
 A Scout-architecture model at small width (chunked-local RoPE layers alternating with global
 NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert, tied embeddings)
 learns to retrieve facts from long contexts: needle sentences hidden in English text from
