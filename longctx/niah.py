@@ -371,7 +371,7 @@ def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     pending = [0, 0.0]  # shared prefill not yet reported: tokens, seconds
 
-    arrays = [np.asarray(p) for p in prompts]
+    arrays = [np.asarray(p, dtype=np.int32) for p in prompts]  # token ids; half the bytes of int64
 
     def common_prefix(a: np.ndarray, b: np.ndarray, start: int) -> int:
         """Length of a's and b's common prefix, known to be at least ``start``; vectorised,
