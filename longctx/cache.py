@@ -22,6 +22,7 @@ is built under a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -236,14 +237,27 @@ class GlobalCache:
         return {"kind": "global", "starts": [s for _, s, _ in self.sealed], "tail_start": self.tail_start}
 
 
-def replace_folder(tmp: Path, folder: Path) -> None:
-    """Put the finished folder ``tmp`` at ``folder``: an existing one is moved aside first and
-    removed only after the rename, so a reader sees the old or the new folder, never half."""
+@contextlib.contextmanager
+def atomic_folder(folder: Path):
+    """Yield an empty folder beside ``folder``; when the block finishes, put it at ``folder``.
+
+    An existing ``folder`` is moved aside first and removed only after the rename, so a reader
+    sees the old or the new folder, never half of one; if the block raises, the new folder is
+    removed and the old one stays as it was."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
     old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        folder.rename(old)
-    tmp.rename(folder)
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            folder.rename(old)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            old.rename(folder)  # the final rename failed: put the old folder back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -326,9 +340,7 @@ class KVCache:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_folder(folder) as tmp:
             metas = []
             for i, layer in enumerate(self.layers):
                 tensors = {n: t.detach().cpu().contiguous() for n, t in layer.tensors().items()}
@@ -339,10 +351,6 @@ class KVCache:
                     "layer_kinds": self.layer_kinds, "segment_tokens": self.offload.segment_tokens,
                     "layers": metas}
             (tmp / "cache.json").write_text(json.dumps(meta, indent=1))
-            replace_folder(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 import warnings
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CacheError, KVCache, OffloadPolicy, replace_folder, token_hash
+from .cache import CacheError, KVCache, OffloadPolicy, atomic_folder, token_hash
 from .documents import BudgetError, IngestError, ingest
 from .generate import prefill, sample
 from .prompt import context_prefix, question_suffix
@@ -190,19 +189,13 @@ class Session:
         """Persist the prefilled cache and what citing needs (spans, document titles and
         hashes). Atomic: the folder is built beside the target and renamed into place."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_folder(folder) as tmp:
             self.cache.save(tmp / "cache")
             np.save(tmp / "prefix.npy", np.asarray(self.prefix, dtype=np.int64))
             meta = {"format": SESSION_FORMAT, "spans": self.spans, "documents": self.documents,
                     "offset": self.offset, "chunk_size": self.chunk_size, "max_context": self.max_context,
                     "prefix_sha256": token_hash(self.prefix[None])[0]}
             (tmp / "session.json").write_text(json.dumps(meta))
-            replace_folder(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

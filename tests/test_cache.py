@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from longctx.cache import CacheError, ChunkedCache, GlobalCache, KVCache, OffloadPolicy, token_hash
+from longctx.cache import CacheError, ChunkedCache, GlobalCache, KVCache, OffloadPolicy, atomic_folder, token_hash
 from longctx.generate import generate, prefill, sample
 
 from conftest import random_model, tiny_config
@@ -166,6 +168,25 @@ def test_save_is_atomic(model, tokens, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary left behind
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
     assert KVCache.load(tmp_path / "c", model, tokens=tokens[:, :12]).length == 12  # old save intact
+
+
+def test_atomic_folder_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "f"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        if self.name.startswith(".f.tmp-"):
+            raise OSError("rename refused")
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="rename refused"):
+        with atomic_folder(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]  # no temporary or moved-aside folder left
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
 
 
 def test_attention_mass_shares_sum_to_one_per_query(model, tokens):
