@@ -12,8 +12,6 @@ rate measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from longctx.cli import parse_length
 from longctx.config import ModelConfig
 from longctx.generate import prefill
 from longctx.model import Model
+from longctx.records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -118,15 +117,10 @@ def main(argv=None) -> None:
                      f"fraction {achieved / peak:.2f}")
     print("\n".join(lines))
     if args.record:
-        RESULTS.mkdir(exist_ok=True)
-        day = datetime.date.today().isoformat()
-        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
-        path = RESULTS / f"decode_{device.type}_{day}.md"
-        path.write_text("\n".join([f"# Decode over an offloaded KV cache ({day})", "", f"- device: {dev}",
-                                   f"- command: `python benchmarks/decode.py --context {args.context} --steps {args.steps} "
-                                   f"--preset {args.preset} --record`",
-                                   f"- model: `{args.preset}` preset, random weights, {str(dtype).removeprefix('torch.')}", "",
-                                   *lines]) + "\n")
+        cmd = f"python benchmarks/decode.py --context {args.context} --steps {args.steps} --preset {args.preset} --record"
+        facts = [f"model: `{args.preset}` preset, random weights, {str(dtype).removeprefix('torch.')}"]
+        path = write_record(RESULTS, f"decode_{device.type}", "Decode over an offloaded KV cache", cmd, facts, lines,
+                            device=str(device))
         print(f"recorded {path}")
 
 

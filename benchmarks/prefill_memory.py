@@ -11,9 +11,7 @@ chunked-local cache, RSS minus KV should stay flat as N grows.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 from longctx.cli import parse_length
+from longctx.records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -72,21 +71,17 @@ def main(argv=None) -> None:
         print(f"{r['tokens']:>8} tokens  {r['seconds']:>8.1f} s  peak RSS {r['peak_rss'] / 2**20:8.1f} MiB  "
               f"KV {r['kv_bytes'] / 2**20:7.1f} MiB  peak-KV {r['peak_minus_kv'] / 2**20:8.1f} MiB", flush=True)
     if args.record:
-        RESULTS.mkdir(exist_ok=True)
-        day = datetime.date.today().isoformat()
-        path = RESULTS / f"prefill_memory_{day}.md"
         spread = max(r["peak_minus_kv"] for r in rows) - min(r["peak_minus_kv"] for r in rows)
-        lines = [f"# Prefill memory vs length ({day})", "",
-                 f"- device: CPU ({platform.processor() or platform.machine()}), {args.threads} threads",
-                 f"- command: `python benchmarks/prefill_memory.py --lengths {args.lengths} "
-                 f"--chunk-size {args.chunk_size} --threads {args.threads} --record`",
-                 "- model: `tiny` preset (4 layers, 1 global NoPE layer, attention chunk 32), random weights, fp32",
-                 "", "| tokens | prefill s | tok/s | peak RSS MiB | KV MiB | peak − KV MiB |", "|---|---|---|---|---|---|"]
+        cmd = (f"python benchmarks/prefill_memory.py --lengths {args.lengths} --chunk-size {args.chunk_size} "
+               f"--threads {args.threads} --record")
+        facts = ["model: `tiny` preset (4 layers, 1 global NoPE layer, attention chunk 32), random weights, fp32"]
+        lines = ["| tokens | prefill s | tok/s | peak RSS MiB | KV MiB | peak − KV MiB |", "|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['peak_rss'] / 2**20:.1f} | "
                          f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_minus_kv'] / 2**20:.1f} |")
         lines += ["", f"Spread of peak − KV across lengths: {spread / 2**20:.1f} MiB."]
-        path.write_text("\n".join(lines) + "\n")
+        path = write_record(RESULTS, "prefill_memory", "Prefill memory vs length", cmd, facts, lines,
+                            threads=args.threads)
         print(f"recorded {path}")
 
 

@@ -17,9 +17,7 @@ Single needle, multi-key and no-needle grids: ``python benchmarks/niah.py --task
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import platform
 import random
 import shlex
 import sys
@@ -33,6 +31,7 @@ from longctx import needles, niah
 from longctx.checkpoint import load_model
 from longctx.cli import parse_length
 from longctx.generate import generate
+from longctx.records import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,13 +103,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     print("\n".join(body))
     if args.record:
-        day = datetime.date.today().isoformat()
-        path = RESULTS / f"tiny_model_{args.part}_{day}.md"
-        head = [f"# Embedded model: {args.part} ({day})", "",
-                f"- device: CPU ({platform.machine()}), {torch.get_num_threads()} threads; torch {torch.__version__}",
-                f"- command: `python benchmarks/tiny_model.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
-                f"- model: {args.model or 'embedded default'} (fingerprint {model.fingerprint[:16]}); wall {wall:.0f} s", ""]
-        path.write_text("\n".join(head + body) + "\n")
+        cmd = "python benchmarks/tiny_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        facts = [f"model: {args.model or 'embedded default'} (fingerprint {model.fingerprint[:16]}); wall {wall:.0f} s"]
+        path = write_record(RESULTS, f"tiny_model_{args.part}", f"Embedded model: {args.part}", cmd, facts, body)
         print(f"wrote {path}")
     return 0
 

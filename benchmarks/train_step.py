@@ -12,9 +12,7 @@ the same process, for a before/after figure.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import platform
 import random
 import shlex
 import sys
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 
 from longctx import attention, needles
 from longctx.model import Model
+from longctx.records import write_record
 from longctx.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,13 +103,10 @@ def main(argv=None) -> int:
     finally:
         attention.dense_attention = saved
     if args.record:
-        day = datetime.date.today().isoformat()
-        path = ROOT / "benchmarks" / "results" / f"train_step_{day}.md"
-        head = [f"# Training step of the embedded model ({day})", "",
-                f"- device: CPU ({platform.machine()}), {args.threads} threads; torch {torch.__version__}",
-                f"- command: `python benchmarks/train_step.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
-                f"- seconds per phase, mean of {args.steps} steps after one warm-up step", ""]
-        path.write_text("\n".join(head + lines) + "\n")
+        cmd = "python benchmarks/train_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        facts = [f"seconds per phase, mean of {args.steps} steps after one warm-up step"]
+        path = write_record(ROOT / "benchmarks" / "results", "train_step", "Training step of the embedded model",
+                            cmd, facts, lines)
         print(f"wrote {path}")
     return 0
 

@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -227,32 +225,19 @@ def niah_main(argv=None) -> int:
     except ImportError as e:
         print(f"wrote {out_jsonl} ({elapsed:.1f} s); no heatmap: {e}", file=sys.stderr)
     if args.record:
-        stem = f"niah_{args.task}_{datetime.date.today().isoformat()}"
-        extra = [f"wall time: {elapsed:.1f} s ({len(res.records)} cells)"]
-        if png is not None:
-            import shutil
-
-            args.record.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, args.record / f"{stem}.png")
-            extra += ["", f"![NIAH {args.task} heatmap]({stem}.png)"]
-        _record(args, argv, lengths, depths, body + extra, f"niah_{args.task}")
+        _record(args, argv, lengths, depths, body + [f"wall time: {elapsed:.1f} s ({len(res.records)} cells)"],
+                f"niah_{args.task}", png)
     return 0
 
 
-def _record(args, argv, lengths, depths, body: list[str], stem: str) -> None:
-    import torch
+def _record(args, argv, lengths, depths, body: list[str], name: str, png=None) -> None:
+    from .records import write_record
 
-    args.record.mkdir(parents=True, exist_ok=True)
-    day = datetime.date.today().isoformat()
-    path = args.record / f"{stem}_{day}.md"
-    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads")
+    what = f"prefix reuse vs none, task {args.task}" if name == "niah_prefix_reuse" else args.task
     cmd = "python benchmarks/niah.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    what = f"prefix reuse vs none, task {args.task}" if stem == "niah_prefix_reuse" else args.task
-    path.write_text("\n".join([f"# NIAH {what} ({day})", "", f"- device: {device}", f"- command: `{cmd}`",
-                               f"- model: {args.model or 'embedded default (longctx/assets/default)'}",
-                               f"- lengths {lengths}, depths {depths}, samples {args.samples}, seed {args.seed}, "
-                               f"haystack {args.haystack}", "", *body]) + "\n")
+    facts = [f"model: {args.model or 'embedded default (longctx/assets/default)'}",
+             f"lengths {lengths}, depths {depths}, samples {args.samples}, seed {args.seed}, haystack {args.haystack}"]
+    path = write_record(args.record, name, f"NIAH {what}", cmd, facts, body, device=args.device, png=png)
     print(f"recorded {path}")
 
 

@@ -237,4 +237,12 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok):
     rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
                     "--out", str(tmp_path / "out"), "--record", str(rec)])
     assert rc == 0 and len(list(rec.glob("niah_single_*.png"))) == 1
-    assert "![NIAH single heatmap](niah_single_" in next(rec.glob("niah_single_*.md")).read_text()
+    (first,) = rec.glob("niah_single_*.md")
+    text = first.read_text()
+    assert f"![NIAH single]({first.stem}.png)" in text
+    # A second run the same day gets its own files; the first record stays as it was.
+    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
+                    "--out", str(tmp_path / "out2"), "--record", str(rec)])
+    assert rc == 0 and first.read_text() == text
+    second = first.with_name(first.stem + "_2.md")
+    assert f"![NIAH single]({second.stem}.png)" in second.read_text() and second.with_suffix(".png").exists()
