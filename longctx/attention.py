@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import decode_attention, flash_attention, merge_attention
+from .kernels.attention import visibility_mask
 from .rope import apply_rope
 
 # Queries per call at or below which the split-KV decode kernel is used over cached keys.
@@ -108,8 +109,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
 
         out = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), is_causal=True, scale=scale)
         return out.reshape(B, H, n * chunk, D)[:, :, :T]
-    pos = torch.arange(start, start + T, device=q.device)
-    mask = (pos[None, :] <= pos[:, None]) & ((pos[None, :] // chunk) == (pos[:, None] // chunk))
+    mask = visibility_mask(start, start + T - 1, start, start + T, True, chunk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

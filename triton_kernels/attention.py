@@ -118,7 +118,7 @@ def _row_blocks(M: int, N: int, q_start: int, k_start: int, causal: bool, chunk:
             yield m0, m1, n_lo, n_hi
 
 
-def _visible(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, chunk: int | None, device=None):
+def visibility_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, chunk: int | None, device=None):
     """Bool (queries q_lo..q_hi, keys k_lo..k_hi-1), absolute positions: which keys each sees."""
     pos_q = torch.arange(q_lo, q_hi + 1, device=device)[:, None]
     pos_k = torch.arange(k_lo, k_hi, device=device)[None, :]
@@ -382,7 +382,7 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
             n1 = min(n_open, n0 + bn)
             parts.append(_FUSED_CPU(qb, k[:, :, n0:n1].float(), v[:, :, n0:n1].float(), scale=scale)[:2])
         if n_hi > n_open:
-            visible = _visible(lo, hi, k_start + n_open, k_start + n_hi, causal, chunk)
+            visible = visibility_mask(lo, hi, k_start + n_open, k_start + n_hi, causal, chunk)
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(r, 1)
             o, l = _FUSED_CPU(qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(),
                               attn_mask=mask, scale=scale)[:2]
@@ -436,7 +436,7 @@ def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
             n1 = min(n_hi, n0 + bn)
             kb = k[:, :, n0:n1].float()
             s = qb @ kb.transpose(-1, -2)  # (B, Hkv, r * mb, nb)
-            visible = _visible(lo, hi, k_start + n0, k_start + n1, causal, chunk, q.device)
+            visible = visibility_mask(lo, hi, k_start + n0, k_start + n1, causal, chunk, q.device)
             if not bool(visible.all()):  # interior blocks skip the masking pass
                 s = s.view(B, Hkv, r, mb, n1 - n0).masked_fill_(~visible, float("-inf"))
                 s = s.view(B, Hkv, r * mb, n1 - n0)
