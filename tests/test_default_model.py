@@ -25,6 +25,15 @@ def model():
     return load_model()
 
 
+@pytest.fixture(scope="module")
+def train():
+    """examples/train_tiny_model.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_loads_offline_in_well_under_a_second():
     load_model()  # warm the file cache, as a second call in a session would be
     t0 = time.perf_counter()
@@ -47,10 +56,7 @@ def test_chunked_prefill_beyond_training_length_equals_full_forward(model):
     assert last.argmax() == full.argmax()
 
 
-def test_training_batches_are_reproducible():
-    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+def test_training_batches_are_reproducible(train):
     from longctx import needles
     from longctx.tokenizer import Tokenizer
 
@@ -71,12 +77,9 @@ def test_training_batches_are_reproducible():
         assert answers and all(a == "not stated" or all(p in text for p in a.split(", ")) for a in answers)
 
 
-def test_one_question_document_examples_ask_which_document():
+def test_one_question_document_examples_ask_which_document(train):
     """Evaluation draws one question per which-document context: it must be the title question
     (a value question there would score retrieval, not the document hop)."""
-    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     from longctx import needles
     from longctx.tokenizer import Tokenizer
 
@@ -103,12 +106,9 @@ def test_answers_a_fixed_set_of_questions(model, task):
     assert sum(r["exact"] for r in res.records) >= (12 if task == "none" else 11), [r["answer"] for r in res.records]
 
 
-def test_training_is_reproducible(tmp_path):
+def test_training_is_reproducible(tmp_path, train):
     """Same seed, same steps: bit-identical weights (hence identical scores). A few short steps
     of the real script; the full run is recorded in the model's CARD.md."""
-    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     threads = torch.get_num_threads()
     args = ["--steps", "3", "--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256",
             "--eval-lengths", "256", "--eval-samples", "1", "--probe-every", "0"]
@@ -122,13 +122,10 @@ def test_training_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "CARD.md").read_text().count("| single |") == 1
 
 
-def test_attention_guidance_targets_point_at_the_answer_and_the_key():
+def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
     """Global heads are guided from the position predicting an answer token to the one context
     position holding that token; local heads 0/1 to the same key token on the needle's side and
     the question's side; local head 2 to the previous token."""
-    spec = importlib.util.spec_from_file_location("train", ROOT / "examples" / "train_tiny_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     from longctx import needles
     from longctx.tokenizer import Tokenizer
 
