@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import re
 import shlex
 import sys
 import time
@@ -46,17 +47,22 @@ def _train_module():
 
 
 def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[int, int]) -> list[str]:
-    """Which-document exact match per length; returns report lines."""
+    """Which-document exact match per length; returns report lines. A wrong answer is told
+    apart as another document's title from the same context (the model copies a title, but
+    the wrong one) or no title of the context (it makes one up)."""
     train, tok = _train_module(), model.tokenizer
     sents = needles.encoded_sentences(tok)
-    lines = ["| length | right title | samples |", "|---|---|---|"]
+    lines = ["| length | right title | another document's title | no title of the context | samples |",
+             "|---|---|---|---|---|"]
     for length in lengths:
-        rng, hits = random.Random(seed + length), 0
+        rng, counts = random.Random(seed + length), [0, 0, 0]
         for _ in tqdm(range(samples), desc=f"documents @{length}", unit="q"):
             prompt, later = train.document_example(tok, rng, length, "eval", sents, docs=docs)
             out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=2048)
-            hits += tok.decode(out.tokens[0]).strip() == later[0][2]
-        lines.append(f"| {length} | {hits / samples:.0%} ({hits}/{samples}) | {samples} |")
+            answer = tok.decode(out.tokens[0]).strip()
+            titles = re.findall(r'title="([^"]*)"', tok.decode(prompt))
+            counts[0 if answer == later[0][2] else 1 if answer in titles else 2] += 1
+        lines.append(f"| {length} | " + " | ".join(f"{c / samples:.0%} ({c})" for c in counts) + f" | {samples} |")
     return lines
 
 
