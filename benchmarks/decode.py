@@ -75,6 +75,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = parse_length(args.context)
+    if n <= args.segment_tokens:  # the open tail segment always stays on the device
+        ap.error(f"--context {args.context} ({n} tokens) must exceed --segment-tokens {args.segment_tokens}: "
+                 "below that no KV leaves the device and the tiers would not be compared")
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset)
