@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx import attention, needles
+from longctx.kernels.attention import visibility_mask
 from longctx.model import Model
 from longctx.records import write_record
 from longctx.tokenizer import Tokenizer
@@ -32,10 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def masked_attention(q, k, v, start, chunk, scale):
     """The baseline: one explicit (T, T) mask for every layer."""
-    pos = torch.arange(start, start + q.shape[2], device=q.device)
-    mask = pos[None, :] <= pos[:, None]
-    if chunk is not None:
-        mask &= (pos[None, :] // chunk) == (pos[:, None] // chunk)
+    T = q.shape[2]
+    mask = visibility_mask(start, start + T - 1, start, start + T, True, chunk, q.device)
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
