@@ -61,7 +61,7 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
             out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=2048)
             answer = tok.decode(out.tokens[0]).strip()
             titles = re.findall(r'title="([^"]*)"', tok.decode(prompt))
-            counts[0 if answer == later[0][2] else 1 if answer in titles else 2] += 1
+            counts[0 if answer == later[0][2].strip() else 1 if answer in titles else 2] += 1
         lines.append(f"| {length} | " + " | ".join(f"{c / samples:.0%} ({c})" for c in counts) + f" | {samples} |")
     return lines
 

@@ -143,27 +143,27 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
 
 
 def document_example(tok, rng: random.Random, length: int, split: str, sents, turns: int = 1,
-                     docs: tuple[int, int] = (3, 8)) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+                     docs: tuple[int, int] = (3, 8), chunk: int = 128) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
-    hold a needle. Returns (prompt, later) as ``needle_example``."""
+    hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
+    titles of a context. Returns (prompt, later) as ``needle_example``; a title answer is
+    given with a leading space (" Slow Robin"), the form it has in the chunk markers."""
     n_docs = rng.randint(*docs)
     n = rng.randint(1, min(3, n_docs))
     keys = needles.make_keys(rng, n, split)
     values = [needles.make_value(rng) for _ in keys]
-    titles: list[str] = []
-    while len(titles) < n_docs:
-        t = f"{rng.choice(needles._ADJECTIVES).title()} {rng.choice(needles._NOUNS).title()} Report {rng.randint(1, 99)}"
-        if t not in titles:
-            titles.append(t)
+    adjs, nouns = rng.sample(needles._ADJECTIVES, n_docs), rng.sample(needles._NOUNS, n_docs)
+    titles = [f"{a.title()} {b.title()}" for a, b in zip(adjs, nouns)]
     holders = rng.sample(range(n_docs), n)
-    qa = [(needles.QUESTION_DOC.format(key=k), titles[h]) for k, h in zip(keys, holders)]
+    qa = [(needles.QUESTION_DOC.format(key=k), " " + titles[h]) for k, h in zip(keys, holders)]
     qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
     rng.shuffle(qa)
     if turns == 1:  # one question (evaluation): a which-document one
-        qa.sort(key=lambda q: q[1] not in titles)
+        qa.sort(key=lambda q: q[1][1:] not in titles)
     qa = qa[:turns]
     suffix = question_suffix(tok, qa[0][0])
     per_doc = max(8, (length - len(suffix) - 25 * n_docs) // n_docs)
+    per_doc = max(8, per_doc - 7 * (per_doc // chunk + 2))  # room for the markers
     docs = []
     for d in range(n_docs):
         sents_d = [tok.decode(s).strip() for s in haystack(rng, sents, per_doc)]
@@ -171,34 +171,38 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
             if h == d:
                 sents_d.insert(rng.randrange(len(sents_d) + 1), needles.NEEDLE.format(key=k, value=v))
         docs.append((titles[d], " ".join(sents_d)))
-    ids = ingest(docs, progress=False).pack(tok, progress=False).ids.tolist()
-    prompt = context_prefix(tok, ids) + suffix
+    packed = ingest(docs, progress=False).pack(tok, chunk=chunk, offset=len(context_prefix(tok, [])), progress=False)
+    prompt = context_prefix(tok, packed.ids) + suffix
     return prompt, answer_turns(tok, qa)
 
 
 def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: int = 8,
-               split: str = "train") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               split: str = "train", chunk: int = 128, doc_share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (rows, T), targets (rows, T) (-100 everywhere but the answer tokens) and the
     attention-guidance targets (N, 5): row, layer, head, query position, key position
     (``guide_targets``).
 
     Each row is one context followed by up to ``turns`` question/answer chat turns about it:
     an answer costs ~25 tokens of sequence instead of a whole context, so the retrieval
-    signal per step is several times denser than with one question per context."""
+    signal per step is several times denser than with one question per context. A share
+    ``doc_share`` of the rows are which-document contexts (markers for attention chunks of
+    ``chunk`` tokens)."""
     noise = needles.encoded_sentences(tok, "noise")
     seqs, guide = [], []
     for _ in range(rows):
         sents_b = noise if rng.random() < 0.2 else sents  # some on the repetitive noise haystack
         r = rng.random()
-        if r < 0.1:
-            prompt, later = document_example(tok, rng, length, split, sents_b, turns)
+        if r < doc_share:
+            prompt, later = document_example(tok, rng, length, split, sents_b, turns, chunk=chunk)
         else:
+            r = 0.1 + 0.9 * (r - doc_share) / (1 - doc_share)  # the needle kinds' shares, as with doc_share 0.1
             kind = "many" if r < 0.75 else "single" if r < 0.85 else "distractor" if r < 0.93 else "none"
             prompt, later = needle_example(tok, rng, length, split, kind, sents_b, turns)
         seq, target = list(prompt), [-100] * len(prompt)
         for turn, ans, _ in later:
             seq += turn
-            guide += [(len(seqs), *g) for g in guide_targets(tok, prompt, seq, ans)]
+            targets = guide_targets(tok, prompt, seq, ans) or title_targets(tok, prompt, seq, ans, chunk)
+            guide += [(len(seqs), *g) for g in targets]
             seq += ans
             target += [-100] * len(turn) + ans
         seqs.append((seq, target))
@@ -276,6 +280,36 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
     return out
 
 
+def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk: int) -> list[tuple[int, int, int, int]]:
+    """(layer, head, query, key) attention targets for a which-document answer ``ans`` (a title
+    as the chunk markers spell it) to the question that ends ``seq``. The circuit is the value
+    one with the marker that closes the needle's chunk in the value's place: local head 3, at
+    that marker's first title token, attends to the needle's key (its last token); global head
+    1, at the position that predicts the title, attends to that title token (matching the
+    key, as head 0 does for a value) and copies it; global head 2 copies the later title
+    tokens from the same marker (an induction lookup, local head 2 on the previous token)."""
+    q_end = len(seq) - 1 - seq[::-1].index(tok.encode("?")[0])  # the question's "?"
+    q_for = q_end - 1 - seq[q_end - 1::-1].index(tok.encode(" for")[0])
+    key, gap = seq[q_for + 1:q_end], _needle_gap(tok)
+    n = len(key)
+    hits = [i + n - 1 for i in range(1, len(prompt) - n - len(gap))
+            if prompt[i:i + n] == key and tuple(prompt[i + n:i + n + len(gap)]) == gap]
+    if len(hits) != 1:
+        return []
+    k, colon = hits[0], tok.encode(":")[0]  # the key's last token in the needle
+    marks = [m for m in range(k + 1, min(len(prompt), (k // chunk + 1) * chunk))
+             if prompt[m - 1] == colon and prompt[m:m + len(ans) - 1] == ans[:-1]]
+    if not marks:
+        return []
+    m, at = marks[0], len(seq)
+    out = [(layer, 3, m, k) for layer in GUIDED["local"]]
+    out += [(layer, 1, at - 1, m) for layer in GUIDED["global"]]
+    for j in range(1, len(ans) - 1):  # not <|eot|>
+        out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (m + j, at + j - 1)]
+        out += [(layer, 2, at + j - 1, m + j) for layer in GUIDED["global"]]
+    return out
+
+
 def guidance_loss(model, inputs: dict, guide: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the guided heads' attention against their targets.
     ``inputs`` maps a layer index to its attention's (input, rope) from the forward just run;
@@ -325,10 +359,10 @@ def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents) -> dic
             hits = 0
             for _ in range(samples):
                 if kind == "document":
-                    prompt, later = document_example(tok, rng, length, "eval", sents)
+                    prompt, later = document_example(tok, rng, length, "eval", sents, chunk=model.config.attention_chunk_size)
                 else:
                     prompt, later = needle_example(tok, rng, length, "eval", kind, sents)
-                answer = later[0][2]
+                answer = later[0][2].strip()
                 out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=512, progress=False)
                 hits += tok.decode(out.tokens[0]).strip() == answer
             results[f"{kind}@{length}"] = hits / samples
@@ -363,6 +397,10 @@ def main(argv=None) -> None:
     ap.add_argument("--turns", type=int, default=12, help="questions asked per training context")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--guide", type=float, default=1.0, help="weight of the attention-guidance loss (0: none; the mimetic init of the global layers stays)")
+    ap.add_argument("--doc-share", type=float, default=0.1, help="share of which-document contexts in the training rows")
+    ap.add_argument("--title-head", action="store_true",
+                    help="start global head 1's output map as a copy of head 0's (the head that copies values), for a stage "
+                         "that teaches which-document answers to a model that has the value circuit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
@@ -384,6 +422,11 @@ def main(argv=None) -> None:
     if args.init is not None:  # a second stage: go on from a saved model, no warm-up
         model = load_model(args.init)
         cfg = model.config
+        if args.title_head:
+            with torch.no_grad():
+                for layer in GUIDED["global"]:
+                    o, D = model.layers[layer].self_attn.o_proj.weight, cfg.head_dim
+                    o[:, D:2 * D] = o[:, :D]
     else:
         model = Model(cfg)
         with torch.no_grad():
@@ -411,7 +454,8 @@ def main(argv=None) -> None:
     for step in bar:
         length = curriculum(step, args.steps, rng, args.max_len, warm_up=args.init is None)
         rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
-        x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns)
+        x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns, chunk=cfg.attention_chunk_size,
+                                 doc_share=args.doc_share)
         loss = answer_loss(model, x, y)
         aux = guidance_loss(model, inputs, guide) if args.guide else torch.zeros(())
         opt.zero_grad(set_to_none=True)

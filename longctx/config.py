@@ -65,6 +65,9 @@ class ModelConfig:
     eos_token_id: int | list[int] = field(default_factory=lambda: [200001, 200007, 200008])
     pad_token_id: int = 200018
     hidden_act: str = "silu"
+    # longctx's own, not a HF field: the model was trained on corpora packed with chunk markers
+    # (`Corpus.pack(chunk=attention_chunk_size)`), so `qa.Session` packs its corpus that way.
+    chunk_markers: bool = False
 
     def __post_init__(self) -> None:
         L = self.num_hidden_layers

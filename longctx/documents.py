@@ -72,6 +72,7 @@ import tiktoken
 from longctx.tokenizer import LLAMA4_PATTERN, MAX_WS_RUN, Tokenizer, split_for_encoding
 
 __all__ = [
+    "DEFAULT_MARKER",
     "DEFAULT_TEMPLATE",
     "PAGE_SEPARATOR",
     "BudgetError",
@@ -100,6 +101,10 @@ PAGE_SEPARATOR = "\f"
 # plain text (no special tokens), so the model sees each document's id, title and source.
 DEFAULT_TEMPLATE = '<document id="{id}" title="{title}" source="{source}">\n{text}\n</document>\n\n'
 TEMPLATE_FIELDS = ("id", "title", "source")
+# The chunk marker (`Corpus.pack(chunk=...)`): a short line naming the document, before its text
+# and again at each attention-chunk start inside it. The title follows ": " so that its words
+# are the same tokens as in running text and in an answer (" Slow Robin").
+DEFAULT_MARKER = "[{id}: {title}]\n"
 
 # Show progress bars by default only for work this big (and only on a terminal).
 _PROGRESS_MIN_FILES = 100
@@ -644,6 +649,9 @@ class Corpus:
         budget: int | None = None,
         template: str = DEFAULT_TEMPLATE,
         overflow: str = "error",
+        chunk: int | None = None,
+        offset: int = 0,
+        marker: str = DEFAULT_MARKER,
         progress: bool | None = None,
         num_threads: int | None = None,
     ) -> "Packed":
@@ -661,6 +669,18 @@ class Corpus:
                        remaining budget (header and footer kept, text cut at a token boundary
                        that is also a character boundary; its last span has truncated=True).
             Left-out documents are listed in `Packed.dropped`.
+        chunk: for a model whose local attention layers see only their own chunk of `chunk`
+            tokens (Llama 4's iRoPE layers: `ModelConfig.attention_chunk_size`): every chunk
+            that holds a document's text then names the document too, after that text: the
+            text stops short of each chunk's end (at a character boundary) for a `marker`
+            line, and the last piece is closed by one as well. Every text token then has its
+            document's marker later in its own chunk (where a local layer at the marker can
+            read the text it closes). None (default): no markers.
+        offset: the prompt position of the first packed token (the tokens the prompt puts
+            before the corpus, e.g. `len(longctx.prompt.context_prefix(tok, []))`), so that
+            markers fall on the model's chunk starts. Only with `chunk`.
+        marker: the marker line, formatted with {id}, {title}, {source} like the header; at
+            most chunk // 2 tokens.
         progress: a tqdm bar (None: only for big corpora on a terminal).
         num_threads: encoding threads (default: all cores).
 
@@ -668,13 +688,20 @@ class Corpus:
         each page of the text are encoded separately and concatenated, never merged across a
         boundary; so the tokens of each span decode to exactly that page's text (BPE merges
         across a page boundary are given up, which costs a token now and then), and `locate`
-        is exact. Spans are per page for paged documents (PDFs), one per document otherwise.
+        is exact. Spans are per page for paged documents (PDFs), one per document otherwise;
+        with `chunk`, [header][text][marker][text][marker]...[footer], and a page is split into
+        one span per piece between markers.
         """
         if overflow not in ("error", "drop", "truncate"):
             raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
         if budget is not None and (not isinstance(budget, int) or budget < 0):
             raise ValueError(f"budget must be a non-negative int or None, got {budget!r}")
         header_fmt, footer_fmt = _split_template(template)
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 8):
+            raise ValueError(f"chunk must be an int >= 8 or None, got {chunk!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        marker_fmt, rest = _split_template(marker + "{text}") if chunk else ("", "")
         threads = num_threads or os.cpu_count() or 1
 
         # One entry per document: header, footer and page strings, and their char ranges.
@@ -682,6 +709,8 @@ class Corpus:
         for doc in self.documents:
             ranges = doc.page_ranges()
             pieces = list(_render(doc, header_fmt, footer_fmt))
+            if chunk:
+                pieces.append(_render(doc, marker_fmt, rest)[0])
             pieces += [doc.text[a:b] for _, a, b in ranges]
             plans.append((doc, ranges, pieces))
 
@@ -704,8 +733,20 @@ class Corpus:
             stream.close()
             bar.close()
 
-        # Decide what fits.
-        sizes = [sum(len(a) for a in arrs) for arrs in encoded]
+        # Decide what fits. With markers a document's size depends on where it starts.
+        marks = _Marks(chunk, offset) if chunk else None
+        if marks is None:
+            sizes = [sum(len(a) for a in arrs) for arrs in encoded]
+        else:
+            long = next((plans[i][0] for i, arrs in enumerate(encoded) if len(arrs[2]) > chunk // 2), None)
+            if long is not None:  # (a marker must leave most of a chunk to the text)
+                raise ValueError(f"the chunk marker of document {long.id} ({long.title!r}) takes more than "
+                                 f"chunk // 2 = {chunk // 2} tokens; use a shorter marker or a larger chunk")
+            sizes, pos = [], 0
+            for (_, ranges, _), arrs in zip(plans, encoded):
+                sizes.append(sum(len(ids) for ids, _ in _lay_out(tokenizer, ranges, arrs, pos, marks)))
+                pos += sizes[-1]
+            total = sum(sizes)
         n_keep, cut = len(encoded), None
         if budget is not None and total > budget:
             if overflow == "error":
@@ -726,8 +767,8 @@ class Corpus:
                 used += sizes[n_keep]
                 n_keep += 1
             if overflow == "truncate":
-                cut = _truncate(tokenizer, plans[n_keep][0], encoded[n_keep], budget - used)
-        return Packed._build(plans, encoded, n_keep, cut, tokenizer, template, budget)
+                cut = _truncate(tokenizer, plans[n_keep][1], encoded[n_keep], budget - used, used, marks)
+        return Packed._build(plans, encoded, n_keep, cut, tokenizer, template, budget, marks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -924,18 +965,85 @@ def _attr(value: str) -> str:
     return _ATTR_BREAK.sub(" ", html.escape(value, quote=True))
 
 
-def _truncate(tokenizer, doc: Document, arrs: list[np.ndarray], room: int):
-    """How much of `doc` fits in `room` tokens: (n text tokens kept, chars kept) or None.
+class _Marks(NamedTuple):
+    """Chunk markers of `Corpus.pack`: the attention chunk and the prompt offset of the packing."""
+
+    chunk: int
+    offset: int
+
+
+def _lay_out(tokenizer, ranges, arrs: list[np.ndarray], pos: int, marks: _Marks | None,
+             cut: tuple[int, int | None] | None = None, chars: bool = False) -> list[tuple[np.ndarray, tuple | None]]:
+    """One document's pieces in packed order, its header at token position `pos`: a list of
+    (ids, where), where is None for a delimiter (header, marker, footer) and
+    (page, char_start, char_end, truncated) for text (char offsets only with `chars`, else
+    None). `arrs` is the document's [header, footer, (marker,) page...] ids; `cut` keeps only
+    the first cut[0] text tokens, which end at char cut[1]."""
+    header, footer = arrs[0], arrs[1]
+    marker, pages = (arrs[2], arrs[3:]) if marks else (None, arrs[2:])
+    out: list[tuple[np.ndarray, tuple | None]] = [(header, None)]
+    pos += len(header)
+    open_text = False  # text since the latest marker
+    limit = None if cut is None else cut[0]
+    for (page, a, b), arr in zip(ranges, pages):
+        truncated = False
+        if limit is not None:
+            if limit <= 0:
+                break
+            if len(arr) >= limit:  # the cut falls in this page (or right at its end)
+                truncated, arr, b = True, arr[:limit], cut[1]
+            limit -= len(arr)
+        if marks is None:
+            out.append((arr, (page, a, b, truncated)))
+            pos += len(arr)
+            continue
+        i = 0
+        while True:
+            room = marks.chunk - (marks.offset + pos) % marks.chunk - len(marker)  # text before this chunk's marker
+            j = min(len(arr), i + max(room, 0))
+            while i < j < len(arr) and tokenizer.decode_bytes([int(arr[j])])[:1] in _UTF8_CONTINUATION:
+                j -= 1  # back to a character boundary
+            if j == i < len(arr):  # no room left in this chunk: mark it and go on in the next
+                out.append((marker, None))
+                pos, open_text = pos + len(marker), False
+                continue
+            end = b if j == len(arr) or not chars else a + len(tokenizer.decode_bytes(arr[i:j].tolist()).decode("utf-8"))
+            out.append((arr[i:j], (page, a if chars else None, end if chars else None, truncated and j == len(arr))))
+            pos, open_text = pos + j - i, open_text or j > i
+            a, i = end, j
+            if i == len(arr):
+                break
+            out.append((marker, None))  # the chunk is full: its marker closes it
+            pos, open_text = pos + len(marker), False
+    if open_text:
+        out.append((marker, None))
+    out.append((footer, None))
+    return out
+
+
+_UTF8_CONTINUATION = frozenset(bytes([c]) for c in range(0x80, 0xC0))
+
+
+def _truncate(tokenizer, ranges, arrs: list[np.ndarray], room: int, pos: int, marks: "_Marks | None"):
+    """How much of a document fits in `room` tokens from position `pos`: (n text tokens kept,
+    chars kept) or None.
 
     The cut is at a token boundary that is also a character boundary: byte-level BPE can end a
     token inside a multi-byte character, and a span must decode exactly to a prefix of the text.
     """
-    header, footer, pages = arrs[0], arrs[1], arrs[2:]
-    keep = room - len(header) - len(footer)
-    if keep <= 0:
-        return None
+    header, footer, pages = arrs[0], arrs[1], arrs[2 + (marks is not None):]
     text_ids = np.concatenate(pages) if pages else np.zeros(0, np.int32)
-    keep = min(keep, len(text_ids))
+    if marks is None:
+        keep = min(room - len(header) - len(footer), len(text_ids))
+    else:  # the most text tokens whose layout (markers included) fits: the size grows with keep
+        def size(keep: int) -> int:
+            return sum(len(ids) for ids, _ in _lay_out(tokenizer, ranges, arrs, pos, marks, (keep, None)))
+
+        lo, hi = 0, len(text_ids)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if size(mid) <= room else (lo, mid - 1)
+        keep = lo
     while keep > 0:
         try:
             n_chars = len(tokenizer.decode_bytes(text_ids[:keep].tolist()).decode("utf-8"))
@@ -950,7 +1058,8 @@ class Packed:
 
     ids: numpy int32 array (n_tokens,).
     spans: list of DocumentSpan in token order; disjoint; one per page of a paged document,
-        one per unpaged document. Empty pages give empty spans (start == end).
+        one per unpaged document (with chunk markers: one per piece between markers). Empty
+        pages give empty spans (start == end).
     documents: the packed documents, in order; dropped: those left out by the budget.
     template, budget, tokenizer_fingerprint: how it was packed.
     """
@@ -973,7 +1082,7 @@ class Packed:
         self._starts = [s.start for s in live]
 
     @classmethod
-    def _build(cls, plans, encoded, n_keep, cut, tokenizer, template, budget) -> "Packed":
+    def _build(cls, plans, encoded, n_keep, cut, tokenizer, template, budget, marks=None) -> "Packed":
         arrays: list[np.ndarray] = []
         spans: list[DocumentSpan] = []
         documents: list[Document] = []
@@ -981,28 +1090,11 @@ class Packed:
         n_docs = n_keep + (cut is not None)
         for i in range(n_docs):
             doc, ranges, _ = plans[i]
-            header, footer, pages = encoded[i][0], encoded[i][1], encoded[i][2:]
-            arrays.append(header)
-            pos += len(header)
-            limit = cut[0] if i == n_keep else None  # text tokens left for a truncated document
-            for (page, a, b), arr in zip(ranges, pages):
-                truncated = False
-                if limit is not None:
-                    if limit <= 0:
-                        break
-                    if len(arr) >= limit:
-                        # The cut falls in this page (or right at its end, with pages after it).
-                        truncated = True
-                        arr = arr[:limit]
-                        b = cut[1]
-                    limit -= len(arr)
-                arrays.append(arr)
-                spans.append(DocumentSpan(doc.id, doc.title, page, pos, pos + len(arr), a, b, truncated))
-                pos += len(arr)
-                if truncated:
-                    break
-            arrays.append(footer)
-            pos += len(footer)
+            for ids, where in _lay_out(tokenizer, ranges, encoded[i], pos, marks, cut if i == n_keep else None, chars=True):
+                if where is not None:
+                    spans.append(DocumentSpan(doc.id, doc.title, where[0], pos, pos + len(ids), *where[1:]))
+                arrays.append(ids)
+                pos += len(ids)
             documents.append(doc)
         ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         dropped = [p[0] for p in plans[n_docs:]]
@@ -1040,12 +1132,14 @@ class Packed:
         return self._docs[doc_id]
 
     def page_spans(self, doc_id: int) -> list[DocumentSpan]:
-        """The spans of one document, in order (one per page, or one)."""
+        """The spans of one document, in order (one per page, or one; with chunk markers, one
+        per piece of a page between markers)."""
         self.document(doc_id)
         return list(self._by_doc[doc_id])
 
     def span_of(self, doc_id: int) -> DocumentSpan:
-        """One span covering the whole text of a document (page None; truncated if it was cut)."""
+        """One span covering the whole text of a document (page None; truncated if it was cut;
+        with chunk markers, the markers inside the text too)."""
         parts = self.page_spans(doc_id)
         first, last = parts[0], parts[-1]
         return DocumentSpan(doc_id, first.title, None, first.start, last.end, first.char_start, last.char_end, last.truncated)

@@ -94,7 +94,9 @@ class Session:
         head = np.asarray(context_prefix(tok, []), dtype=np.int64)  # the prompt header
         header = len(head)
         try:
-            packed = corpus.pack(tok, budget=limit - header if budget is None else budget, progress=bool(progress))
+            cfg = model.config
+            packed = corpus.pack(tok, budget=limit - header if budget is None else budget, progress=bool(progress),
+                                 chunk=cfg.attention_chunk_size if cfg.chunk_markers else None, offset=header)
         except BudgetError as e:
             raise QAError(f"the corpus does not fit the context of {limit} tokens ({header} of them are the prompt "
                           f"header): {e}") from e

@@ -88,8 +88,8 @@ def test_one_question_document_examples_ask_which_document(train):
     rng = random.Random(4)
     for _ in range(10):
         prompt, later = train.document_example(tok, rng, 600, "eval", sents)
-        title = later[0][2]
-        assert not title.isdigit() and f'title="{title}"' in tok.decode(prompt)
+        title = later[0][2].strip()
+        assert later[0][2] == " " + title and f'title="{title}"' in tok.decode(prompt)
         assert "Which document" in tok.decode(prompt[-40:])
 
 
@@ -146,3 +146,26 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
             assert x[b, k1] == x[b, k2] and int(x[b, k1]) in key_ids
     for b, _, _, q, k in local[local[:, 2] == 2].tolist():
         assert k == q - 1
+
+
+def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
+    """Which-document answers: local head 3 goes from the first title token of the marker that
+    closes the needle's chunk to the needle's key; global head 1 from the position predicting
+    the title to that title token; induction (head 2) from each later title position to the
+    next token of the same marker."""
+    from longctx import needles
+    from longctx.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    sents = needles.encoded_sentences(tok)
+    x, y, guide = train.make_batch(tok, random.Random(7), 700, 4, sents, turns=6, doc_share=1.0)
+    to_key = guide[(guide[:, 1] == 0) & (guide[:, 2] == 3)].tolist()
+    to_title = guide[(guide[:, 1] == 1) & (guide[:, 2] == 1)].tolist()
+    assert len(to_key) == len(to_title) >= 4
+    colon = tok.encode(":")[0]
+    for (b, _, _, m, k), (b2, _, _, q, m2) in zip(to_key, to_title):
+        assert (b, m) == (b2, m2) and k < m < q and k // 128 == m // 128
+        assert x[b, m - 1] == colon and x[b, m] == y[b, q]  # the marker's title starts the answer
+        assert tok.decode(x[b, k + 1:k + 4].tolist()) == " is: "  # the needle's key ends at k
+        nxt = guide[(guide[:, 0] == b) & (guide[:, 1] == 1) & (guide[:, 2] == 2) & (guide[:, 3] == q + 1)]
+        assert nxt[:, 4].tolist() == [m + 1] and x[b, m + 1] == y[b, q + 1]

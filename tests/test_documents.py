@@ -577,3 +577,127 @@ def test_property_spans_exact(byte_tok, docs, which, budget_frac, policy):
         assert len(packed) <= budget
         assert tok.decode(packed.ids) == _check_packed(packed, tok, corpus.documents)
         assert packed.ids.tolist() == full.ids[: len(packed)].tolist() or policy == "truncate"
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk markers (pack(chunk=...))
+# --------------------------------------------------------------------------------------------
+
+
+def _check_marked(marked, plain, tok, chunk, offset):
+    """Chunk-marked packing against the plain one: between a document's header and footer
+    only its text and its markers; with the markers taken out, the plain packing's tokens; and
+    every text token has its document's marker later in its own chunk."""
+    _check_packed_spans(marked, tok)
+    ids, keep = marked.ids, np.ones(len(marked.ids), bool)
+    for doc in marked.documents:
+        header, footer = (tok.encode(s) for s in delimiters(doc, marked.template))
+        marker = tok.encode(f"[{doc.id}: {doc.title}]\n")
+        parts = marked.page_spans(doc.id)
+        bounds = [parts[0].start]  # the text's start, then each gap's ends
+        while ids[bounds[0] - len(header) : bounds[0]].tolist() != header:
+            bounds[0] -= len(marker)  # markers before the text (none fit in the header's chunk)
+        starts = []  # of this document's markers
+        for prev_end, nxt in zip([bounds[0]] + [p.end for p in parts], [p.start for p in parts] + [None]):
+            stop = nxt
+            if nxt is None:  # after the text: markers up to the footer
+                stop = prev_end
+                while ids[stop : stop + len(footer)].tolist() != footer:
+                    stop += len(marker)
+            gap = ids[prev_end:stop].tolist()
+            assert len(gap) % len(marker) == 0 and gap == marker * (len(gap) // len(marker)), (doc.id, gap)
+            starts += range(prev_end, stop, len(marker))
+            keep[prev_end:stop] = False
+        for s in parts:
+            for p in range(s.start, s.end):
+                c = (offset + p) // chunk
+                assert any(m > p and (offset + m) // chunk == c == (offset + m + len(marker) - 1) // chunk for m in starts), (doc.id, p)
+    assert ids[keep].tolist() == plain.ids.tolist()[: keep.sum()]
+
+
+def _check_packed_spans(packed, tok):
+    """Every span decodes exactly to its slice of the document, in order, disjoint."""
+    prev_end = 0
+    for s in packed.spans:
+        assert prev_end <= s.start <= s.end <= len(packed.ids)
+        prev_end = s.end
+        assert tok.decode_bytes(packed.ids[s.start : s.end]) == packed.document(s.doc_id).text[s.char_start : s.char_end].encode("utf-8")
+    for doc in packed.documents:
+        parts = packed.page_spans(doc.id)
+        assert parts[0].char_start == 0 and all(a.char_end == b.char_start for a, b in zip(parts, parts[1:]))
+        if not parts[-1].truncated:
+            assert parts[-1].char_end == len(doc.text)
+
+
+def test_chunk_markers_name_the_document_in_every_chunk(default_tok):
+    text = "One of the special magic numbers for amber-falcon is: 1234567. " * 40
+    corpus = ingest([("Slow Robin", text), ("Calm Otter", ["page one. " * 30, "", "página dos. " * 30])])
+    plain = corpus.pack(default_tok)
+    marked = corpus.pack(default_tok, chunk=128, offset=5)
+    _check_marked(marked, plain, default_tok, 128, 5)
+    decoded = default_tok.decode(marked.ids)
+    assert decoded.startswith('<document id="0" title="Slow Robin" source="">\nOne of')
+    assert "1234567. [0: Slow Robin]\n\n</document>" in decoded
+    assert decoded.count("[0: Slow Robin]\n") >= len(plain.span_of(0)) // 128
+    for c in range(-5, len(marked) - 128, 128):  # every chunk with text of document 1 names it
+        piece = default_tok.decode(marked.ids[max(0, c) : c + 128])
+        if c >= marked.span_of(1).start:
+            assert piece.endswith("[1: Calm Otter]\n"), piece
+    assert {s.page for s in marked.page_spans(1)} == {1, 2, 3}
+    assert marked.locate(marked.span_of(0).end) is None  # a marker token is a delimiter
+
+
+def test_chunk_markers_under_a_budget(byte_tok):
+    # Byte tokens, chunk 32: header 38, marker "[0: t]\n" 7, footer 14. Text runs 38-57
+    # (19), marker 57-64, text 64-89 (25), marker, 96-121 (25), marker, 128-153, ...; the last
+    # piece is closed by a marker too. A budget of 120 leaves room for 3 more text tokens after
+    # two full chunks (96 + 3 + marker + footer = 120); 110 for none, 109 for one fewer.
+    corpus = ingest([("t", "a" * 100), ("u", "b" * 10)])
+    full = corpus.pack(byte_tok, chunk=32)
+    assert [len(s) for s in full.page_spans(0)] == [19, 25, 25, 25, 6] and len(full.span_of(0)) == 100 + 4 * 7
+    for budget, kept in ((120, 47), (110, 44), (109, 43)):
+        cut = corpus.pack(byte_tok, chunk=32, budget=budget, overflow="truncate")
+        assert len(cut) == budget and [d.id for d in cut.dropped] == [1]
+        assert cut.span_of(0).char_end == kept and cut.spans[-1].truncated
+        assert byte_tok.decode(cut.ids).count("[0: t]\n") == 2 + (kept > 44)
+    assert len(corpus.pack(byte_tok, chunk=32, budget=len(full) - 1, overflow="drop")) == full.span_of(0).end + 7 + 14
+    with pytest.raises(BudgetError, match=f"needs {len(full)} tokens"):
+        corpus.pack(byte_tok, chunk=32, budget=len(full) - 1)
+
+
+def test_chunk_marker_errors(byte_tok):
+    corpus = ingest([("a long title for a small chunk", "text")])
+    with pytest.raises(ValueError, match="chunk // 2"):
+        corpus.pack(byte_tok, chunk=16)
+    for bad in (0, 7, 12.5):
+        with pytest.raises(ValueError, match="chunk must be"):
+            corpus.pack(byte_tok, chunk=bad)
+    with pytest.raises(ValueError, match="offset"):
+        corpus.pack(byte_tok, chunk=64, offset=-1)
+    with pytest.raises(ValueError, match="unknown"):
+        corpus.pack(byte_tok, chunk=64, marker="[{name}]")
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    docs=st.lists(_doc, min_size=1, max_size=5),
+    which=st.sampled_from(["byte", "default"]),
+    chunk=st.integers(40, 200),
+    offset=st.integers(0, 300),
+    budget_frac=st.one_of(st.none(), st.floats(0, 1)),
+    policy=st.sampled_from(["drop", "truncate"]),
+)
+def test_property_chunk_markers(byte_tok, docs, which, chunk, offset, budget_frac, policy):
+    """Random document sets, chunk sizes and offsets: markers sit where they should and take
+    nothing away (_check_marked); under a budget the marked packing fits and is a prefix of
+    the whole one up to the cut."""
+    tok = byte_tok if which == "byte" else (_try_default() or byte_tok)
+    corpus = ingest([(f"T{k}", text) for k, (_, text) in enumerate(docs)])
+    marked = corpus.pack(tok, chunk=chunk, offset=offset)
+    _check_marked(marked, corpus.pack(tok), tok, chunk, offset)
+    if budget_frac is not None:
+        budget = int(len(marked) * budget_frac)
+        packed = corpus.pack(tok, chunk=chunk, offset=offset, budget=budget, overflow=policy)
+        assert len(packed) <= budget
+        _check_packed_spans(packed, tok)
+        assert packed.ids.tolist() == marked.ids[: len(packed)].tolist() or packed.spans[-1].truncated

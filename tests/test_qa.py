@@ -62,6 +62,22 @@ def test_ask_equals_fresh_full_prefill_and_questions_are_isolated(model, corpus,
     assert s.ask(questions[0], max_new_tokens=6).text == answers[0].text  # not affected by question 2
 
 
+def test_a_model_trained_with_chunk_markers_gets_a_marked_corpus(tok, corpus):
+    """config.chunk_markers: the session packs the corpus with a marker at each attention-chunk
+    start of the prompt (the layout the model was trained on), and answers as a fresh forward
+    over that prompt."""
+    marked = text_model(tok)
+    marked.config.chunk_markers = True
+    s = Session(marked, corpus, chunk_size=64)
+    chunk = marked.config.attention_chunk_size
+    ids = corpus.pack(tok, chunk=chunk, offset=len(context_prefix(tok, []))).ids
+    assert s.prefix.tolist() == context_prefix(tok, ids) and len(ids) > len(corpus.pack(tok).ids)
+    q = "What rises above the clouds?"
+    prompt = context_prefix(tok, ids) + question_suffix(tok, q)
+    fresh = generate(marked, torch.tensor([prompt]), max_new_tokens=6, stop_ids=[tok.eot_id, tok.eom_id])
+    assert s.ask(q, max_new_tokens=6).text == tok.decode(fresh.tokens[0]).strip()
+
+
 def test_ask_over_disk_tier_segments_equals_resident(model, corpus, tmp_path):
     """Forks share sealed segments wherever they live: a session whose corpus KV sits in
     memory-mapped files answers and cites exactly as a resident one."""
