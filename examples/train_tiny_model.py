@@ -310,11 +310,14 @@ def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk:
     return out
 
 
-def guidance_loss(model, inputs: dict, guide: torch.Tensor) -> torch.Tensor:
+def guidance_loss(model, inputs: dict, guide: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of the guided heads' attention against their targets.
     ``inputs`` maps a layer index to its attention's (input, rope) from the forward just run;
-    ``guide`` rows are (batch row, layer, head, query, key)."""
-    cfg, losses = model.config, []
+    ``guide`` rows are (batch row, layer, head, query, key). With ``tokens`` (the batch's
+    input ids), plus a copy loss for the global heads: the head's output for the value at its
+    target, read through the (tied) output head, should predict the token there, the one the
+    head is meant to copy."""
+    cfg, losses, copies = model.config, [], []
     for layer in guide[:, 1].unique().tolist():
         b, _, head, q, k = guide[guide[:, 1] == layer].unbind(1)
         attn = model.layers[layer].self_attn
@@ -329,7 +332,13 @@ def guidance_loss(model, inputs: dict, guide: torch.Tensor) -> torch.Tensor:
         logits = logits.masked_fill(hidden, float("-inf")) * attn.head_dim**-0.5
         ok = ~hidden[n, k]  # a key in another chunk cannot be reached by a local head
         losses.append((torch.logsumexp(logits, -1) - logits[n, k])[ok])
-    return torch.cat(losses).mean() if losses else torch.zeros(())
+        if tokens is not None and not attn.chunked:
+            v = attn.project(x, 0, rope)[2][b, k, head // (attn.n_heads // attn.n_kv)]  # (N, D)
+            o = attn.o_proj.weight.view(cfg.hidden_size, attn.n_heads, attn.head_dim)[:, head]  # (hidden, N, D)
+            copies.append(F.cross_entropy(model.lm_head(torch.einsum("hnd,nd->nh", o, v)), tokens[b, k], reduction="none"))
+    if not losses:
+        return torch.zeros(())
+    return torch.cat(losses).mean() + (torch.cat(copies).mean() if copies else 0.0)
 
 
 def mimetic_init(model, std: float = 0.1) -> None:
@@ -401,6 +410,8 @@ def main(argv=None) -> None:
     ap.add_argument("--title-head", action="store_true",
                     help="start global head 1's output map as a copy of head 0's (the head that copies values), for a stage "
                          "that teaches which-document answers to a model that has the value circuit")
+    ap.add_argument("--copy-loss", action="store_true",
+                    help="add to the guidance a copy loss on the guided global heads' output maps (see guidance_loss)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
@@ -457,7 +468,7 @@ def main(argv=None) -> None:
         x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns, chunk=cfg.attention_chunk_size,
                                  doc_share=args.doc_share)
         loss = answer_loss(model, x, y)
-        aux = guidance_loss(model, inputs, guide) if args.guide else torch.zeros(())
+        aux = guidance_loss(model, inputs, guide, x if args.copy_loss else None) if args.guide else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + args.guide * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -477,6 +488,7 @@ def main(argv=None) -> None:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.config.chunk_markers = args.doc_share > 0  # its which-document contexts were packed with them
     save_model(model, args.out, tokenizer=tok)
 
     t1 = time.time()
@@ -501,7 +513,7 @@ def main(argv=None) -> None:
         f"- data: generated on the fly (seed {args.seed}): needles \"{needles.NEEDLE}\" in English sentences from "
         "Python's pydoc_data (a fifth in the five-sentence noise haystack): contexts with 1-12 needles, one needle, "
         f"4 needles (3 distractors), no needle (answer \"{NOT_STATED}\"), and which-document contexts of 3-8 packed "
-        f"documents; up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
+        f"documents with chunk markers ({args.doc_share:.0%} of the rows); up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
         "in the context); train-split keys only",
         f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} " + (
             "(a second stage: no warm-up)" if args.init else
@@ -511,6 +523,7 @@ def main(argv=None) -> None:
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
         f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} --turns {args.turns} "
         f"--guide {args.guide} --lr {args.lr} " + (f"--init {args.init} " if args.init else "") +
+        f"--doc-share {args.doc_share} " + ("--title-head " if args.title_head else "") + ("--copy-loss " if args.copy_loss else "") +
         f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
         f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
         + (f" --out {args.out}" if args.out != DEFAULT_MODEL else "") + "`",

@@ -182,6 +182,8 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A text-config dict that ``from_hf`` (and transformers 4.57 / 5.x) read back."""
         d = dataclasses.asdict(self)
+        if not d["chunk_markers"]:  # longctx's own field: only when set (fingerprints of other models unchanged)
+            del d["chunk_markers"]
         d["model_type"] = "llama4_text"
         d["architectures"] = ["Llama4ForCausalLM"]
         return d

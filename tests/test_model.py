@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -130,9 +131,13 @@ def test_scout_parameter_count_on_meta_device():
 
 
 def test_config_round_trips():
-    for cfg in (ModelConfig.preset("scout"), ModelConfig.preset("tiny"), tiny_config(interleave_moe_layer_step=2)):
+    marked = dataclasses.replace(ModelConfig.preset("tiny"), chunk_markers=True)
+    for cfg in (ModelConfig.preset("scout"), ModelConfig.preset("tiny"), tiny_config(interleave_moe_layer_step=2), marked):
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
         assert ModelConfig.from_hf({"text_config": cfg.to_hf()}) == cfg
+    # longctx's own field is written only when set: HF-style configs (and the fingerprints of
+    # models saved before it existed) are unchanged.
+    assert "chunk_markers" not in ModelConfig.preset("tiny").to_hf() and marked.to_hf()["chunk_markers"] is True
 
 
 def test_config_reads_published_and_transformers5_forms():
