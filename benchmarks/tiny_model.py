@@ -1,8 +1,8 @@
 """Scores of the embedded default model that the NIAH script does not cover (issue 5, bars 3-4).
 
-1. which-document: contexts of 5-20 packed documents (``Corpus.pack`` layout), 1-3 of them
-   holding a needle; asked which document mentions a key, the answer must be that document's
-   title exactly. Exact match per length.
+1. which-document: contexts of 5-20 packed documents (``Corpus.pack`` layout with chunk
+   markers), 1-3 of them holding a needle; asked which document mentions a key, the answer
+   must be that document's marker, "[id: title]", exactly. Exact match per length.
 2. length generalisation: single-needle NIAH at long lengths (default 32K, 64K, 128K), with the
    global layers' attention temperature tuning on (as trained) and off.
 
@@ -57,11 +57,14 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
     for length in lengths:
         rng, counts = random.Random(seed + length), [0, 0, 0]
         for _ in tqdm(range(samples), desc=f"documents @{length}", unit="q"):
-            prompt, later = train.document_example(tok, rng, length, "eval", sents, docs=docs)
+            prompt, later = train.document_example(tok, rng, length, "eval", sents, docs=docs,
+                                                   chunk=model.config.attention_chunk_size)
             out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=2048)
             answer = tok.decode(out.tokens[0]).strip()
             titles = re.findall(r'title="([^"]*)"', tok.decode(prompt))
-            counts[0 if answer == later[0][2].strip() else 1 if answer in titles else 2] += 1
+            cited = re.fullmatch(r"\[\d+: (.*)\]", answer)  # the answer form: the holder's chunk marker
+            title = cited.group(1) if cited else answer
+            counts[0 if answer == later[0][2].strip() else 1 if title in titles else 2] += 1
         lines.append(f"| {length} | " + " | ".join(f"{c / samples:.0%} ({c})" for c in counts) + f" | {samples} |")
     return lines
 

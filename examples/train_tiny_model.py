@@ -45,7 +45,7 @@ from tqdm import tqdm
 from longctx import needles
 from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
-from longctx.documents import ingest
+from longctx.documents import DEFAULT_MARKER, ingest
 from longctx.generate import generate
 from longctx.model import Model
 from longctx.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
@@ -146,8 +146,9 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
                      docs: tuple[int, int] = (3, 8), chunk: int = 128) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
     hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
-    titles of a context. Returns (prompt, later) as ``needle_example``; a title answer is
-    given with a leading space (" Slow Robin"), the form it has in the chunk markers."""
+    titles of a context. Returns (prompt, later) as ``needle_example``; the answer to a
+    which-document question is the document's chunk marker ("[3: Slow Robin]\n", see
+    ``Corpus.pack``): a citation that starts with a constant token, then the document's id."""
     n_docs = rng.randint(*docs)
     n = rng.randint(1, min(3, n_docs))
     keys = needles.make_keys(rng, n, split)
@@ -155,11 +156,11 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     adjs, nouns = rng.sample(needles._ADJECTIVES, n_docs), rng.sample(needles._NOUNS, n_docs)
     titles = [f"{a.title()} {b.title()}" for a, b in zip(adjs, nouns)]
     holders = rng.sample(range(n_docs), n)
-    qa = [(needles.QUESTION_DOC.format(key=k), " " + titles[h]) for k, h in zip(keys, holders)]
+    qa = [(needles.QUESTION_DOC.format(key=k), DEFAULT_MARKER.format(id=h, title=titles[h])) for k, h in zip(keys, holders)]
     qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
     rng.shuffle(qa)
     if turns == 1:  # one question (evaluation): a which-document one
-        qa.sort(key=lambda q: q[1][1:] not in titles)
+        qa.sort(key=lambda q: not q[1].startswith("["))
     qa = qa[:turns]
     suffix = question_suffix(tok, qa[0][0])
     per_doc = max(8, (length - len(suffix) - 25 * n_docs) // n_docs)
@@ -281,13 +282,13 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
 
 
 def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk: int) -> list[tuple[int, int, int, int]]:
-    """(layer, head, query, key) attention targets for a which-document answer ``ans`` (a title
-    as the chunk markers spell it) to the question that ends ``seq``. The circuit is the value
-    one with the marker that closes the needle's chunk in the value's place: local head 3, at
-    that marker's first title token, attends to the needle's key (its last token); global head
-    1, at the position that predicts the title, attends to that title token (matching the
-    key, as head 0 does for a value) and copies it; global head 2 copies the later title
-    tokens from the same marker (an induction lookup, local head 2 on the previous token)."""
+    """(layer, head, query, key) attention targets for a which-document answer ``ans`` (the
+    holder's chunk marker, "[3: Slow Robin]\n") to the question that ends ``seq``. The circuit
+    is the value one with the marker that closes the needle's chunk in the value's place:
+    local head 3, at that marker's id token, attends to the needle's key (its last token);
+    global head 1, at the answer's "[" (which predicts the id), attends to that id token
+    (matching the key, as head 0 does for a value) and copies it; global head 2 copies the
+    rest of the marker (an induction lookup, local head 2 on the previous token)."""
     q_end = len(seq) - 1 - seq[::-1].index(tok.encode("?")[0])  # the question's "?"
     q_for = q_end - 1 - seq[q_end - 1::-1].index(tok.encode(" for")[0])
     key, gap = seq[q_for + 1:q_end], _needle_gap(tok)
@@ -296,15 +297,14 @@ def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk:
             if prompt[i:i + n] == key and tuple(prompt[i + n:i + n + len(gap)]) == gap]
     if len(hits) != 1:
         return []
-    k, colon = hits[0], tok.encode(":")[0]  # the key's last token in the needle
-    marks = [m for m in range(k + 1, min(len(prompt), (k // chunk + 1) * chunk))
-             if prompt[m - 1] == colon and prompt[m:m + len(ans) - 1] == ans[:-1]]
+    k = hits[0]  # the key's last token in the needle
+    marks = [m for m in range(k + 1, min(len(prompt), (k // chunk + 1) * chunk)) if prompt[m:m + len(ans) - 1] == ans[:-1]]
     if not marks:
         return []
-    m, at = marks[0], len(seq)
-    out = [(layer, 3, m, k) for layer in GUIDED["local"]]
-    out += [(layer, 1, at - 1, m) for layer in GUIDED["global"]]
-    for j in range(1, len(ans) - 1):  # not <|eot|>
+    m, at = marks[0], len(seq)  # the marker's "[", the answer's "["
+    out = [(layer, 3, m + 1, k) for layer in GUIDED["local"]]
+    out += [(layer, 1, at, m + 1) for layer in GUIDED["global"]]
+    for j in range(2, len(ans) - 1):  # the rest of the marker, not <|eot|>
         out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (m + j, at + j - 1)]
         out += [(layer, 2, at + j - 1, m + j) for layer in GUIDED["global"]]
     return out

@@ -101,9 +101,9 @@ PAGE_SEPARATOR = "\f"
 # plain text (no special tokens), so the model sees each document's id, title and source.
 DEFAULT_TEMPLATE = '<document id="{id}" title="{title}" source="{source}">\n{text}\n</document>\n\n'
 TEMPLATE_FIELDS = ("id", "title", "source")
-# The chunk marker (`Corpus.pack(chunk=...)`): a short line naming the document, before its text
-# and again at each attention-chunk start inside it. The title follows ": " so that its words
-# are the same tokens as in running text and in an answer (" Slow Robin").
+# The chunk marker (`Corpus.pack(chunk=...)`): a short line naming the document that closes each
+# attention chunk's piece of its text. The title follows ": " so that its words are the same
+# tokens as in running text (" Slow Robin").
 DEFAULT_MARKER = "[{id}: {title}]\n"
 
 # Show progress bars by default only for work this big (and only on a terminal).

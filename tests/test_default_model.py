@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import time
 from pathlib import Path
 
@@ -88,8 +89,8 @@ def test_one_question_document_examples_ask_which_document(train):
     rng = random.Random(4)
     for _ in range(10):
         prompt, later = train.document_example(tok, rng, 600, "eval", sents)
-        title = later[0][2].strip()
-        assert later[0][2] == " " + title and f'title="{title}"' in tok.decode(prompt)
+        doc_id, title = re.fullmatch(r"\[(\d+): (.+)\]\n", later[0][2]).groups()
+        assert f'<document id="{doc_id}" title="{title}"' in tok.decode(prompt)
         assert "Which document" in tok.decode(prompt[-40:])
 
 
@@ -135,7 +136,7 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
     g_rows = guide[guide[:, 1] == 1]
     assert len(g_rows) >= 8
     for b, _, head, q, k in g_rows.tolist():
-        assert k < q and x[b, k] == y[b, q] and head in (0, 2)  # the source holds the token predicted at q
+        assert k < q and x[b, k] == y[b, q] and head in (0, 1, 2)  # the source holds the token predicted at q
     key_ids = {t for k in needles._ADJECTIVES + needles._NOUNS for t in tok.encode(" " + k) + tok.encode("-" + k)}
     local = guide[guide[:, 1] == 0]
     for head in (0, 1):
@@ -149,10 +150,10 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
 
 
 def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
-    """Which-document answers: local head 3 goes from the first title token of the marker that
-    closes the needle's chunk to the needle's key; global head 1 from the position predicting
-    the title to that title token; induction (head 2) from each later title position to the
-    next token of the same marker."""
+    """Which-document answers (the holder's chunk marker, "[3: Slow Robin]"): local head 3 goes
+    from the id token of the marker that closes the needle's chunk to the needle's key; global
+    head 1 from the answer's "[" to that id token; induction (head 2) from each later answer
+    position to the next token of the same marker."""
     from longctx import needles
     from longctx.tokenizer import Tokenizer
 
@@ -160,12 +161,12 @@ def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
     sents = needles.encoded_sentences(tok)
     x, y, guide = train.make_batch(tok, random.Random(7), 700, 4, sents, turns=6, doc_share=1.0)
     to_key = guide[(guide[:, 1] == 0) & (guide[:, 2] == 3)].tolist()
-    to_title = guide[(guide[:, 1] == 1) & (guide[:, 2] == 1)].tolist()
-    assert len(to_key) == len(to_title) >= 4
-    colon = tok.encode(":")[0]
-    for (b, _, _, m, k), (b2, _, _, q, m2) in zip(to_key, to_title):
+    to_id = guide[(guide[:, 1] == 1) & (guide[:, 2] == 1)].tolist()
+    assert len(to_key) == len(to_id) >= 4
+    for (b, _, _, m, k), (b2, _, _, q, m2) in zip(to_key, to_id):
         assert (b, m) == (b2, m2) and k < m < q and k // 128 == m // 128
-        assert x[b, m - 1] == colon and x[b, m] == y[b, q]  # the marker's title starts the answer
+        assert tok.decode(x[b, m - 1:m + 1].tolist()) == tok.decode(x[b, q:q + 1].tolist() + y[b, q:q + 1].tolist())
+        assert tok.decode(x[b, m - 1:m].tolist()) == "[" and x[b, m] == y[b, q]  # "[" then the id
         assert tok.decode(x[b, k + 1:k + 4].tolist()) == " is: "  # the needle's key ends at k
         nxt = guide[(guide[:, 0] == b) & (guide[:, 1] == 1) & (guide[:, 2] == 2) & (guide[:, 3] == q + 1)]
         assert nxt[:, 4].tolist() == [m + 1] and x[b, m + 1] == y[b, q + 1]
