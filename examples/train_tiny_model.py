@@ -200,9 +200,10 @@ def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: in
             kind = "many" if r < 0.75 else "single" if r < 0.85 else "distractor" if r < 0.93 else "none"
             prompt, later = needle_example(tok, rng, length, split, kind, sents_b, turns)
         seq, target = list(prompt), [-100] * len(prompt)
-        for turn, ans, _ in later:
+        for turn, ans, text in later:
             seq += turn
-            targets = guide_targets(tok, prompt, seq, ans) or title_targets(tok, prompt, seq, ans, chunk)
+            which_doc = text.startswith("[")  # a which-document answer: the holder's chunk marker
+            targets = title_targets(tok, prompt, seq, ans, chunk) if which_doc else guide_targets(tok, prompt, seq, ans)
             guide += [(len(seqs), *g) for g in targets]
             seq += ans
             target += [-100] * len(turn) + ans
