@@ -286,10 +286,11 @@ def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk:
     """(layer, head, query, key) attention targets for a which-document answer ``ans`` (the
     holder's chunk marker, "[3: Slow Robin]\n") to the question that ends ``seq``. The circuit
     is the value one with the marker that closes the needle's chunk in the value's place:
-    local head 3, at that marker's id token, attends to the needle's key (its last token);
-    global head 1, at the answer's "[" (which predicts the id), attends to that id token
-    (matching the key, as head 0 does for a value) and copies it; global head 2 copies the
-    rest of the marker (an induction lookup, local head 2 on the previous token)."""
+    local head 3, at that marker's id token and at its title's first word, attends to the
+    needle's key (its last token); global head 1, at the answer positions that predict those
+    two tokens, attends to them (matching the key, as head 0 does for a value) and copies them;
+    global head 2 copies the rest of the marker (an induction lookup, local head 2 on the
+    previous token: after the ":" that precedes every title only the key tells them apart)."""
     q_end = len(seq) - 1 - seq[::-1].index(tok.encode("?")[0])  # the question's "?"
     q_for = q_end - 1 - seq[q_end - 1::-1].index(tok.encode(" for")[0])
     key, gap = seq[q_for + 1:q_end], _needle_gap(tok)
@@ -303,11 +304,15 @@ def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk:
     if not marks:
         return []
     m, at = marks[0], len(seq)  # the marker's "[", the answer's "["
-    out = [(layer, 3, m + 1, k) for layer in GUIDED["local"]]
-    out += [(layer, 1, at, m + 1) for layer in GUIDED["global"]]
-    for j in range(2, len(ans) - 1):  # the rest of the marker, not <|eot|>
-        out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (m + j, at + j - 1)]
-        out += [(layer, 2, at + j - 1, m + j) for layer in GUIDED["global"]]
+    matched = (1, ans.index(tok.encode(":")[0]) + 1)  # the id and the title's first word: found by the key
+    out = []
+    for j in range(1, len(ans) - 1):  # not "[", not <|eot|>
+        if j in matched:
+            out += [(layer, 3, m + j, k) for layer in GUIDED["local"]]
+            out += [(layer, 1, at + j - 1, m + j) for layer in GUIDED["global"]]
+        else:  # the rest of the marker follows the previous token (it is the same in all of its markers)
+            out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (m + j, at + j - 1)]
+            out += [(layer, 2, at + j - 1, m + j) for layer in GUIDED["global"]]
     return out
 
 
