@@ -701,7 +701,12 @@ class Corpus:
             raise ValueError(f"chunk must be an int >= 8 or None, got {chunk!r}")
         if not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-        marker_fmt, rest = _split_template(marker + "{text}") if chunk else ("", "")
+        marker_fmt = ""
+        if chunk:
+            try:  # the marker takes the header's fields and no {text}
+                marker_fmt, _ = _split_template(marker + "{text}")
+            except ValueError as e:
+                raise ValueError(f"bad marker {marker!r}: {e}") from None
         threads = num_threads or os.cpu_count() or 1
 
         # One entry per document: header, footer and page strings, and their char ranges.
@@ -710,7 +715,7 @@ class Corpus:
             ranges = doc.page_ranges()
             pieces = list(_render(doc, header_fmt, footer_fmt))
             if chunk:
-                pieces.append(_render(doc, marker_fmt, rest)[0])
+                pieces.append(_render(doc, marker_fmt, "")[0])
             pieces += [doc.text[a:b] for _, a, b in ranges]
             plans.append((doc, ranges, pieces))
 

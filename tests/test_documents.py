@@ -375,35 +375,15 @@ def test_in_memory_texts():
 def _check_packed(packed, tok, corpus_docs):
     """Invariants: spans decode exactly, tile each packed document, are disjoint and in order,
     delimiters decode to the template, and locate agrees with the spans for every token."""
-    ids = packed.ids
-    assert ids.dtype == np.int32 and len(packed) == len(ids)
-    prev_end = 0
-    for s in packed.spans:
-        assert prev_end <= s.start <= s.end <= len(ids)
-        prev_end = s.end
-        doc = packed.document(s.doc_id)
-        assert tok.decode_bytes(ids[s.start : s.end]) == doc.text[s.char_start : s.char_end].encode("utf-8")
-        assert s.title == doc.title
-    owner = np.full(len(ids), -1)
-    for k, s in enumerate(packed.spans):
-        owner[s.start : s.end] = k
-    for i in range(len(ids)):
-        got = packed.locate(i)
-        if owner[i] < 0:
-            assert got is None
-        else:
-            s = packed.spans[owner[i]]
-            assert got == (packed.document(s.doc_id), s.page)
+    _check_packed_spans(packed, tok)
     pieces = []
     for doc in packed.documents:
         parts = packed.page_spans(doc.id)
         whole = packed.span_of(doc.id)
         assert (whole.start, whole.end) == (parts[0].start, parts[-1].end)
         assert [p.page for p in parts] == [r[0] for r in doc.page_ranges()][: len(parts)]
-        assert all(parts[k].char_end == parts[k + 1].char_start for k in range(len(parts) - 1))
-        assert parts[0].char_start == 0
         if not whole.truncated:
-            assert whole.char_end == len(doc.text) and len(parts) == len(doc.page_ranges())
+            assert len(parts) == len(doc.page_ranges())
         header, footer = delimiters(doc, packed.template)
         pieces += [header, doc.text[: whole.char_end], footer]
     assert [d.id for d in packed.documents] + [d.id for d in packed.dropped] == [d.id for d in corpus_docs]
@@ -616,17 +596,28 @@ def _check_marked(marked, plain, tok, chunk, offset):
 
 
 def _check_packed_spans(packed, tok):
-    """Every span decodes exactly to its slice of the document, in order, disjoint."""
+    """Every span decodes exactly to its slice of the document, in order and disjoint; each
+    document's spans tile its text from char 0; locate agrees with the spans at every token."""
+    ids = packed.ids
+    assert ids.dtype == np.int32 and len(packed) == len(ids)
     prev_end = 0
     for s in packed.spans:
-        assert prev_end <= s.start <= s.end <= len(packed.ids)
+        assert prev_end <= s.start <= s.end <= len(ids)
         prev_end = s.end
-        assert tok.decode_bytes(packed.ids[s.start : s.end]) == packed.document(s.doc_id).text[s.char_start : s.char_end].encode("utf-8")
+        doc = packed.document(s.doc_id)
+        assert tok.decode_bytes(ids[s.start : s.end]) == doc.text[s.char_start : s.char_end].encode("utf-8")
+        assert s.title == doc.title
     for doc in packed.documents:
         parts = packed.page_spans(doc.id)
         assert parts[0].char_start == 0 and all(a.char_end == b.char_start for a, b in zip(parts, parts[1:]))
         if not parts[-1].truncated:
             assert parts[-1].char_end == len(doc.text)
+    owner = np.full(len(ids), -1)
+    for k, s in enumerate(packed.spans):
+        owner[s.start : s.end] = k
+    for i in range(len(ids)):
+        got = packed.locate(i)
+        assert got == (None if owner[i] < 0 else (packed.document(packed.spans[owner[i]].doc_id), packed.spans[owner[i]].page))
 
 
 def test_chunk_markers_name_the_document_in_every_chunk(default_tok):
@@ -674,8 +665,10 @@ def test_chunk_marker_errors(byte_tok):
             corpus.pack(byte_tok, chunk=bad)
     with pytest.raises(ValueError, match="offset"):
         corpus.pack(byte_tok, chunk=64, offset=-1)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match=r"bad marker '\[\{name\}\]'.*unknown"):
         corpus.pack(byte_tok, chunk=64, marker="[{name}]")
+    with pytest.raises(ValueError, match="bad marker.*exactly once"):
+        corpus.pack(byte_tok, chunk=64, marker="[{text}]")
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
