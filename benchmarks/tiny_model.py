@@ -62,7 +62,7 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
             out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=2048)
             answer = tok.decode(out.tokens[0]).strip()
             titles = re.findall(r'title="([^"]*)"', tok.decode(prompt))
-            cited = re.fullmatch(r"\[\d+: (.*)\]", answer)  # the answer form: the holder's chunk marker
+            cited = re.fullmatch(r"\[\d+:? (.*)\]", answer)  # the answer form: the holder's chunk marker
             title = cited.group(1) if cited else answer
             counts[0 if answer == later[0][2].strip() else 1 if title in titles else 2] += 1
         lines.append(f"| {length} | " + " | ".join(f"{c / samples:.0%} ({c})" for c in counts) + f" | {samples} |")

@@ -45,11 +45,16 @@ from tqdm import tqdm
 from longctx import needles
 from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
-from longctx.documents import DEFAULT_MARKER, ingest
+from longctx.documents import ingest
 from longctx.generate import generate
 from longctx.model import Model
 from longctx.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
 from longctx.tokenizer import Tokenizer
+
+# The chunk marker of the training contexts, and the answer to a which-document question: the
+# id right before the title, so the title can be copied by an induction lookup on the id
+# (after the ":" of "[3: Slow Robin]" every title looks alike to one).
+DOC_MARKER = "[{id} {title}]\n"
 
 
 def model_config(tok: Tokenizer, chunk: int = 128) -> ModelConfig:
@@ -147,8 +152,8 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
     hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
     titles of a context. Returns (prompt, later) as ``needle_example``; the answer to a
-    which-document question is the document's chunk marker ("[3: Slow Robin]\n", see
-    ``Corpus.pack``): a citation that starts with a constant token, then the document's id."""
+    which-document question is the document's chunk marker ("[3 Slow Robin]\n", see
+    ``Corpus.pack`` and ``DOC_MARKER``): a citation that starts with a constant token, then the document's id."""
     n_docs = rng.randint(*docs)
     n = rng.randint(1, min(3, n_docs))
     keys = needles.make_keys(rng, n, split)
@@ -156,7 +161,7 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     adjs, nouns = rng.sample(needles._ADJECTIVES, n_docs), rng.sample(needles._NOUNS, n_docs)
     titles = [f"{a.title()} {b.title()}" for a, b in zip(adjs, nouns)]
     holders = rng.sample(range(n_docs), n)
-    qa = [(needles.QUESTION_DOC.format(key=k), DEFAULT_MARKER.format(id=h, title=titles[h])) for k, h in zip(keys, holders)]
+    qa = [(needles.QUESTION_DOC.format(key=k), DOC_MARKER.format(id=h, title=titles[h])) for k, h in zip(keys, holders)]
     qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
     rng.shuffle(qa)
     if turns == 1:  # one question (evaluation): a which-document one
@@ -172,7 +177,7 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
             if h == d:
                 sents_d.insert(rng.randrange(len(sents_d) + 1), needles.NEEDLE.format(key=k, value=v))
         docs.append((titles[d], " ".join(sents_d)))
-    packed = ingest(docs, progress=False).pack(tok, chunk=chunk, offset=len(context_prefix(tok, [])), progress=False)
+    packed = ingest(docs, progress=False).pack(tok, chunk=chunk, offset=len(context_prefix(tok, [])), marker=DOC_MARKER, progress=False)
     prompt = context_prefix(tok, packed.ids) + suffix
     return prompt, answer_turns(tok, qa)
 
@@ -284,35 +289,34 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
 
 def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk: int) -> list[tuple[int, int, int, int]]:
     """(layer, head, query, key) attention targets for a which-document answer ``ans`` (the
-    holder's chunk marker, "[3: Slow Robin]\n") to the question that ends ``seq``. The circuit
-    is the value one with the marker that closes the needle's chunk in the value's place:
-    local head 3, at that marker's id token and at its title's first word, attends to the
-    needle's key (its last token); global head 1, at the answer positions that predict those
-    two tokens, attends to them (matching the key, as head 0 does for a value) and copies them;
-    global head 2 copies the rest of the marker (an induction lookup, local head 2 on the
-    previous token: after the ":" that precedes every title only the key tells them apart)."""
+    holder's chunk marker, "[3 Slow Robin]\n") to the question that ends ``seq``. The id is
+    found exactly as a value is: local heads 0 and 1, at the id of the marker that closes the
+    needle's chunk (and at the answer's "[", which predicts the id), attend to the key's last
+    two tokens there (and in the question), so global head 0 can match the key and copy the id,
+    a digit token like a value's first piece. The title then follows the id in every marker of
+    that document: local head 2 attends to the previous token and global head 2 copies what
+    followed it (an induction lookup, as for a value's later pieces)."""
     q_end = len(seq) - 1 - seq[::-1].index(tok.encode("?")[0])  # the question's "?"
     q_for = q_end - 1 - seq[q_end - 1::-1].index(tok.encode(" for")[0])
     key, gap = seq[q_for + 1:q_end], _needle_gap(tok)
     n = len(key)
     hits = [i + n - 1 for i in range(1, len(prompt) - n - len(gap))
             if prompt[i:i + n] == key and tuple(prompt[i + n:i + n + len(gap)]) == gap]
-    if len(hits) != 1:
+    if len(hits) != 1 or n < 2:
         return []
     k = hits[0]  # the key's last token in the needle
     marks = [m for m in range(k + 1, min(len(prompt), (k // chunk + 1) * chunk)) if prompt[m:m + len(ans) - 1] == ans[:-1]]
     if not marks:
         return []
     m, at = marks[0], len(seq)  # the marker's "[", the answer's "["
-    matched = (1, ans.index(tok.encode(":")[0]) + 1)  # the id and the title's first word: found by the key
     out = []
-    for j in range(1, len(ans) - 1):  # not "[", not <|eot|>
-        if j in matched:
-            out += [(layer, 3, m + j, k) for layer in GUIDED["local"]]
-            out += [(layer, 1, at + j - 1, m + j) for layer in GUIDED["global"]]
-        else:  # the rest of the marker follows the previous token (it is the same in all of its markers)
-            out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (m + j, at + j - 1)]
-            out += [(layer, 2, at + j - 1, m + j) for layer in GUIDED["global"]]
+    for head in (0, 1):  # the key's last and second-last tokens, in the needle and in the question
+        out += [(layer, head, m + 1, k - head) for layer in GUIDED["local"]]
+        out += [(layer, head, at, q_end - 1 - head) for layer in GUIDED["local"]]
+    out += [(layer, 0, at, m + 1) for layer in GUIDED["global"]]
+    for j in range(2, len(ans) - 1):  # the title and "]\n", not <|eot|>
+        out += [(layer, 2, p, p - 1) for layer in GUIDED["local"] for p in (m + j, at + j - 1)]
+        out += [(layer, 2, at + j - 1, m + j) for layer in GUIDED["global"]]
     return out
 
 
