@@ -45,16 +45,11 @@ from tqdm import tqdm
 from longctx import needles
 from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
-from longctx.documents import ingest
+from longctx.documents import DEFAULT_MARKER, ingest
 from longctx.generate import generate
 from longctx.model import Model
 from longctx.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
 from longctx.tokenizer import Tokenizer
-
-# The chunk marker of the training contexts, and the answer to a which-document question: the
-# id right before the title, so the title can be copied by an induction lookup on the id
-# (after the ":" of "[3: Slow Robin]" every title looks alike to one).
-DOC_MARKER = "[{id} {title}]\n"
 
 
 def model_config(tok: Tokenizer, chunk: int = 128) -> ModelConfig:
@@ -153,7 +148,7 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
     titles of a context. Returns (prompt, later) as ``needle_example``; the answer to a
     which-document question is the document's chunk marker ("[3 Slow Robin]\n", see
-    ``Corpus.pack`` and ``DOC_MARKER``): a citation that starts with a constant token, then the document's id."""
+    ``Corpus.pack``): a citation that starts with a constant token, then the document's id."""
     n_docs = rng.randint(*docs)
     n = rng.randint(1, min(3, n_docs))
     keys = needles.make_keys(rng, n, split)
@@ -161,7 +156,7 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     adjs, nouns = rng.sample(needles._ADJECTIVES, n_docs), rng.sample(needles._NOUNS, n_docs)
     titles = [f"{a.title()} {b.title()}" for a, b in zip(adjs, nouns)]
     holders = rng.sample(range(n_docs), n)
-    qa = [(needles.QUESTION_DOC.format(key=k), DOC_MARKER.format(id=h, title=titles[h])) for k, h in zip(keys, holders)]
+    qa = [(needles.QUESTION_DOC.format(key=k), DEFAULT_MARKER.format(id=h, title=titles[h])) for k, h in zip(keys, holders)]
     qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
     rng.shuffle(qa)
     if turns == 1:  # one question (evaluation): a which-document one
@@ -177,7 +172,7 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
             if h == d:
                 sents_d.insert(rng.randrange(len(sents_d) + 1), needles.NEEDLE.format(key=k, value=v))
         docs.append((titles[d], " ".join(sents_d)))
-    packed = ingest(docs, progress=False).pack(tok, chunk=chunk, offset=len(context_prefix(tok, [])), marker=DOC_MARKER, progress=False)
+    packed = ingest(docs, progress=False).pack(tok, chunk=chunk, offset=len(context_prefix(tok, [])), progress=False)
     prompt = context_prefix(tok, packed.ids) + suffix
     return prompt, answer_turns(tok, qa)
 
@@ -199,7 +194,8 @@ def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: in
         sents_b = noise if rng.random() < 0.2 else sents  # some on the repetitive noise haystack
         r = rng.random()
         if r < doc_share:
-            prompt, later = document_example(tok, rng, length, split, sents_b, turns, chunk=chunk)
+            docs = (3, 20 if length >= 768 else 8)  # ids up to 19, as the benchmark's 5-20 documents have
+            prompt, later = document_example(tok, rng, length, split, sents_b, turns, docs=docs, chunk=chunk)
         else:
             r = 0.1 + 0.9 * (r - doc_share) / (1 - doc_share)  # the needle kinds' shares, as with doc_share 0.1
             kind = "many" if r < 0.75 else "single" if r < 0.85 else "distractor" if r < 0.93 else "none"
@@ -351,18 +347,21 @@ def guidance_loss(model, inputs: dict, guide: torch.Tensor, tokens: torch.Tensor
     return torch.cat(losses).mean() + (torch.cat(copies).mean() if copies else 0.0)
 
 
-def reset_title_words(model, tok) -> None:
-    """Redraw the (tied) embedding rows of the capitalised adjectives and nouns that make the
-    training titles, at the typical norm of the other rows. A model trained to answer titles
-    before it could find them learns one "some title word" prior, and the rows of these rare
-    tokens collapse onto it (the shipped weights: cosine 0.99 between adjectives, norm ~4 against
-    ~0.8); then attending to the right title word cannot tell it apart from the others."""
+def reset_title_words(model, tok, spread: float = 0.4) -> None:
+    """Give the capitalised adjectives and nouns that make the training titles distinct (tied)
+    embedding rows again: each becomes the group's mean row plus a random direction of norm
+    ``spread`` x the median row norm. A model trained to answer titles before it could find
+    them learns one "some title word" prior, and the rows of these rare tokens collapse onto it
+    (the shipped weights: cosine 0.99 between the adjectives), so a head that attends to the
+    right title word cannot tell it apart from the others. The mean keeps the prior's logits
+    low where no title is due: with spread 1 (or a plain redraw) the answer positions' hidden
+    states (norm ~32) give the title words the top logit almost everywhere; with 0.4 the
+    needle answers are unchanged and the cosine between title words falls to ~0.78."""
     words = {w.title() for w in needles._ADJECTIVES + needles._NOUNS}
     ids = sorted({ids[0] for ids in (tok.encode(" " + w) for w in words) if len(ids) == 1})
     E = model.embed_tokens.weight
     with torch.no_grad():
-        norm = E.norm(dim=-1).median()
-        E[ids] = F.normalize(torch.randn(len(ids), E.shape[1]), dim=-1) * norm
+        E[ids] = E[ids].mean(0) + F.normalize(torch.randn(len(ids), E.shape[1]), dim=-1) * spread * E.norm(dim=-1).median()
 
 
 def mimetic_init(model, std: float = 0.1) -> None:
@@ -435,9 +434,9 @@ def main(argv=None) -> None:
                     help="start global head 1's output map as a copy of head 0's (the head that copies values), for a stage "
                          "that teaches which-document answers to a model that has the value circuit")
     ap.add_argument("--reset-title-words", action="store_true",
-                    help="redraw the embeddings of the title words (capitalised adjectives and nouns) before training: in the "
+                    help="make the title words' (capitalised adjectives and nouns) embeddings distinct before training: in the "
                          "shipped weights the adjectives' rows have collapsed to one direction (mean cosine 0.99), so no "
-                         "head can copy one of them")
+                         "head can copy one of them (see reset_title_words)")
     ap.add_argument("--copy-loss", action="store_true",
                     help="add to the guidance a copy loss on the guided global heads' output maps (see guidance_loss)")
     ap.add_argument("--seed", type=int, default=0)

@@ -102,9 +102,10 @@ PAGE_SEPARATOR = "\f"
 DEFAULT_TEMPLATE = '<document id="{id}" title="{title}" source="{source}">\n{text}\n</document>\n\n'
 TEMPLATE_FIELDS = ("id", "title", "source")
 # The chunk marker (`Corpus.pack(chunk=...)`): a short line naming the document that closes each
-# attention chunk's piece of its text. The title follows ": " so that its words are the same
-# tokens as in running text (" Slow Robin").
-DEFAULT_MARKER = "[{id}: {title}]\n"
+# attention chunk's piece of its text. The title follows a space, so its words are the same
+# tokens as in running text (" Slow Robin"), and comes right after the id, so a model can copy
+# it by an induction lookup on the id (behind a shared ":" every title looks alike to one).
+DEFAULT_MARKER = "[{id} {title}]\n"
 
 # Show progress bars by default only for work this big (and only on a terminal).
 _PROGRESS_MIN_FILES = 100

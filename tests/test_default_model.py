@@ -89,7 +89,7 @@ def test_one_question_document_examples_ask_which_document(train):
     rng = random.Random(4)
     for _ in range(10):
         prompt, later = train.document_example(tok, rng, 600, "eval", sents)
-        doc_id, title = re.fullmatch(r"\[(\d+): (.+)\]\n", later[0][2]).groups()
+        doc_id, title = re.fullmatch(r"\[(\d+) (.+)\]\n", later[0][2]).groups()
         assert f'<document id="{doc_id}" title="{title}"' in tok.decode(prompt)
         assert "Which document" in tok.decode(prompt[-40:])
 
@@ -150,23 +150,28 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
 
 
 def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
-    """Which-document answers (the holder's chunk marker, "[3: Slow Robin]"): local head 3 goes
-    from the id and the title's first word in the marker that closes the needle's chunk to the
-    needle's key; global head 1 from the answer positions predicting them to them; induction
-    (head 2) from each other answer position to the next token of the same marker."""
+    """Which-document answers (the holder's chunk marker, "[3 Slow Robin]"): the id is found as
+    a value is. Local heads 0/1 go from the id of the marker that closes the needle's chunk to
+    the needle's key, and from the answer's "[" to the key in the question; global head 0 from
+    the answer's "[" to that id; induction (head 2) from the id on to the title after it."""
     from longctx import needles
     from longctx.tokenizer import Tokenizer
 
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
     x, y, guide = train.make_batch(tok, random.Random(7), 700, 4, sents, turns=6, doc_share=1.0)
-    to_key = guide[(guide[:, 1] == 0) & (guide[:, 2] == 3)].tolist()
-    to_marker = guide[(guide[:, 1] == 1) & (guide[:, 2] == 1)].tolist()
-    assert len(to_key) == len(to_marker) >= 8
-    for (b, _, _, m, k), (b2, _, _, q, m2) in zip(to_key, to_marker):
-        assert (b, m) == (b2, m2) and k < m < q and k // 128 == m // 128
-        assert x[b, m] == y[b, q]  # the marker holds the token predicted at q
-        assert tok.decode(x[b, m - 1:m].tolist()) in ("[", ":")  # the id, or the title's first word
+    bracket = tok.encode("[")[0]
+    rows = lambda layer, head: guide[(guide[:, 1] == layer) & (guide[:, 2] == head)]
+    to_id = [r for r in rows(1, 0).tolist() if x[r[0], r[3]] == bracket]  # from an answer's "["
+    assert len(to_id) >= 4
+    for b, _, _, q, m in to_id:
+        assert x[b, m - 1] == bracket and x[b, m] == y[b, q] and m < q  # a marker's id, the one predicted
+        local = {int(r[2]): (int(r[3]), int(r[4])) for r in guide[(guide[:, 0] == b) & (guide[:, 1] == 0)].tolist()
+                 if r[3] == m and r[2] in (0, 1)}
+        k = local[0][1]
+        assert local[1][1] == k - 1 and k < m and k // 128 == m // 128  # the key, in the marker's chunk
         assert tok.decode(x[b, k + 1:k + 4].tolist()) == " is: "  # the needle's key ends at k
+        asked = {int(r[2]): int(r[4]) for r in guide[(guide[:, 0] == b) & (guide[:, 1] == 0) & (guide[:, 3] == q)].tolist()}
+        assert x[b, asked[0]] == x[b, k] and x[b, asked[1]] == x[b, k - 1]  # the key as the question spells it
         nxt = guide[(guide[:, 0] == b) & (guide[:, 1] == 1) & (guide[:, 2] == 2) & (guide[:, 3] == q + 1)]
-        assert nxt[:, 4].tolist() == [m + 1] and x[b, m + 1] == y[b, q + 1]  # then induction
+        assert nxt[:, 4].tolist() == [m + 1] and x[b, m + 1] == y[b, q + 1]  # then induction: the title
