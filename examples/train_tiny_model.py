@@ -6,6 +6,10 @@ The shipped model then had a second stage (~50 min; copy /tmp/stage2 back afterw
 
     python examples/train_tiny_model.py --init longctx/assets/default --out /tmp/stage2 --steps 2000 --lr 5e-4 --seed 1
 
+and a third that teaches which-document answers (~33 min; copy /tmp/stage3 back afterwards):
+
+    python examples/train_tiny_model.py --init longctx/assets/default --out /tmp/stage3 --steps 2000 --lr 5e-4 --seed 3 --doc-share 0.4 --reset-title-words
+
 A Scout-architecture model at small width (chunked-local RoPE layers alternating with global
 NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert, tied embeddings)
 learns to retrieve facts from long contexts: needle sentences hidden in English text from

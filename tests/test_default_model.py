@@ -14,7 +14,7 @@ import torch
 
 from longctx import niah
 from longctx.checkpoint import DEFAULT_MODEL, load_model
-from longctx.generate import prefill
+from longctx.generate import generate, prefill
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").exists(),
@@ -105,6 +105,25 @@ def test_answers_a_fixed_set_of_questions(model, task):
     # differences across platforms that could flip a close greedy choice. A model without
     # retrieval gets 0 of the needle tasks (the card's grids: 92-100 % per length).
     assert sum(r["exact"] for r in res.records) >= (12 if task == "none" else 11), [r["answer"] for r in res.records]
+
+
+def test_names_the_document_that_holds_a_key(model, train):
+    """Which-document questions over 5-20 packed documents at 1K tokens, through the library's
+    path: the answer must be the holder's chunk marker ("[3 Icy Wren]"), id and title exact.
+    The full measurement is benchmarks/results/tiny_model_documents_2026-11-30_3.md."""
+    from longctx import needles
+
+    tok = model.tokenizer
+    sents = needles.encoded_sentences(tok)
+    rng, answers = random.Random(11), []
+    for _ in range(10):
+        prompt, later = train.document_example(tok, rng, 1024, "eval", sents, docs=(5, 20),
+                                               chunk=model.config.attention_chunk_size)
+        out = generate(model, torch.tensor([prompt]), max_new_tokens=16, chunk_size=512, progress=False)
+        answers.append((tok.decode(out.tokens[0]).strip(), later[0][2].strip()))
+    # The shipped model gets 7 of these 10 (measured; the second stage's weights got 0); one
+    # miss is allowed for float differences that could flip a close greedy choice.
+    assert sum(a == b for a, b in answers) >= 6, answers
 
 
 def test_training_is_reproducible(tmp_path, train):
