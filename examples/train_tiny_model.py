@@ -261,9 +261,9 @@ def _needle_gap(tok) -> tuple[int, ...]:
 def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> list[tuple[int, int, int, int]]:
     """(layer, head, query, key) attention targets for an answer ``ans`` about to be appended at
     position len(seq) of a row whose context is ``prompt``. Only answers that start with a
-    needle's value are guided (not "not stated", nor a title: which document holds a key is
-    two lookups, left to the model), and an answer token only when the context holds it at
-    exactly one place (after the previous answer token, for j > 0)."""
+    needle's value are guided (not "not stated"; which-document answers get ``title_targets``),
+    and an answer token only when the context holds it at exactly one place (after the
+    previous answer token, for j > 0)."""
     at, gap, out = len(seq), _needle_gap(tok), []
     g = len(gap)
     for j, t in enumerate(ans[:-1]):  # not <|eot|>
@@ -356,7 +356,7 @@ def reset_title_words(model, tok, spread: float = 0.4) -> None:
     embedding rows again: each becomes the group's mean row plus a random direction of norm
     ``spread`` x the median row norm. A model trained to answer titles before it could find
     them learns one "some title word" prior, and the rows of these rare tokens collapse onto it
-    (the shipped weights: cosine 0.99 between the adjectives), so a head that attends to the
+    (the second stage's weights: cosine 0.99 between the adjectives), so a head that attends to the
     right title word cannot tell it apart from the others. The mean keeps the prior's logits
     low where no title is due: with spread 1 (or a plain redraw) the answer positions' hidden
     states (norm ~32) give the title words the top logit almost everywhere; with 0.4 the
@@ -439,7 +439,7 @@ def main(argv=None) -> None:
                          "that teaches which-document answers to a model that has the value circuit")
     ap.add_argument("--reset-title-words", action="store_true",
                     help="make the title words' (capitalised adjectives and nouns) embeddings distinct before training: in the "
-                         "shipped weights the adjectives' rows have collapsed to one direction (mean cosine 0.99), so no "
+                         "second stage's weights the adjectives' rows have collapsed to one direction (mean cosine 0.99), so no "
                          "head can copy one of them (see reset_title_words)")
     ap.add_argument("--copy-loss", action="store_true",
                     help="add to the guidance a copy loss on the guided global heads' output maps (see guidance_loss)")
