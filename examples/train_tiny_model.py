@@ -546,7 +546,7 @@ def main(argv=None) -> None:
         f"- data: generated on the fly (seed {args.seed}): needles \"{needles.NEEDLE}\" in English sentences from "
         "Python's pydoc_data (a fifth in the five-sentence noise haystack): contexts with 1-12 needles, one needle, "
         f"4 needles (3 distractors), no needle (answer \"{NOT_STATED}\"), and which-document contexts of 3-8 packed "
-        f"documents with chunk markers ({args.doc_share:.0%} of the rows); up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
+        f"documents (3-20 from 768 tokens on) with chunk markers ({args.doc_share:.0%} of the rows); up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
         "in the context); train-split keys only",
         f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} " + (
             "(a second stage: no warm-up)" if args.init else
