@@ -2,7 +2,7 @@
 
 1. which-document: contexts of 5-20 packed documents (``Corpus.pack`` layout with chunk
    markers), 1-3 of them holding a needle; asked which document mentions a key, the answer
-   must be that document's marker, "[id: title]", exactly. Exact match per length.
+   must be that document's marker, e.g. "[3 Icy Wren]", exactly. Exact match per length.
 2. length generalisation: single-needle NIAH at long lengths (default 32K, 64K, 128K), with the
    global layers' attention temperature tuning on (as trained) and off.
 

@@ -142,6 +142,28 @@ def test_training_is_reproducible(tmp_path, train):
     assert (tmp_path / "a" / "CARD.md").read_text().count("| single |") == 1
 
 
+def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
+    """``--recipe`` (the shipped model's command) gives the same weights as its two stages run
+    by hand, and keeps the first stage's log; here with a few-step stand-in for RECIPE."""
+    monkeypatch.setattr(train, "RECIPE", ("--steps 3 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
+                                          "--steps 2 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3"))
+    shared = ["--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256", "--probe-every", "0"]
+    tail = ["--eval-lengths", "256", "--eval-samples", "1"]
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--recipe", *shared, *tail, "--out", str(tmp_path / "recipe")])
+        train.main([*train.RECIPE[0].split(), *shared, "--out", str(tmp_path / "one")])
+        train.main([*train.RECIPE[1].split(), *shared, *tail, "--init", str(tmp_path / "one"), "--out", str(tmp_path / "two")])
+    finally:
+        torch.set_num_threads(threads)
+    recipe, by_hand = tmp_path / "recipe", tmp_path / "two"
+    assert (recipe / "model.safetensors").read_bytes() == (by_hand / "model.safetensors").read_bytes()
+    assert (recipe / "train_stage1.log").read_text().count("\n") == (tmp_path / "one" / "train.log").read_text().count("\n")
+    assert "Made by `python examples/train_tiny_model.py --recipe`" in (recipe / "CARD.md").read_text()
+    with pytest.raises(SystemExit):
+        train.main(["--recipe", "--seed", "5", "--out", str(tmp_path / "clash")])
+
+
 def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
     """Global heads are guided from the position predicting an answer token to the one context
     position holding that token; local heads 0/1 to the same key token on the needle's side and
