@@ -103,14 +103,14 @@ def test_answers_a_fixed_set_of_questions(model, task):
                    progress=False, max_new_tokens=8)
     # The shipped model gets all 12 of each (measured); one miss is allowed for float
     # differences across platforms that could flip a close greedy choice. A model without
-    # retrieval gets 0 of the needle tasks (the card's grids: 92-100 % per length).
+    # retrieval gets 0 of the needle tasks (the card's grids: 90-100 % per length).
     assert sum(r["exact"] for r in res.records) >= (12 if task == "none" else 11), [r["answer"] for r in res.records]
 
 
 def test_names_the_document_that_holds_a_key(model, train):
     """Which-document questions over 5-20 packed documents at 1K tokens, through the library's
     path: the answer must be the holder's chunk marker ("[3 Icy Wren]"), id and title exact.
-    The full measurement is benchmarks/results/tiny_model_documents_2026-11-30_3.md."""
+    The full measurement is benchmarks/results/tiny_model_documents_2026-11-30_4.md."""
     from longctx import needles
 
     tok = model.tokenizer
@@ -121,9 +121,10 @@ def test_names_the_document_that_holds_a_key(model, train):
                                                chunk=model.config.attention_chunk_size)
         out = generate(model, torch.tensor([prompt]), max_new_tokens=16, chunk_size=512, progress=False)
         answers.append((tok.decode(out.tokens[0]).strip(), later[0][2].strip()))
-    # The shipped model gets 7 of these 10 (measured; the second stage's weights got 0); one
-    # miss is allowed for float differences that could flip a close greedy choice.
-    assert sum(a == b for a, b in answers) >= 6, answers
+    # The shipped model gets 9 of these 10 (measured; the three-stage model it replaced got 7,
+    # that model's second stage 0); one more miss is allowed for float differences that could
+    # flip a close greedy choice.
+    assert sum(a == b for a, b in answers) >= 8, answers
 
 
 def test_training_is_reproducible(tmp_path, train):
