@@ -98,7 +98,7 @@ def part_timing(model, args, rng) -> list[str]:
         a = session.ask(q, max_new_tokens=args.max_new_tokens)
         ask_s = time.perf_counter() - t0
         # The independent path: corpus + question in one forward from an empty cache.
-        prompt = context_prefix(tok, corpus.pack(tok).ids) + question_suffix(tok, q)
+        prompt = session.prefix.tolist() + question_suffix(tok, q, at=session.n_tokens, chunk=model.config.local_chunk)
         fresh = generate(model, torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, chunk_size=None,
                          stop_ids=stops)
         equal = tok.decode(fresh.tokens[0]).strip() == a.text and len(fresh.tokens[0]) == a.answer_tokens

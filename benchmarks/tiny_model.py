@@ -46,10 +46,12 @@ def _train_module():
     return mod
 
 
-def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[int, int]) -> list[str]:
+def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[int, int], align: bool = True) -> list[str]:
     """Which-document exact match per length; returns report lines. A wrong answer is told
     apart as another document's title from the same context (the model copies a title, but
-    the wrong one) or no title of the context (it makes one up)."""
+    the wrong one) or no title of the context (it makes one up). align: the question at a
+    chunk start when it would straddle one, as ``qa.Session`` asks it; False: where the
+    context ends, as in training (the layout of the records before 2026-11-30 16:00)."""
     train, tok = _train_module(), model.tokenizer
     sents = needles.encoded_sentences(tok)
     lines = ["| length | right title | another document's title | no title of the context | samples |",
@@ -58,7 +60,7 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
         rng, counts = random.Random(seed + length), [0, 0, 0]
         for _ in tqdm(range(samples), desc=f"documents @{length}", unit="q"):
             prompt, later = train.document_example(tok, rng, length, "eval", sents, docs=docs,
-                                                   chunk=model.config.attention_chunk_size)
+                                                   chunk=model.config.attention_chunk_size, align=align)
             out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=2048)
             answer = tok.decode(out.tokens[0]).strip()
             titles = re.findall(r'title="([^"]*)"', tok.decode(prompt))
@@ -95,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--docs", default="5-20", help="documents per context (a range)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-align", action="store_true",
+                    help="documents part: ask where the context ends even if the question straddles a chunk start")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/results/")
     args = ap.parse_args(argv)
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.part == "documents":
         lo, hi = (int(x) for x in args.docs.split("-"))
-        body = documents(model, lengths, args.samples, args.seed, (lo, hi))
+        body = documents(model, lengths, args.samples, args.seed, (lo, hi), align=not args.no_align)
     else:
         body = long_contexts(model, lengths, [float(d) for d in args.depths.split(",")], args.samples, args.seed)
     wall = time.perf_counter() - t0

@@ -147,7 +147,8 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
 
 
 def document_example(tok, rng: random.Random, length: int, split: str, sents, turns: int = 1,
-                     docs: tuple[int, int] = (3, 8), chunk: int = 128) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+                     docs: tuple[int, int] = (3, 8), chunk: int = 128,
+                     align: bool = False) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
     hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
     titles of a context. Returns (prompt, later) as ``needle_example``; the answer to a
@@ -177,8 +178,10 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
                 sents_d.insert(rng.randrange(len(sents_d) + 1), needles.NEEDLE.format(key=k, value=v))
         docs.append((titles[d], " ".join(sents_d)))
     packed = ingest(docs, progress=False).pack(tok, chunk=chunk, offset=len(context_prefix(tok, [])), progress=False)
-    prompt = context_prefix(tok, packed.ids) + suffix
-    return prompt, answer_turns(tok, qa)
+    prefix = context_prefix(tok, packed.ids)
+    if align:  # the first question laid out as `qa.Session` asks it (see question_suffix)
+        suffix = question_suffix(tok, qa[0][0], at=len(prefix), chunk=chunk)
+    return prefix + suffix, answer_turns(tok, qa)
 
 
 def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: int = 8,

@@ -111,6 +111,11 @@ class ModelConfig:
         return ["chunked" if r else "global" for r in self.no_rope_layers]
 
     @property
+    def local_chunk(self) -> int | None:
+        """The chunk (tokens) that the local layers attend within; None if no layer is chunked."""
+        return self.attention_chunk_size if "chunked" in self.layer_kinds else None
+
+    @property
     def is_moe(self) -> list[bool]:
         moe = set(self.moe_layers)
         return [i in moe for i in range(self.num_hidden_layers)]

@@ -6,7 +6,9 @@
     print(res.table()); res.heatmap("niah/heatmap.png"); res.effective_length(0.9)
 
 Prompts use the layout of ``longctx.prompt`` (context prefix + question suffix). A cell's
-length is exact: the whole prompt, chat template included, has ``length`` tokens. The needle
+length is exact: the whole prompt, chat template included, has ``length`` tokens, except that
+for a model with chunked local layers a question that would cross a chunk start is moved to
+the next one by up to a question's length of newlines (``question_suffix``). The needle
 goes in at a sentence boundary at the requested depth of the context (0 = first sentence,
 1 = just before the question); its absolute token index is recorded.
 
@@ -151,9 +153,14 @@ def _task_needles(task: str, rng: random.Random) -> tuple[str, list[tuple[str, s
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
-def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack) -> Cell:
+def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack,
+              chunk: int | None = None) -> Cell:
     """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
-    the haystack on (seed, sample) only, so all cells of a sample share it."""
+    the haystack on (seed, sample) only, so all cells of a sample share it.
+
+    The prompt has ``length`` tokens; with ``chunk`` (the model's ``config.local_chunk``) a
+    question that would cross a local-attention chunk start is moved to the next one by a few
+    newlines (``question_suffix``), so up to one question's length more."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{seed}/{task}/{sample}")
@@ -182,8 +189,8 @@ def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed
         context += needle_ids[j]
         last = spots[j]
     context += hay.ids[last:room].tolist()
-    prompt = head + context + suffix
-    assert len(prompt) == length
+    assert len(head) + len(context) + len(suffix) == length
+    prompt = head + context + question_suffix(tokenizer, question, at=len(head) + len(context), chunk=chunk)
     info = [None] * len(needle_ids)
     for j, index, at in placed:
         doc = page = None
@@ -441,7 +448,7 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
             cells = []
             for L in lengths:
                 for d in depths:
-                    c = make_cell(tok, task, L, float(d), sample, seed, hay)
+                    c = make_cell(tok, task, L, float(d), sample, seed, hay, model.config.local_chunk)
                     c.hash = cell_hash(c, fingerprint, seed, settings)
                     cells.append(c)
             todo = [c for c in cells if c.hash not in done]

@@ -5,7 +5,7 @@ built from separately encoded pieces (BPE never merges across them) and splits i
 context-only prefix and a question suffix:
 
     prefix = <|begin_of_text|> <|header_start|>user<|header_end|>\\n\\n  context
-    suffix = \\n\\n question <|eot|> <|header_start|>assistant<|header_end|>\\n\\n
+    suffix = [\\n ...] \\n\\n question <|eot|> <|header_start|>assistant<|header_end|>\\n\\n
     answer = answer text <|eot|>
 
 This is the Llama 4 instruct layout of one user turn whose content is context + "\\n\\n" +
@@ -26,9 +26,21 @@ def context_prefix(tokenizer, context) -> list[int]:
     return [tokenizer.bos_id, *tokenizer.header("user"), *ids]
 
 
-def question_suffix(tokenizer, question: str) -> list[int]:
-    """Ids that follow the context: the question, end of turn, and the assistant header."""
-    return [*tokenizer.encode("\n\n" + question), tokenizer.eot_id, *tokenizer.header("assistant")]
+def question_suffix(tokenizer, question: str, *, at: int | None = None, chunk: int | None = None) -> list[int]:
+    """Ids that follow the context: the question, end of turn, and the assistant header.
+
+    at, chunk: the suffix's prompt position (the context's length in tokens) and the local
+    layers' attention chunk (`ModelConfig.local_chunk`). Given both, a suffix that would cross a
+    chunk start gets newline tokens in front (fewer than it has tokens) so that it starts one:
+    the local layers at the answer then see the whole question, not just its tail. (Cut off
+    from the words "Which document", the embedded model answered the needle's value to 4 of 7
+    such which-document questions; see benchmarks/results/tiny_model_aligned_questions_2026-11-30.md.)
+    Training leaves questions unaligned, so that the model learns every offset.
+    """
+    ids = [*tokenizer.encode("\n\n" + question), tokenizer.eot_id, *tokenizer.header("assistant")]
+    if at is not None and chunk and at % chunk + len(ids) > chunk and len(ids) <= chunk:
+        ids = tokenizer.encode("\n") * (chunk - at % chunk) + ids
+    return ids
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:

@@ -142,7 +142,7 @@ class Session:
         if not isinstance(question, str) or not question.strip():
             raise QAError(f"a question must be a non-empty string, got {question!r}")
         model, tok = self.model, self._tokenizer(self.model)
-        suffix = question_suffix(tok, question)
+        suffix = question_suffix(tok, question, at=self.n_tokens, chunk=model.config.local_chunk)
         limit = max_context or self.max_context or model.config.max_position_embeddings
         if self.n_tokens + len(suffix) + max_new_tokens > limit:
             raise QAError(f"question of {len(suffix)} tokens + {max_new_tokens} answer tokens does not fit: "

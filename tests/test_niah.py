@@ -38,6 +38,12 @@ def test_generator_is_deterministic_exact_length_and_places_the_needle(tok, task
         b = niah.make_cell(tok, task, length, depth, 0, 7, niah.make_haystack(tok, "english", 2000, seed=3))
         assert a.prompt == b.prompt and a.needles == b.needles
         assert len(a.prompt) == length
+        # For chunked local layers (chunk 32) the same cell, its question moved to a chunk start
+        # if it would straddle one: newlines between context and question, nothing else changed.
+        moved, q_len = niah.make_cell(tok, task, length, depth, 0, 7, hay, chunk=32), len(niah.question_suffix(tok, a.question))
+        pad, start = len(moved.prompt) - length, length - q_len
+        assert moved.prompt == a.prompt[:start] + tok.encode("\n") * pad + a.prompt[start:]
+        assert pad == 0 if start % 32 + q_len <= 32 else (start + pad) % 32 == 0 and pad < q_len
         text = tok.decode(a.prompt)
         if task == "none":
             assert a.needles == [] and "special magic number" not in text.split("\n\n")[1]

@@ -55,7 +55,8 @@ def test_ask_equals_fresh_full_prefill_and_questions_are_isolated(model, corpus,
     answers = [s.ask(q, max_new_tokens=6) for q in questions]
     assert s.cache.length == length  # the corpus cache never grows
     for q, a in zip(questions, answers):
-        prompt = context_prefix(tok, corpus.pack(tok).ids) + question_suffix(tok, q)
+        head = context_prefix(tok, corpus.pack(tok).ids)
+        prompt = head + question_suffix(tok, q, at=len(head), chunk=model.config.local_chunk)
         fresh = generate(model, torch.tensor([prompt]), max_new_tokens=6, stop_ids=[tok.eot_id, tok.eom_id])
         assert a.text == tok.decode(fresh.tokens[0]).strip()
         assert a.answer_tokens == len(fresh.tokens[0]) and a.stopped == fresh.stopped[0]
@@ -73,9 +74,42 @@ def test_a_model_trained_with_chunk_markers_gets_a_marked_corpus(tok, corpus):
     ids = corpus.pack(tok, chunk=chunk, offset=len(context_prefix(tok, []))).ids
     assert s.prefix.tolist() == context_prefix(tok, ids) and len(ids) > len(corpus.pack(tok).ids)
     q = "What rises above the clouds?"
-    prompt = context_prefix(tok, ids) + question_suffix(tok, q)
+    prompt = context_prefix(tok, ids) + question_suffix(tok, q, at=len(s.prefix), chunk=chunk)
     fresh = generate(marked, torch.tensor([prompt]), max_new_tokens=6, stop_ids=[tok.eot_id, tok.eom_id])
     assert s.ask(q, max_new_tokens=6).text == tok.decode(fresh.tokens[0]).strip()
+
+
+def test_a_question_that_would_cross_a_chunk_start_starts_one(tok):
+    """question_suffix(at=, chunk=): newlines in front move a question that would straddle two
+    local-attention chunks to the next chunk start, and only such a question."""
+    q = "Which document mentions the special magic number for gentle-harbor?"
+    plain = question_suffix(tok, q)
+    n, chunk, moved = len(plain), 32, 0
+    for at in range(3 * chunk):
+        ids = question_suffix(tok, q, at=at, chunk=chunk)
+        pad = len(ids) - n
+        assert ids[pad:] == plain and tok.decode(ids[:pad]) == "\n" * pad
+        if at % chunk + n <= chunk:
+            assert pad == 0
+        else:
+            assert (at + pad) % chunk == 0 and 0 < pad < n
+            moved += 1
+    assert moved == 3 * (n - 1)
+    assert question_suffix(tok, q, at=5, chunk=n - 1) == plain  # longer than a chunk: nothing to gain
+
+
+def test_a_session_moves_a_straddling_question_to_a_chunk_start(model, corpus, tok):
+    s = Session(model, corpus, chunk_size=64)
+    chunk = model.config.local_chunk
+    q = "Where"
+    assert s.n_tokens % chunk  # else only a question longer than a chunk could straddle
+    while s.n_tokens % chunk + len(question_suffix(tok, q)) <= chunk:  # grow it until it would straddle
+        q += " now"
+    prompt = s.prefix.tolist() + question_suffix(tok, q, at=s.n_tokens, chunk=chunk)
+    assert (len(prompt) - len(question_suffix(tok, q))) % chunk == 0
+    fresh = generate(model, torch.tensor([prompt]), max_new_tokens=6, stop_ids=[tok.eot_id, tok.eom_id])
+    a = s.ask(q, max_new_tokens=6)
+    assert a.text == tok.decode(fresh.tokens[0]).strip() and a.question_tokens == len(prompt) - s.n_tokens
 
 
 def test_ask_over_disk_tier_segments_equals_resident(model, corpus, tmp_path):
