@@ -51,7 +51,7 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
     apart as another document's title from the same context (the model copies a title, but
     the wrong one) or no title of the context (it makes one up). align: the question at a
     chunk start when it would straddle one, as ``qa.Session`` asks it; False: where the
-    context ends, as in training (the layout of the records before 2026-11-30 16:00)."""
+    context ends, as in training (the layout of the records up to tiny_model_documents_2026-11-30_4.md)."""
     train, tok = _train_module(), model.tokenizer
     sents = needles.encoded_sentences(tok)
     lines = ["| length | right title | another document's title | no title of the context | samples |",

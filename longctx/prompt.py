@@ -9,8 +9,9 @@ context-only prefix and a question suffix:
     answer = answer text <|eot|>
 
 This is the Llama 4 instruct layout of one user turn whose content is context + "\\n\\n" +
-question. The embedded model is trained on exactly these pieces; when it is not told the
-answer it replies ``NOT_STATED``.
+question. The embedded model is trained on exactly these pieces (without the newlines that
+move a question to a chunk start, see ``question_suffix``); when it is not told the answer it
+replies ``NOT_STATED``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def question_suffix(tokenizer, question: str, *, at: int | None = None, chunk: i
     the local layers at the answer then see the whole question, not just its tail. (Cut off
     from the words "Which document", the embedded model answered the needle's value to 4 of 7
     such which-document questions; see benchmarks/results/tiny_model_aligned_questions_2026-11-30.md.)
-    Training leaves questions unaligned, so that the model learns every offset.
+    Training data never moves a question, so the model also learned to answer one that straddles.
     """
     ids = [*tokenizer.encode("\n\n" + question), tokenizer.eot_id, *tokenizer.header("assistant")]
     if at is not None and chunk and at % chunk + len(ids) > chunk and len(ids) <= chunk:
