@@ -129,8 +129,9 @@ def test_names_the_document_that_holds_a_key(model, train):
 
 
 def test_training_is_reproducible(tmp_path, train):
-    """Same seed, same steps: bit-identical weights (hence identical scores). A few short steps
-    of the real script; the full run is recorded in the model's CARD.md."""
+    """Same seed, same steps, one thread: bit-identical weights (hence identical scores). A few
+    short steps of the real script. With 2 threads runs are not always bit-identical; two full
+    2-thread runs are compared in benchmarks/results/tiny_model_reproducibility_2026-11-30.md."""
     threads = torch.get_num_threads()
     args = ["--steps", "3", "--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256",
             "--eval-lengths", "256", "--eval-samples", "1", "--probe-every", "0"]
