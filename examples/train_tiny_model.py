@@ -21,11 +21,10 @@ Data is generated on the fly from a seeded RNG: contexts with 1-12 needles, sing
 distractor needles, no-needle contexts (answer "not stated") and which-document contexts over
 packed documents. Each context is followed by several chat turns of questions about it (one
 key, two keys at once, a key that is not there), so one context yields many answers: the
-retrieval signal per step is several times denser than one question per context. With
-``--threads 1`` the run is bit-deterministic for a given seed and step count; with 2 threads
-two runs can differ in the last bit of some weights after a few dozen steps (more often when
-other processes share the cores) and then drift apart: same recipe, not the same bytes (see
-benchmarks/results/tiny_model_reproducibility_2026-11-30.md). At the end it evaluates through
+retrieval signal per step is several times denser than one question per context. Training
+runs in PyTorch's deterministic mode (``deterministic_kernels``), so a seed gives the same
+bytes at a given thread count, even when other processes share the cores (see
+benchmarks/results/tiny_model_reproducibility_2026-11-30_2.md). At the end it evaluates through
 the library's own path (chunked prefill + KV cache + greedy decode) on keys never seen in
 training and writes the scores to the training card.
 """
