@@ -502,7 +502,7 @@ def main(argv=None) -> None:
 
 @contextlib.contextmanager
 def deterministic_kernels():
-    """Bit-identical training at any thread count, for the duration of one stage.
+    """Bit-identical training for a given seed and thread count, for the duration of one stage.
 
     The one kernel here whose result depended on thread timing is the CPU backward of advanced
     indexing with repeated indices (the guidance loss's ``qs[b, q, head]``): ``index_put_`` with
