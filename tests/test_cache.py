@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
+from longctx import attention
 from longctx.cache import CacheError, ChunkedCache, GlobalCache, KVCache, OffloadPolicy, atomic_folder, token_hash
 from longctx.generate import generate, prefill, sample
 
@@ -70,6 +72,7 @@ def test_chunked_layers_hold_at_most_one_attention_chunk(model, tokens):
 
 
 def decode_logits(model, tokens, cache, n_prompt):
+    tokens = tokens.to(model.device)
     with torch.no_grad():
         out = [prefill(model, tokens[:, :n_prompt], cache, 6)]
         for i in range(n_prompt, tokens.shape[1]):
@@ -77,19 +80,48 @@ def decode_logits(model, tokens, cache, n_prompt):
     return torch.stack(out, 1)
 
 
-def test_results_equal_on_every_tier(model, tokens, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_results_equal_on_every_tier(model, tokens, tmp_path, device, monkeypatch):
+    """Device-resident, CPU and disk segments give the same logits. On CPU every tier takes the
+    same code path, so the logits are bit-equal. On CUDA, lower tiers are streamed up on a side
+    stream and attended to one segment at a time (merged by LSE) while resident ones go in one
+    split-KV launch: equal to fp32 rounding, and equal to the CPU run within that tolerance."""
     seg = 8
+    on_cpu = decode_logits(model, tokens, model.new_cache(2, OffloadPolicy(segment_tokens=seg)), 30)
+    if device == "cuda":
+        model = copy.deepcopy(model).to(device)
     resident = decode_logits(model, tokens, model.new_cache(2, OffloadPolicy(segment_tokens=seg)), 30)
     policies = {
         "cpu": OffloadPolicy(device_bytes=0, segment_tokens=seg),
         "disk": OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path / "kv", segment_tokens=seg),
     }
+    tol = 1e-5 * resident.abs().max()
     for tier, policy in policies.items():
-        cache = model.new_cache(2, policy)
-        got = decode_logits(model, tokens, cache, 30)
-        assert torch.equal(got, resident), tier
-        used = cache.tier_bytes()
-        assert used[tier] > 0 and all(used[t] == 0 for t in ("cpu", "disk") if t != tier)
+        # On CUDA also with one segment per staged group (many groups in flight, as at long contexts).
+        for stage_bytes in (attention._STAGE_BYTES, 1) if device == "cuda" else (attention._STAGE_BYTES,):
+            monkeypatch.setattr(attention, "_STAGE_BYTES", stage_bytes)
+            cache = model.new_cache(2, policy)
+            got = decode_logits(model, tokens, cache, 30)
+            if device == "cpu":
+                assert torch.equal(got, resident), tier
+            else:
+                assert (got - resident).abs().max() <= tol, (tier, stage_bytes)
+            used = cache.tier_bytes()
+            assert used[tier] > 0 and all(used[t] == 0 for t in ("cpu", "disk") if t != tier)
+    assert (resident.cpu() - on_cpu).abs().max() <= tol.cpu()
+
+
+def test_kv_to_moves_a_sealed_block_in_one_piece():
+    """K and V that are the halves of one (2, B, H, n, D) block (a sealed segment, here at an
+    offset inside a larger storage) come out equal to the halves; separate tensors too."""
+    big = torch.randn(3, 2, 2, 3, 5, 4)
+    block = big[1]
+    k, v = attention._kv_to(block[0], block[1], torch.device("cpu"))
+    assert torch.equal(k, block[0]) and torch.equal(v, block[1])
+    a, b = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    k, v = attention._kv_to(a, b, torch.device("cpu"))
+    assert torch.equal(k, a) and torch.equal(v, b)
 
 
 def test_kv_larger_than_ram_budget_completes_through_disk(model, tokens, tmp_path):
