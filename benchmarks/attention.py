@@ -14,7 +14,7 @@ Both sides get the same bf16 tensors q (B, Hq, L, D), k/v (B, Hkv, L, D), q_star
   need O(L^2) memory (16 GiB at 128K) and pushes SDPA off its flash backend.
 * FLOPs = 4 * B * Hq * D * (visible query-key pairs): M*N for full attention, M*N/2 for
   causal (the usual convention), the exact count of visible pairs for chunk-local.
-* Timing: ``triton.testing.do_bench`` (CUDA events, L2 flush between runs); mean ms.
+* Timing: ``triton.testing.do_bench`` (CUDA events, L2 flush between runs); median ms.
 
 On a machine without CUDA the script runs one tiny case through the PyTorch reference and the
 Triton interpreter only, to show the code path works; those times mean nothing.
@@ -54,9 +54,40 @@ def parse_args(argv=None):
                    help="force one SDPA backend (default: let torch choose)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--blocks", default=None,
+                   help="tuning: launch shapes to time, each BLOCK_M,BLOCK_N,warps,stages or "
+                        "'table' (the kernel's own choice), separated by ':'")
     p.add_argument("--record", action="store_true",
                    help="write JSON + markdown records to benchmarks/results/")
     return p.parse_args(argv)
+
+
+def parse_blocks(spec: str | None) -> list[tuple[int, int, int, int] | None]:
+    """``--blocks`` as a list of launch shapes; None ("table") means the kernel's own table."""
+    if not spec:
+        return [None]
+    shapes = []
+    for item in spec.split(":"):
+        if item == "table":
+            shapes.append(None)
+            continue
+        parts = [int(x) for x in item.split(",")]
+        if len(parts) != 4:
+            sys.exit(f"--blocks: {item!r} is not BLOCK_M,BLOCK_N,warps,stages")
+        shapes.append(tuple(parts))
+    return shapes
+
+
+def pin_blocks(shape: tuple[int, int, int, int] | None) -> None:
+    """Make the Triton kernel launch with ``shape`` (None: its own ``_blocks`` table again).
+
+    A tuning aid only: it swaps the table function of the loaded kernel module for this run."""
+    from longctx.kernels import attention as attn
+
+    mod = attn._triton_backend()
+    table = getattr(mod, "_blocks_table", mod._blocks)
+    mod._blocks_table = table
+    mod._blocks = table if shape is None else (lambda head_dim, m_rows, dtype, device: shape)
 
 
 def visible_pairs(L: int, mode: str, chunk: int) -> int:
@@ -98,11 +129,12 @@ def sdpa_fn(q, k, v, mode: str, chunk: int):
 
 
 def bench(fn, args) -> float:
-    """Mean milliseconds per call."""
+    """Median milliseconds per call."""
     if torch.cuda.is_available():
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep))
+        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep,
+                                             return_mode="median"))
     fn()
     t = time.perf_counter()
     fn()
@@ -143,9 +175,10 @@ def main(argv=None):
         if m not in ("causal", "chunk"):
             sys.exit(f"unknown mode {m!r}; use causal and/or chunk")
 
+    shapes = parse_blocks(args.blocks)
     rows = []
-    head = (f"{'mode':>6} {'L':>7} {'ours ms':>9} {'TFLOP/s':>8} {'sdpa ms':>9} {'TFLOP/s':>8} "
-            f"{'sdpa/ours':>9} {'max|diff|':>9}")
+    head = (f"{'mode':>6} {'L':>7} {'blocks':>12} {'ours ms':>9} {'TFLOP/s':>8} {'sdpa ms':>9} "
+            f"{'TFLOP/s':>8} {'sdpa/ours':>9} {'max|diff|':>9}")
     print(f"device: {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}; "
           f"B={args.batch} Hq={args.hq} Hkv={args.hkv} D={args.dim} {args.dtype} "
           f"chunk={args.chunk} sdpa backend={args.sdpa_backend}, GQA via enable_gqa")
@@ -165,25 +198,36 @@ def main(argv=None):
                                        impl=impl)[0]
 
             sdpa = sdpa_fn(q, k, v, mode, args.chunk)
+            flops = 4 * args.batch * args.hq * args.dim * visible_pairs(L, mode, args.chunk)
             with sdpa_context(args.sdpa_backend):
                 ref = sdpa()
                 ref = ref if isinstance(ref, torch.Tensor) else _unfold(ref, q, args.chunk)
-                diff = (ours().float() - ref.float()).abs().max().item()
-                del ref
-                t_ours, t_sdpa = bench(ours, args), bench(sdpa, args)
-            flops = 4 * args.batch * args.hq * args.dim * visible_pairs(L, mode, args.chunk)
-            row = dict(mode=mode, L=L, ours_ms=t_ours, sdpa_ms=t_sdpa,
-                       ours_tflops=flops / t_ours / 1e9, sdpa_tflops=flops / t_sdpa / 1e9,
-                       speedup=t_sdpa / t_ours, max_abs_diff=diff)
-            rows.append(row)
-            print(f"{mode:>6} {L:>7} {t_ours:>9.3f} {row['ours_tflops']:>8.1f} {t_sdpa:>9.3f} "
-                  f"{row['sdpa_tflops']:>8.1f} {row['speedup']:>9.2f} {diff:>9.2e}")
+                t_sdpa = bench(sdpa, args)
+            for shape in shapes:
+                pin_blocks(shape)
+                label = ",".join(map(str, shape)) if shape else "table"
+                try:
+                    diff = (ours().float() - ref.float()).abs().max().item()
+                    t_ours = bench(ours, args)
+                except Exception as e:  # e.g. a shape over the shared-memory limit
+                    print(f"{mode:>6} {L:>7} {label:>12} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:100]}")
+                    continue
+                finally:
+                    pin_blocks(None)
+                row = dict(mode=mode, L=L, blocks=label, ours_ms=t_ours, sdpa_ms=t_sdpa,
+                           ours_tflops=flops / t_ours / 1e9, sdpa_tflops=flops / t_sdpa / 1e9,
+                           speedup=t_sdpa / t_ours, max_abs_diff=diff)
+                rows.append(row)
+                print(f"{mode:>6} {L:>7} {label:>12} {t_ours:>9.3f} {row['ours_tflops']:>8.1f} "
+                      f"{t_sdpa:>9.3f} {row['sdpa_tflops']:>8.1f} {row['speedup']:>9.2f} "
+                      f"{diff:>9.2e}")
             if not cuda:  # the smoke run also checks the interpreter against the reference
                 ref = flash_attention(q, k, v, q_start=0, k_start=0, chunk=chunk,
                                       impl="reference")[0]
                 print(f"{'':>6} {'':>7} interpreter vs reference: max|diff| = "
                       f"{(ours().float() - ref.float()).abs().max().item():.2e}")
-            del q, k, v, sdpa
+            del q, k, v, sdpa, ref
             if cuda:
                 torch.cuda.empty_cache()
     if args.record:
@@ -212,9 +256,10 @@ def record(args, rows, cuda):
         command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         config=dict(batch=args.batch, hq=args.hq, hkv=args.hkv, dim=args.dim, dtype=args.dtype,
                     chunk=args.chunk, sdpa_backend=args.sdpa_backend,
+                    blocks="BLOCK_M,BLOCK_N,warps,stages; 'table' = the kernel's own _blocks",
                     sdpa_gqa="enable_gqa=True", sdpa_chunk="chunks folded into batch, is_causal",
                     flops="4*B*Hq*D*visible pairs (causal: L^2/2)",
-                    timing="do_bench mean ms" if cuda else "perf_counter, one call"),
+                    timing="do_bench median ms" if cuda else "perf_counter, one call"),
     )
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
     stem = RESULTS / f"attention-{slug}-{now.strftime('%Y%m%d-%H%M%S')}"
@@ -224,11 +269,11 @@ def record(args, rows, cuda):
              f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
              f"- command: `{meta['command']}`",
              f"- config: {json.dumps(meta['config'])}", "",
-             "| mode | L | ours ms | ours TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA/ours "
+             "| mode | L | blocks | ours ms | ours TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA/ours "
              "| max abs diff |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['L']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | "
+        lines.append(f"| {r['mode']} | {r['L']} | {r['blocks']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | "
                      f"{r['sdpa_ms']:.3f} | {r['sdpa_tflops']:.1f} | {r['speedup']:.2f} | "
                      f"{r['max_abs_diff']:.2e} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -100,11 +100,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-align", action="store_true",
                     help="documents part: ask where the context ends even if the question straddles a chunk start")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (weights stay fp32)")
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/results/")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     default = "1k,4k,16k" if args.part == "documents" else "32k,64k,128k"
     lengths = [parse_length(x) for x in (args.lengths or default).split(",")]
     t0 = time.perf_counter()
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     if args.record:
         cmd = "python benchmarks/tiny_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         facts = [f"model: {args.model or 'embedded default'} (fingerprint {model.fingerprint[:16]}); wall {wall:.0f} s"]
-        path = write_record(RESULTS, f"tiny_model_{args.part}", f"Embedded model: {args.part}", cmd, facts, body)
+        path = write_record(RESULTS, f"tiny_model_{args.part}", f"Embedded model: {args.part}", cmd, facts, body,
+                            device=str(model.device))
         print(f"wrote {path}")
     return 0
 
