@@ -71,9 +71,12 @@ def parse_blocks(spec: str | None) -> list[tuple[int, int, int, int] | None]:
         if item == "table":
             shapes.append(None)
             continue
-        parts = [int(x) for x in item.split(",")]
+        try:
+            parts = [int(x) for x in item.split(",")]
+        except ValueError:
+            parts = []
         if len(parts) != 4:
-            sys.exit(f"--blocks: {item!r} is not BLOCK_M,BLOCK_N,warps,stages")
+            sys.exit(f"--blocks: {item!r} is not 'table' or BLOCK_M,BLOCK_N,warps,stages")
         shapes.append(tuple(parts))
     return shapes
 
