@@ -50,12 +50,18 @@ class OffloadPolicy:
     device_bytes / cpu_bytes: budgets in bytes for sealed segments of the whole cache
     (None = unlimited). disk_dir: folder for memory-mapped segment files (needed only when the
     budgets above run out). segment_tokens: tokens per segment (the unit of offloading).
+
+    Attention costs some host work per segment, so larger segments decode faster: at 16,384
+    tokens rather than 4,096, decode steps took 10.2 instead of 27.5 ms over 256K tokens of
+    device-resident KV on an H200, and 6.9-7.1 instead of 9.9-10.5 ms over 64K tokens on 2 CPU
+    cores (``benchmarks/results/gpu_2026-11-30.md``, ``decode_cpu_2026-11-30.md``, ``_2.md``). The open tail,
+    up to one segment per global layer, stays on the device.
     """
 
     device_bytes: int | None = None
     cpu_bytes: int | None = None
     disk_dir: str | os.PathLike | None = None
-    segment_tokens: int = 4096
+    segment_tokens: int = 16384
 
     def __post_init__(self) -> None:
         if self.segment_tokens < 1:
