@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=None, help="query heads (default: the preset's)")
     ap.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: the preset's)")
     ap.add_argument("--head-dim", type=int, default=None, help="head dim (default: the preset's)")
-    ap.add_argument("--segment-tokens", type=int, default=4096)
+    ap.add_argument("--segment-tokens", type=int, default=OffloadPolicy().segment_tokens,
+                    help="tokens per KV segment (default: OffloadPolicy's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--profile", action="store_true", help="also print a profile of a few steps per tier")

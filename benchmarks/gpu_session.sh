@@ -67,8 +67,8 @@ fi
 if want decode; then
 step decode 90 $PY benchmarks/decode.py --context 256k --steps 32 --heads 40 --kv-heads 8 --head-dim 128 --profile --record
 tail -n 4 "$LOGS/decode.log"
-step decode_16k 60 $PY benchmarks/decode.py --context 256k --steps 32 --heads 40 --kv-heads 8 --head-dim 128 --segment-tokens 16384 --record
-tail -n 4 "$LOGS/decode_16k.log"
+step decode_4k 60 $PY benchmarks/decode.py --context 256k --steps 32 --heads 40 --kv-heads 8 --head-dim 128 --segment-tokens 4096 --record
+tail -n 4 "$LOGS/decode_4k.log"
 fi
 
 if want long; then
