@@ -47,7 +47,7 @@ want tests && tail -n 15 "$LOGS/tests.log"
 if want tune || want attention; then
 SHAPES="table:128,128,8,2:128,128,8,3:128,64,4,3:128,32,4,4:64,64,4,3:64,128,4,3:128,64,8,4:table"
 want tune && step tune 90 $PY benchmarks/attention.py --lengths 16384 --blocks "$SHAPES" --record
-grep -E "^ *(causal|chunk) " "$LOGS/tune.log"
+want tune && grep -E "^ *(causal|chunk) " "$LOGS/tune.log"
 # The fastest shape at causal 16K (the bar's case), from the record just written.
 best=$($PY - <<'EOF'
 import glob, json, os

@@ -147,9 +147,9 @@ def _device_groups(segments, device: torch.device):
     others in groups of about ``_STAGE_BYTES``. On CUDA each group is copied on a side stream
     while the previous one is attended to (double buffering), so host-to-device transfer
     overlaps compute. Grouping keeps the host's work per segment small (one copy, one kernel
-    launch; one merge per group): at hundreds of segments per step, per-segment host work
-    and not the copy engine set the pace (measured on an H200, 2026-11-30). Elsewhere
-    segments are used where they are (CPU memory or memory-mapped files) as one list."""
+    launch; one merge per group): that work is about 0.36 ms per segment on an H200, as much
+    as copying 20 MB (benchmarks/results/gpu_2026-11-30.md). Elsewhere segments are used
+    where they are (CPU memory or memory-mapped files) as one list."""
     here = [seg for seg in segments if seg[0].device == device]
     away = [seg for seg in segments if seg[0].device != device]
     if device.type != "cuda":

@@ -84,9 +84,9 @@ def decode_logits(model, tokens, cache, n_prompt):
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_results_equal_on_every_tier(model, tokens, tmp_path, device, monkeypatch):
     """Device-resident, CPU and disk segments give the same logits. On CPU every tier takes the
-    same code path, so the logits are bit-equal. On CUDA, lower tiers are streamed up on a side
-    stream and attended to one segment at a time (merged by LSE) while resident ones go in one
-    split-KV launch: equal to fp32 rounding, and equal to the CPU run within that tolerance."""
+    same code path, so the logits are bit-equal. On CUDA, lower tiers are copied up in staged
+    groups on a side stream and their results merged by LSE group by group, where resident ones
+    go in one decode call: equal to fp32 rounding, and equal to the CPU run within that tolerance."""
     seg = 8
     on_cpu = decode_logits(model, tokens, model.new_cache(2, OffloadPolicy(segment_tokens=seg)), 30)
     if device == "cuda":
