@@ -27,7 +27,7 @@ from longctx.cli import parse_length
 from longctx.config import ModelConfig
 from longctx.generate import prefill
 from longctx.model import Model
-from longctx.records import write_record
+from records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from longctx.documents import ingest
-from longctx.tokenizer import LLAMA4_PATTERN, Tokenizer, load_ranks
+from longctx.text.ingest import ingest
+from longctx.text.tokenizer import LLAMA4_PATTERN, Tokenizer, load_ranks
 
 WORDS = """
 the of and to in a is that for it as was with be by on not he this are or his from at which but have
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     n_chars = sum(map(len, texts))
     n_bytes = sum(d.size for d in corpus)
     # tiktoken itself, with the same ranks, regex and specials as the longctx tokenizer.
-    with as_file(files("longctx").joinpath("assets", "tokenizer", "tokenizer.model")) as p:
+    with as_file(files("longctx").joinpath("assets", "default", "tokenizer.model")) as p:
         ranks = load_ranks(p)
     raw_enc = tiktoken.Encoding("raw", pat_str=LLAMA4_PATTERN, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
     del corpus

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from longctx.cli import parse_length
-from longctx.records import write_record
+from records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -29,16 +29,16 @@ from pathlib import Path
 
 import torch
 
-from longctx import needles
+from longctx.tasks import needles
 from longctx.checkpoint import load_model
 from longctx.cli import parse_length
 from longctx.config import ModelConfig
-from longctx.documents import ingest
+from longctx.text.ingest import ingest
 from longctx.generate import generate
 from longctx.model import Model
-from longctx.prompt import context_prefix, question_suffix
-from longctx.qa import Session
-from longctx.tokenizer import Tokenizer
+from longctx.text.prompt import context_prefix, question_suffix
+from longctx.tasks.qa import Session
+from longctx.text.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longctx import needles, niah
+from longctx.tasks import needles, niah
 from longctx.checkpoint import load_model
 from longctx.cli import parse_length
 from longctx.generate import generate
-from longctx.records import write_record
+from records import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

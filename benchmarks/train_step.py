@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longctx import attention, needles
+from longctx import attention
+from longctx.tasks import needles
 from longctx.kernels.attention import visibility_mask
 from longctx.model import Model
-from longctx.records import write_record
-from longctx.tokenizer import Tokenizer
+from records import write_record
+from longctx.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

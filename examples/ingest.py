@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from longctx.documents import BudgetError, ingest
-from longctx.tokenizer import Tokenizer
+from longctx.text.ingest import BudgetError, ingest
+from longctx.text.tokenizer import Tokenizer
 
 
 def demo_folder(root: Path) -> Path:

@@ -11,7 +11,7 @@ on from a saved model); the card of each run records its command.
 A Scout-architecture model at small width (chunked-local RoPE layers alternating with global
 NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert, tied embeddings)
 learns to retrieve facts from long contexts: needle sentences hidden in English text from
-Python's own documentation, asked in the prompt layout of ``longctx.prompt``. The attention
+Python's own documentation, asked in the prompt layout of ``longctx.text.prompt``. The attention
 chunk (128 tokens) is small against the training lengths (192-2048), so most needles can only
 be reached through the global layers. Loss is on answer tokens only, plus an auxiliary loss
 that points a few heads' attention at the retrieval circuit (see "attention guidance" below):
@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from longctx import needles
+from longctx.tasks import needles
 from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
-from longctx.documents import DEFAULT_MARKER, ingest
+from longctx.text.ingest import DEFAULT_MARKER, ingest
 from longctx.generate import generate
 from longctx.model import Model
-from longctx.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
-from longctx.tokenizer import Tokenizer
+from longctx.text.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
+from longctx.text.tokenizer import Tokenizer
 
 
 def model_config(tok: Tokenizer, chunk: int = 128) -> ModelConfig:

@@ -7,8 +7,8 @@ vocabulary (`needle_vocabulary`: key words and 3-digit groups, so each is one to
 result is byte-level BPE with the Llama 4 regex (`--vocab-size` ranks, default 8192) and 256 Llama 4 special tokens
 right after the ranks (begin_of_text = +0, eot = +8, ... as in Scout), written as
 
-    longctx/assets/tokenizer/tokenizer.model   tiktoken BPE file (base64 token, rank per line)
-    longctx/assets/tokenizer/tokenizer.json    longctx sidecar listing the special tokens
+    longctx/assets/default/tokenizer.model   tiktoken BPE file (base64 token, rank per line)
+    longctx/assets/default/tokenizer.json    longctx sidecar listing the special tokens
 
 Usage:  python examples/train_tokenizer.py [--vocab-size 8192] [--max-mb 4] [--out DIR]
 """
@@ -21,7 +21,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from longctx.tokenizer import Tokenizer, llama4_special_tokens, train_bpe
+from longctx.text.tokenizer import Tokenizer, llama4_special_tokens, train_bpe
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -54,14 +54,14 @@ def corpus(max_chars: int) -> list[str]:
 def needle_vocabulary(repeat: int = 64) -> list[str]:
     """Text that makes each NIAH key word one token and each 3-digit group one token.
 
-    The needles' keys ("amber-falcon") come from `longctx.needles`' word lists and their values
+    The needles' keys ("amber-falcon") come from `longctx.tasks.needles`' word lists and their values
     are 7-digit numbers, which the Llama 4 regex splits into groups of at most three digits.
     Learned from Python's docs alone, a key took 4-8 sub-word tokens of varying length and a
     value 4-6 irregular digit pieces, so the small model had to match keys of variable shape at
     variable offsets; with one token per word (" amber", "-falcon", " Amber") and per digit
     group ("805", "602", "0") the offsets are fixed. `repeat` copies of each make the pieces
     frequent enough to be merged early (about 2,000 of the 7,936 merges)."""
-    from longctx import needles
+    from longctx.tasks import needles
 
     adjectives, nouns = needles._ADJECTIVES, needles._NOUNS
     n = max(len(adjectives), len(nouns))
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192, help="number of BPE ranks (256 bytes + merges)")
     ap.add_argument("--num-special", type=int, default=256, help="special ids after the ranks (Llama 4 offsets)")
     ap.add_argument("--max-mb", type=float, default=4.0, help="corpus size cap in millions of characters")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "longctx" / "assets" / "tokenizer")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "longctx" / "assets" / "default")
     args = ap.parse_args()
 
     t0 = time.perf_counter()

@@ -17,20 +17,29 @@ import importlib
 from .cache import CacheError, KVCache, OffloadPolicy
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
-from .documents import BudgetError, Corpus, Document, DocumentSpan, IngestError, ingest
+from .text.ingest import BudgetError, Corpus, Document, DocumentSpan, IngestError, ingest
 from .generate import Generation, generate, prefill, sample
 from .model import Model
-from .tokenizer import Tokenizer, TokenizerError
+from .text.tokenizer import Tokenizer, TokenizerError
 
 __version__ = "0.1.0"
 
-_LAZY = {"Session": "qa", "Answer": "qa", "Citation": "qa", "QAError": "qa", "run_batch": "qa", "niah": None}
+# name -> (module, attribute); attribute None means the module itself.
+_LAZY = {
+    "Session": ("tasks.qa", "Session"),
+    "Answer": ("tasks.qa", "Answer"),
+    "Citation": ("tasks.qa", "Citation"),
+    "QAError": ("tasks.qa", "QAError"),
+    "run_batch": ("tasks.qa", "run_batch"),
+    "niah": ("tasks.niah", None),
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        mod = importlib.import_module(f".{_LAZY[name] or name}", __name__)
-        return mod if _LAZY[name] is None else getattr(mod, name)
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(f".{module}", __name__)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'longctx' has no attribute {name!r}")
 
 

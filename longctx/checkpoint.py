@@ -79,7 +79,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     """
     from safetensors import SafetensorError, safe_open
 
-    from .tokenizer import Tokenizer
+    from .text.tokenizer import Tokenizer
 
     folder = Path(DEFAULT_MODEL if path is None else path)
     if not folder.is_dir():

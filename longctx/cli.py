@@ -48,8 +48,8 @@ def _size(nbytes: float) -> str:
 
 
 def cmd_ask(args) -> int:
-    from .documents import ingest
-    from .qa import Session
+    from .text.ingest import ingest
+    from .tasks.qa import Session
 
     model = _model(args)
     corpus = ingest(args.paths, errors="skip" if args.skip_bad else "raise")
@@ -76,7 +76,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .qa import run_batch
+    from .tasks.qa import run_batch
 
     run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
               max_context=args.max_context, temperature=args.temperature, seed=args.seed,
@@ -141,7 +141,7 @@ def niah_main(argv=None) -> int:
     """The needle-in-a-haystack benchmark (also ``benchmarks/niah.py``)."""
     import torch
 
-    from . import niah
+    from .tasks import niah
     from .checkpoint import load_model
 
     ap = argparse.ArgumentParser(prog="longctx niah", description="Needle-in-a-haystack benchmark: a depth x length "
@@ -171,7 +171,7 @@ def niah_main(argv=None) -> int:
     model = load_model(args.model, device=args.device)
     haystack = args.haystack
     if haystack not in ("english", "noise"):
-        from .documents import ingest
+        from .text.ingest import ingest
 
         haystack = ingest([haystack])
     common = dict(task=args.task, lengths=lengths, depths=depths, samples=args.samples, seed=args.seed,
@@ -287,8 +287,8 @@ def main(argv=None) -> int:
     from .cache import CacheError
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .documents import IngestError
-    from .qa import QAError
+    from .text.ingest import IngestError
+    from .tasks.qa import QAError
 
     try:
         return args.fn(args)

@@ -9,7 +9,7 @@ import torch
 
 from longctx.checkpoint import save_model
 from longctx.cli import main, parse_length
-from longctx.tokenizer import Tokenizer
+from longctx.text.tokenizer import Tokenizer
 
 from conftest import text_model
 

@@ -58,8 +58,8 @@ def test_chunked_prefill_beyond_training_length_equals_full_forward(model):
 
 
 def test_training_batches_are_reproducible(train):
-    from longctx import needles
-    from longctx.tokenizer import Tokenizer
+    from longctx.tasks import needles
+    from longctx.text.tokenizer import Tokenizer
 
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
@@ -81,8 +81,8 @@ def test_training_batches_are_reproducible(train):
 def test_one_question_document_examples_ask_which_document(train):
     """Evaluation draws one question per which-document context: it must be the title question
     (a value question there would score retrieval, not the document hop)."""
-    from longctx import needles
-    from longctx.tokenizer import Tokenizer
+    from longctx.tasks import needles
+    from longctx.text.tokenizer import Tokenizer
 
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
@@ -111,7 +111,7 @@ def test_names_the_document_that_holds_a_key(model, train):
     """Which-document questions over 5-20 packed documents at 1K tokens, through the library's
     path: the answer must be the holder's chunk marker ("[3 Icy Wren]"), id and title exact.
     The full measurement is benchmarks/results/tiny_model_documents_2026-11-30_8.md."""
-    from longctx import needles
+    from longctx.tasks import needles
 
     tok = model.tokenizer
     sents = needles.encoded_sentences(tok)
@@ -197,8 +197,8 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
     """Global heads are guided from the position predicting an answer token to the one context
     position holding that token; local heads 0/1 to the same key token on the needle's side and
     the question's side; local head 2 to the previous token."""
-    from longctx import needles
-    from longctx.tokenizer import Tokenizer
+    from longctx.tasks import needles
+    from longctx.text.tokenizer import Tokenizer
 
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)
@@ -224,8 +224,8 @@ def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
     a value is. Local heads 0/1 go from the id of the marker that closes the needle's chunk to
     the needle's key, and from the answer's "[" to the key in the question; global head 0 from
     the answer's "[" to that id; induction (head 2) from the id on to the title after it."""
-    from longctx import needles
-    from longctx.tokenizer import Tokenizer
+    from longctx.tasks import needles
+    from longctx.text.tokenizer import Tokenizer
 
     tok = Tokenizer.default()
     sents = needles.encoded_sentences(tok)

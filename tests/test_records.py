@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import sys
+from pathlib import Path
 
-from longctx.records import write_record
+# write_record is benchmark code: it lives in benchmarks/, beside the scripts that use it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from records import write_record  # noqa: E402
 
 
 def test_a_second_record_of_the_day_gets_its_own_file(tmp_path):

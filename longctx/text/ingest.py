@@ -69,7 +69,7 @@ from typing import NamedTuple
 import numpy as np
 import tiktoken
 
-from longctx.tokenizer import LLAMA4_PATTERN, MAX_WS_RUN, Tokenizer, split_for_encoding
+from .tokenizer import LLAMA4_PATTERN, MAX_WS_RUN, Tokenizer, split_for_encoding
 
 __all__ = [
     "DEFAULT_MARKER",
@@ -172,7 +172,7 @@ class Document:
     format: "text", "markdown", "html", "pdf" or "memory".
     encoding: the text encoding the file was decoded with (None for PDFs and in-memory texts).
     warnings: problems the reader worked around (pypdf's repairs of a damaged PDF, which can
-        mean missing text); each is also logged on the "longctx.documents" logger.
+        mean missing text); each is also logged on the "longctx.text.ingest" logger.
     """
 
     id: int
@@ -658,7 +658,7 @@ class Corpus:
     ) -> "Packed":
         """Lay the documents out as token ids with delimiters; return ids and exact spans.
 
-        tokenizer: a `longctx.tokenizer.Tokenizer` (needs `encode_batch` and `decode_bytes`).
+        tokenizer: a `longctx.text.tokenizer.Tokenizer` (needs `encode_batch` and `decode_bytes`).
         budget: the most tokens the result may have (delimiters included); None = no limit.
         template: delimiter format with exactly one `{text}` field; the part before it is the
             header, the part after it the footer, both formatted with {id}, {title}, {source}
@@ -678,7 +678,7 @@ class Corpus:
             document's marker later in its own chunk (where a local layer at the marker can
             read the text it closes). None (default): no markers.
         offset: the prompt position of the first packed token (the tokens the prompt puts
-            before the corpus, e.g. `len(longctx.prompt.context_prefix(tok, []))`), so that
+            before the corpus, e.g. `len(longctx.text.prompt.context_prefix(tok, []))`), so that
             markers fall on the model's chunk starts. Only with `chunk`.
         marker: the marker line, formatted with {id}, {title}, {source} like the header; at
             most chunk // 2 tokens.
@@ -904,7 +904,7 @@ def _iter_encoded(tokenizer, texts: list[str], num_threads: int) -> Iterator[np.
 
 def _may_hold_long_space_run(text: str) -> bool:
     """True if `text` might hold a whitespace run long enough to trip tiktoken's regex engine
-    (see longctx.tokenizer.MAX_WS_RUN). Any run of 2B-1 or more characters covers a whole
+    (see longctx.text.tokenizer.MAX_WS_RUN). Any run of 2B-1 or more characters covers a whole
     aligned block of B characters, so finding a non-space in every block rules such runs out,
     at the cost of one short regex search per block instead of a scan of every character."""
     if len(text) < MAX_WS_RUN:

@@ -5,7 +5,7 @@
                    out="niah/results.jsonl")
     print(res.table()); res.heatmap("niah/heatmap.png"); res.effective_length(0.9)
 
-Prompts use the layout of ``longctx.prompt`` (context prefix + question suffix). A cell's
+Prompts use the layout of ``longctx.text.prompt`` (context prefix + question suffix). A cell's
 length is exact: the whole prompt, chat template included, has ``length`` tokens, except that
 for a model with chunked local layers a question that would cross a chunk start is moved to
 the next one by up to a question's length of newlines (``question_suffix``). The needle
@@ -47,11 +47,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import needles
-from .generate import generate, prefill
-from .prompt import NOT_STATED, context_prefix, question_suffix
+from ..generate import generate, prefill
+from ..text.prompt import NOT_STATED, context_prefix, question_suffix
 
 TASKS = ("single", "multi_key", "multi_value", "multi_query", "none")
-TEMPLATE_ID = "longctx.prompt/1"  # bump when longctx.prompt's layout changes
+TEMPLATE_ID = "longctx.text.prompt/1"  # bump when longctx.text.prompt's layout changes
 
 
 @dataclass

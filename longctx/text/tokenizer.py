@@ -375,7 +375,7 @@ class Tokenizer:
 
     @classmethod
     def default(cls) -> "Tokenizer":
-        """The embedded model's tokenizer (longctx/assets/tokenizer/tokenizer.model); cached."""
+        """The embedded model's tokenizer (longctx/assets/default/tokenizer.model); cached."""
         return load_default_tokenizer()
 
     # ---- encoding -------------------------------------------------------------------------
@@ -562,10 +562,10 @@ class Tokenizer:
 
 @functools.lru_cache(maxsize=1)
 def load_default_tokenizer() -> Tokenizer:
-    """The embedded model's tokenizer, shipped in longctx/assets/tokenizer/ (loaded once)."""
+    """The embedded model's tokenizer, shipped in longctx/assets/default/ (loaded once)."""
     from importlib.resources import as_file, files
 
-    res = files("longctx").joinpath("assets", "tokenizer", "tokenizer.model")
+    res = files("longctx").joinpath("assets", "default", "tokenizer.model")
     with as_file(res) as path:
         return Tokenizer.from_file(path)
 

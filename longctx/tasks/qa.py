@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CacheError, KVCache, OffloadPolicy, atomic_folder, token_hash
-from .documents import BudgetError, IngestError, ingest
-from .generate import prefill, sample
-from .prompt import context_prefix, question_suffix
+from ..cache import CacheError, KVCache, OffloadPolicy, atomic_folder, token_hash
+from ..text.ingest import BudgetError, IngestError, ingest
+from ..generate import prefill, sample
+from ..text.prompt import context_prefix, question_suffix
 
 SESSION_FORMAT = "longctx-session-1"
 

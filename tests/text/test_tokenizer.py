@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx.tokenizer import (
+from longctx.text.tokenizer import (
     LLAMA4_PATTERN,
     Tokenizer,
     TokenizerError,
@@ -63,7 +63,7 @@ def test_default_tokenizer_layout(tok):
 def tok_path():
     from importlib.resources import files
 
-    return files("longctx").joinpath("assets", "tokenizer", "tokenizer.model")
+    return files("longctx").joinpath("assets", "default", "tokenizer.model")
 
 
 def test_default_tokenizer_compresses_english_and_splits_digits(tok):

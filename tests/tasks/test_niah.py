@@ -10,9 +10,9 @@ import torch
 
 from longctx import niah
 from longctx.checkpoint import save_model
-from longctx.documents import ingest
-from longctx.prompt import NOT_STATED
-from longctx.tokenizer import Tokenizer
+from longctx.text.ingest import ingest
+from longctx.text.prompt import NOT_STATED
+from longctx.text.tokenizer import Tokenizer
 
 from conftest import text_model
 

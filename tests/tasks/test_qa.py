@@ -17,11 +17,11 @@ import torch
 
 from longctx.cache import OffloadPolicy
 from longctx.checkpoint import save_model
-from longctx.documents import ingest
+from longctx.text.ingest import ingest
 from longctx.generate import generate
-from longctx.prompt import context_prefix, question_suffix
-from longctx.qa import QAError, Session, _read_records, run_batch
-from longctx.tokenizer import Tokenizer
+from longctx.text.prompt import context_prefix, question_suffix
+from longctx.tasks.qa import QAError, Session, _read_records, run_batch
+from longctx.text.tokenizer import Tokenizer
 
 from conftest import text_model
 
@@ -297,7 +297,7 @@ RUNNER = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
     from longctx.checkpoint import load_model
-    from longctx import qa
+    from longctx.tasks import qa
     if {delay}:  # slow each answer down, so that a kill lands mid-way through the batch
         ask = qa.Session.ask
         qa.Session.ask = lambda *a, **k: (time.sleep({delay}), ask(*a, **k))[1]

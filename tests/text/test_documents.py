@@ -1,4 +1,4 @@
-"""Tests for longctx.documents: readers, bad input, packing with exact spans.
+"""Tests for longctx.text.ingest: readers, bad input, packing with exact spans.
 
 Every fixture is built here: text in several encodings, HTML, PDFs written by hand (pypdf
 reads PDFs well but cannot author text), encrypted PDFs (pypdf's RC4 writer), folder trees.
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx.documents import (
+from longctx.text.ingest import (
     DEFAULT_MARKER,
     PAGE_SEPARATOR,
     BudgetError,
@@ -24,7 +24,7 @@ from longctx.documents import (
     delimiters,
     ingest,
 )
-from longctx.tokenizer import Tokenizer
+from longctx.text.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------
 # Fixtures
@@ -244,7 +244,7 @@ def test_pdf_repair_warnings_kept(tmp_path, caplog):
     # there, and pypdf's warning is kept on the document and logged with the file name.
     f = tmp_path / "almost.pdf"
     f.write_bytes(make_pdf(PDF_PAGES)[:-3])
-    with caplog.at_level("WARNING", logger="longctx.documents"):
+    with caplog.at_level("WARNING", logger="longctx.text.ingest"):
         (doc,) = ingest(f)
     assert doc.pages[2] == "Outlook: steady." and doc.warnings
     assert any(str(f) in r.getMessage() and "pypdf" in r.getMessage() for r in caplog.records)
@@ -501,8 +501,8 @@ def test_pack_tokens_equal_tokenizer_encode(default_tok):
 
 
 def test_long_space_run_check():
-    from longctx.documents import _may_hold_long_space_run
-    from longctx.tokenizer import MAX_WS_RUN
+    from longctx.text.ingest import _may_hold_long_space_run
+    from longctx.text.tokenizer import MAX_WS_RUN
 
     assert not _may_hold_long_space_run("word " * 100_000)
     for offset in (0, 1, 12_345, MAX_WS_RUN // 2 - 1):
