@@ -58,7 +58,7 @@ def parse_args(argv=None):
                    help="tuning: launch shapes to time, each BLOCK_M,BLOCK_N,warps,stages or "
                         "'table' (the kernel's own choice), separated by ':'")
     p.add_argument("--record", action="store_true",
-                   help="write JSON + markdown records to benchmarks/results/")
+                   help="write (replace) JSON + markdown records in benchmarks/results/")
     return p.parse_args(argv)
 
 
@@ -265,7 +265,14 @@ def record(args, rows, cuda):
                     timing="do_bench median ms" if cuda else "perf_counter, one call"),
     )
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
-    stem = RESULTS / f"attention-{slug}-{now.strftime('%Y%m%d-%H%M%S')}"
+    # One record per device and configuration; a rerun replaces it (git keeps the earlier ones).
+    # Names keep the "attention-" prefix that gpu_session.sh looks for.
+    parts = [slug] + ([f"sdpa-{args.sdpa_backend}"] if args.sdpa_backend != "default" else [])
+    if args.lengths != parse_args([]).lengths:
+        parts.append("-".join(f"{int(x) // 1024}k" if int(x) % 1024 == 0 else x for x in args.lengths.split(",")))
+    if len(parse_blocks(args.blocks)) > 2:  # a launch-shape sweep, not the table plus one shape
+        parts.append("shapes")
+    stem = RESULTS / ("attention-" + "-".join(parts))
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
     lines = ["# Attention forward: longctx Triton vs torch SDPA", "",
              f"- device: {meta['device']}", f"- date: {meta['date']}",

@@ -158,7 +158,8 @@ def main(argv=None) -> None:
                  f"attention {cfg.num_attention_heads} query heads, {cfg.num_key_value_heads} KV heads, "
                  f"head dim {cfg.head_dim}; {cfg.layer_kinds.count('global')} global layer(s), "
                  f"segments of {args.segment_tokens} tokens"]
-        path = write_record(RESULTS, f"decode_{device.type}", "Decode over an offloaded KV cache", cmd, facts, lines,
+        name = f"decode_{device.type}_seg{args.segment_tokens}"  # one record per device and segment size
+        path = write_record(RESULTS, name, "Decode over an offloaded KV cache", cmd, facts, lines,
                             device=str(device))
         print(f"recorded {path}")
 

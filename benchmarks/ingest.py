@@ -2,7 +2,7 @@
 
     python benchmarks/ingest.py                 # generate the folder (once, cached) and measure
     python benchmarks/ingest.py --folder DIR    # measure an existing folder of text files
-    python benchmarks/ingest.py --record        # also append to benchmarks/results/ingest_<date>.md
+    python benchmarks/ingest.py --record        # also write (replace) benchmarks/results/ingest.md
 
 Measured in one run, interleaved (raw, tokenizer, ingest+pack, raw, ...) so that load from
 other processes hits all of them alike, on the same texts:
@@ -37,6 +37,7 @@ import tiktoken
 
 from longctx.text.ingest import ingest
 from longctx.text.tokenizer import LLAMA4_PATTERN, Tokenizer, load_ranks
+from records import write_record
 
 WORDS = """
 the of and to in a is that for it as was with be by on not he this are or his from at which but have
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=400, help="files to generate (default 400)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (default 7)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="encoding threads (default: all cores)")
-    ap.add_argument("--record", action="store_true", help="append the result to benchmarks/results/ingest_<date>.md")
+    ap.add_argument("--record", action="store_true", help="write (replace) benchmarks/results/ingest.md")
     args = ap.parse_args(argv)
 
     tok = Tokenizer.default()
@@ -232,27 +233,18 @@ def main(argv=None) -> int:
         print(f"WARNING: only {n_raw} tokens (< 10M)")
     print("PASS" if ok else "FAIL", "(bar: >= 10M tokens, ingest + pack <= 1.25 x raw tiktoken batch encoding)")
 
-    if args.record:
-        today = _dt.date.today().isoformat()
-        out = Path(__file__).parent / "results" / f"ingest_{today}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if args.record:  # replaces benchmarks/results/ingest.md (git keeps the earlier ones)
         cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
-        now = _dt.datetime.now().strftime("%H:%M")
-        section = (
-            f"## Run at {now}\n\n"
-            f"- command: `{cmd}`\n"
-            f"- machine: {platform.platform()}, {_cpu_model()}, "
-            f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, tiktoken {tiktoken.__version__}\n"
-            f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-            "(a shared machine: other processes may hold cores; the steps are interleaved)\n"
-            f"- tokenizer: default asset ({tok.n_ranks} ranks, fingerprint {tok.fingerprint[:12]})\n"
-            f"- data: synthetic English-like text (benchmarks/ingest.py, seed 0)" + ("" if args.folder is None else f", folder {args.folder}") + "\n\n"
-            + report + "\n\n" + ("PASS" if ok else "FAIL") + "\n"
-        )
-        # Several runs on one day are all kept, appended in order.
-        head = "" if out.exists() else f"# ingest + pack throughput ({today})\n\n"
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(head + ("\n" if not head else "") + section)
+        facts = [f"machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPU cores, "
+                 f"Python {platform.python_version()}, tiktoken {tiktoken.__version__}",
+                 f"time: {_dt.datetime.now().strftime('%H:%M')}",
+                 f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+                 "(a shared machine: other processes may hold cores; the steps are interleaved)",
+                 f"tokenizer: default asset ({tok.n_ranks} ranks, fingerprint {tok.fingerprint[:12]})",
+                 "data: synthetic English-like text (benchmarks/ingest.py, seed 0)"
+                 + ("" if args.folder is None else f", folder {args.folder}")]
+        out = write_record(Path(__file__).parent / "results", "ingest", "ingest + pack throughput", cmd, facts,
+                           [report, "", "PASS" if ok else "FAIL"], threads=args.threads)
         print(f"recorded {out}")
     return 0 if ok else 1
 

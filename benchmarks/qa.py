@@ -12,7 +12,7 @@
 
 --random-tiny uses the `tiny` preset with random weights and the default tokenizer: its
 answers are noise, so it can show timings and exactness but not citation accuracy. --record
-appends a section (device, date, command, numbers) to benchmarks/results/qa_<date>.md.
+writes (replaces) benchmarks/results/qa_<part>[_random_tiny].md: device, date, command, numbers.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from longctx.model import Model
 from longctx.text.prompt import context_prefix, question_suffix
 from longctx.tasks.qa import Session
 from longctx.text.tokenizer import Tokenizer
+from records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -175,20 +176,12 @@ def main(argv=None) -> None:
     if args.part in ("citations", "both"):
         lines += part_citations(model, args, rng)
     print("\n".join(lines))
-    if args.record:
-        day = datetime.date.today().isoformat()
-        path = RESULTS / f"qa_{day}.md"
-        if path.exists():  # one blank line between sections, whatever the file ends with
-            head = [""] if not path.read_text().endswith("\n\n") else []
-        else:
-            head = [f"# Cross-document QA ({day})", ""]
+    if args.record:  # one record per part and model kind: qa_citations, qa_timing_random_tiny
         cmd = "python benchmarks/qa.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        section = [f"## {args.part}: {name}", "",
-                   f"- device: {args.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                   f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}", f"- command: `{cmd}`",
-                   f"- model: {name} ({model.fingerprint[:12]})", "", *lines]
-        with open(path, "a") as f:
-            f.write("\n".join(head + section).rstrip("\n") + "\n")
+        facts = [f"model: {name} ({model.fingerprint[:12]})", f"machine: {args.device_name}",
+                 f"time: {datetime.datetime.now().isoformat(timespec='minutes')}"]
+        path = write_record(RESULTS, f"qa_{args.part}" + ("_random_tiny" if args.random_tiny else ""),
+                            f"Cross-document QA: {args.part}", cmd, facts, lines)
         print(f"recorded {path}")
 
 

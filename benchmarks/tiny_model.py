@@ -51,7 +51,7 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
     apart as another document's title from the same context (the model copies a title, but
     the wrong one) or no title of the context (it makes one up). align: the question at a
     chunk start when it would straddle one, as ``qa.Session`` asks it; False: where the
-    context ends, as in training (the layout of the records up to tiny_model_documents_2026-11-30_4.md)."""
+    context ends, as in training (and as in the records before questions were aligned)."""
     train, tok = _train_module(), model.tokenizer
     sents = needles.encoded_sentences(tok)
     lines = ["| length | right title | another document's title | no title of the context | samples |",
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                     help="documents part: ask where the context ends even if the question straddles a chunk start")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (weights stay fp32)")
-    ap.add_argument("--record", action="store_true", help="append the result to benchmarks/results/")
+    ap.add_argument("--record", action="store_true", help="write (replace) its record in benchmarks/results/")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +119,14 @@ def main(argv=None) -> int:
     if args.record:
         cmd = "python benchmarks/tiny_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         facts = [f"model: {args.model or 'embedded default'} (fingerprint {model.fingerprint[:16]}); wall {wall:.0f} s"]
-        path = write_record(RESULTS, f"tiny_model_{args.part}", f"Embedded model: {args.part}", cmd, facts, body,
+        if args.part == "documents":  # one record per context seed and question layout
+            name = "tiny_model_documents" + (f"_seed{args.seed}" if args.seed else "")
+            name += "_no-align" if args.no_align else ""
+        else:  # one per lengths, depths and device: tiny_model_long_1m_d10-50_cuda
+            depths = "-".join(f"{round(float(d) * 100)}" for d in args.depths.split(","))
+            name = f"tiny_model_long_{(args.lengths or default).replace(',', '-')}_d{depths}"
+            name += "" if model.device.type == "cpu" else f"_{model.device.type}"
+        path = write_record(RESULTS, name, f"Embedded model: {args.part}", cmd, facts, body,
                             device=str(model.device))
         print(f"wrote {path}")
     return 0
