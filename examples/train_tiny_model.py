@@ -1,6 +1,7 @@
-"""Train the embedded default model from scratch and write it to longctx/assets/default/.
+"""Train the embedded default model from scratch (into ``--out``, default ``tiny_model_out/``).
 
     python examples/train_tiny_model.py --recipe     # the shipped model: ~90 min on 2 CPU cores
+    python examples/train_tiny_model.py --recipe --out longctx/assets/default   # replace the shipped one
 
 ``--recipe`` runs the two stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
 warm-up, then a curriculum up to 2,048 tokens), then 3,000 steps from those weights at a lower
@@ -24,7 +25,7 @@ key, two keys at once, a key that is not there), so one context yields many answ
 retrieval signal per step is several times denser than one question per context. Training
 runs in PyTorch's deterministic mode (``deterministic_kernels``), so a seed gives the same
 bytes at a given thread count, even when other processes share the cores (see
-benchmarks/results/tiny_model_reproducibility_2026-11-30_2.md). At the end it evaluates through
+benchmarks/results/tiny_model_reproducibility.md). At the end it evaluates through
 the library's own path (chunked prefill + KV cache + greedy decode) on keys never seen in
 training and writes the scores to the training card.
 """
@@ -241,7 +242,7 @@ def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 2048, w
 # ---- attention guidance (training only) ------------------------------------------------------
 #
 # Left to itself, this model sits on a long plateau before the retrieval circuit forms: every
-# run of benchmarks/results/tiny_model_trials_2026-11-29.md stayed there for thousands of steps,
+# run of benchmarks/results/tiny_model_trials.md stayed there for thousands of steps,
 # more than a CPU budget allows. The circuit is known, so training points a few heads at it
 # with an auxiliary cross-entropy on their attention (the model's forward is unchanged):
 #   local layer 0, at a needle's first value token and at the answer position that must produce
@@ -484,7 +485,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-lengths", default="1024,2048,4096")
     ap.add_argument("--eval-samples", type=int, default=20)
     ap.add_argument("--probe-every", type=int, default=250, help="steps between logged probes (0: none)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_MODEL)
+    # A new folder by default: replacing the shipped model must be asked for by name.
+    ap.add_argument("--out", type=Path, default=Path("tiny_model_out"), help="folder to write (default: tiny_model_out)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this saved model (a second stage) instead of from scratch")
     ap.add_argument("--recipe", action="store_true",
@@ -628,7 +630,7 @@ def train(args) -> None:
         ("--reset-title-words " if args.reset_title_words else "") +
         f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
         f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
-        + (f" --out {args.out}" if args.out != DEFAULT_MODEL else "") + "`",
+        + (f" --out {args.out}" if args.out.resolve() != DEFAULT_MODEL.resolve() else "") + "`",
         *earlier,
         "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
         f"chunked prefill + KV cache; {eval_s / 60:.1f} min)", "",

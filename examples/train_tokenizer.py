@@ -5,10 +5,11 @@ Corpus (offline, deterministic for a given Python version): the help topics in
 .py sources, read with `ast` (nothing is imported, so no module runs), plus the needle
 vocabulary (`needle_vocabulary`: key words and 3-digit groups, so each is one token). The
 result is byte-level BPE with the Llama 4 regex (`--vocab-size` ranks, default 8192) and 256 Llama 4 special tokens
-right after the ranks (begin_of_text = +0, eot = +8, ... as in Scout), written as
+right after the ranks (begin_of_text = +0, eot = +8, ... as in Scout), written into ``--out``
+(default ``tokenizer_out/``; ``--out longctx/assets/default`` replaces the shipped one) as
 
-    longctx/assets/default/tokenizer.model   tiktoken BPE file (base64 token, rank per line)
-    longctx/assets/default/tokenizer.json    longctx sidecar listing the special tokens
+    tokenizer.model   tiktoken BPE file (base64 token, rank per line)
+    tokenizer.json    longctx sidecar listing the special tokens
 
 Usage:  python examples/train_tokenizer.py [--vocab-size 8192] [--max-mb 4] [--out DIR]
 """
@@ -21,7 +22,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from longctx.text.tokenizer import Tokenizer, llama4_special_tokens, train_bpe
+from longctx.text.bpe import train_bpe
+from longctx.text.tokenizer import Tokenizer, llama4_special_tokens
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -76,7 +78,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192, help="number of BPE ranks (256 bytes + merges)")
     ap.add_argument("--num-special", type=int, default=256, help="special ids after the ranks (Llama 4 offsets)")
     ap.add_argument("--max-mb", type=float, default=4.0, help="corpus size cap in millions of characters")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "longctx" / "assets" / "default")
+    ap.add_argument("--out", type=Path, default=Path("tokenizer_out"), help="folder to write (default: tokenizer_out)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()

@@ -110,7 +110,7 @@ def test_answers_a_fixed_set_of_questions(model, task):
 def test_names_the_document_that_holds_a_key(model, train):
     """Which-document questions over 5-20 packed documents at 1K tokens, through the library's
     path: the answer must be the holder's chunk marker ("[3 Icy Wren]"), id and title exact.
-    The full measurement is benchmarks/results/tiny_model_documents_2026-11-30_8.md."""
+    The full measurement is benchmarks/results/tiny_model_documents.md."""
     from longctx.tasks import needles
 
     tok = model.tokenizer
@@ -131,7 +131,7 @@ def test_names_the_document_that_holds_a_key(model, train):
 def test_training_is_reproducible(tmp_path, train):
     """Same seed, same steps, two threads (as the recipe runs): bit-identical weights, hence
     identical scores. A few short steps of the real script; full runs are compared in
-    benchmarks/results/tiny_model_reproducibility_2026-11-30_2.md. The deterministic mode it
+    benchmarks/results/tiny_model_reproducibility.md. The deterministic mode it
     trains under is switched off again afterwards."""
     threads = torch.get_num_threads()
     args = ["--steps", "3", "--tokens", "1024", "--turns", "2", "--threads", "2", "--max-len", "256",
