@@ -1,4 +1,4 @@
-"""Llama-4-style tiktoken tokenizer: BPE rank files, special tokens, chat template, a small trainer.
+"""Llama-4-style tiktoken tokenizer: encoding to lists or int32 arrays, decoding, chat template.
 
 The tokenizer is tiktoken's byte-level BPE driven by the Llama 4 pre-tokenizer regex
 (`LLAMA4_PATTERN`, the o200k-style pattern). Token ids are
@@ -9,28 +9,28 @@ The tokenizer is tiktoken's byte-level BPE driven by the Llama 4 pre-tokenizer r
 so `vocab_size = n_ranks + n_special` (202048 for Scout). Plain text never produces special ids;
 they enter a sequence only through `bos`/`eos` flags and `chat`.
 
-File format (Llama 4's `tokenizer.model`): one line per rank, `base64(token_bytes) rank`.
-A tokenizer whose special tokens are not the default Llama 4 layout (2048 ids right after the
-ranks) is saved with a JSON sidecar next to the rank file (`tokenizer.model` -> `tokenizer.json`)
-that lists them; the sidecar carries `"format": "longctx-tokenizer"` so a Hugging Face
-`tokenizer.json` in the same folder is never mistaken for it (nor overwritten).
+Inputs of any length are cut on boundaries that cannot change the ids (`split_for_encoding`)
+and encoded on a thread pool; `Tokenizer.encode_arrays` yields int32 arrays, for callers that
+tokenize whole corpora. The rank file and sidecar formats live in `longctx.text.vocab`, the
+BPE trainer in `longctx.text.bpe`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import array
 import functools
 import hashlib
-import heapq
-import json
 import os
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import tiktoken
+
+from .vocab import DEFAULT_NUM_RESERVED, TokenizerError, llama4_special_tokens, load_ranks, read_sidecar, save_files
 
 __all__ = [
     "LLAMA4_PATTERN",
@@ -39,9 +39,7 @@ __all__ = [
     "llama4_special_tokens",
     "load_default_tokenizer",
     "load_ranks",
-    "save_ranks",
     "split_for_encoding",
-    "train_bpe",
 ]
 
 # Meta's O200K_PATTERN for Llama 4 (docs/scout_architecture.md §4.2). Numbers split into groups of
@@ -58,9 +56,6 @@ LLAMA4_PATTERN = "|".join(
     ]
 )
 
-SIDECAR_FORMAT = "longctx-tokenizer"
-DEFAULT_NUM_RESERVED = 2048
-
 # Names every tokenizer must define: the chat template and the stop set depend on them.
 _REQUIRED_SPECIALS = {
     "bos_id": "<|begin_of_text|>",
@@ -71,143 +66,6 @@ _REQUIRED_SPECIALS = {
     "eot_id": "<|eot|>",
     "pad_id": "<|finetune_right_pad|>",
 }
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file, special-token table or chat message is invalid."""
-
-
-# --------------------------------------------------------------------------------------------
-# Special tokens
-# --------------------------------------------------------------------------------------------
-
-
-def _llama4_named_specials() -> list[str]:
-    """The 1144 named Llama 4 special tokens, in id order (offsets 0..1143 after the ranks)."""
-
-    def numbered(prefix: str, start: int, stop: int) -> list[str]:
-        return [f"<|{prefix}_{i}|>" for i in range(start, stop)]
-
-    text = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
-    text += ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]  # +5..+9
-    text += numbered("text_post_train_reserved_special_token", 0, 6)  # +10..+15
-    text += ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"]  # +16..+18
-    text += numbered("text_post_train_reserved_special_token", 8, 69)  # +19..+79
-    vision = ["<|image_start|>", "<|image_end|>"]  # +80, +81
-    vision += numbered("vision_reserved_special_token", 0, 2)
-    vision += ["<|tile_x_separator|>", "<|tile_y_separator|>"]  # +84, +85
-    vision += numbered("vision_reserved_special_token", 2, 6)
-    vision += ["<|image|>"]  # +90
-    vision += numbered("vision_reserved_special_token", 6, 7)
-    vision += ["<|patch|>"]  # +92
-    vision += numbered("vision_reserved_special_token", 7, 1048)  # +93..+1133
-    reasoning = numbered("reasoning_reserved_special_token", 0, 8)  # +1134..+1141
-    reasoning += ["<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]  # +1142, +1143
-    names = text + vision + reasoning
-    assert len(names) == 1144 and len(set(names)) == len(names)
-    return names
-
-
-def llama4_special_tokens(base: int, num_reserved: int = DEFAULT_NUM_RESERVED) -> dict[str, int]:
-    """The Llama 4 special-token layout: `num_reserved` ids starting at `base` (= number of ranks).
-
-    Offset k gets the k-th Llama 4 name (begin_of_text +0, end_of_text +1, header_start +5,
-    header_end +6, eom +7, eot +8, python_start +16, python_end +17, finetune_right_pad +18, ...,
-    vision +80..+1133, reasoning +1134..+1143), and offsets past the 1144 named ones are
-    `<|reserved_special_token_{k-1144}|>`. With `base=200000, num_reserved=2048` this is exactly
-    Scout's table; a smaller `num_reserved` (>= 19) keeps the same offsets, truncated.
-    """
-    named = _llama4_named_specials()
-    if num_reserved < 19:
-        raise TokenizerError(
-            f"num_reserved_special_tokens={num_reserved} is too small: the Llama 4 layout needs at "
-            "least 19 ids (offsets 0..18 hold begin_of_text .. finetune_right_pad)"
-        )
-    names = named[:num_reserved]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(num_reserved - len(names))]
-    return {name: base + k for k, name in enumerate(names)}
-
-
-# --------------------------------------------------------------------------------------------
-# Rank files
-# --------------------------------------------------------------------------------------------
-
-
-def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    """Read a tiktoken BPE file (`base64(token_bytes) rank` per line) into {token bytes: rank}.
-
-    Blank lines are skipped (as tiktoken does). Raises TokenizerError naming the file and the
-    1-based line for a malformed line, a duplicate token or a duplicate rank, and naming the path
-    for a missing file. Rank density (0..n-1) is checked by `Tokenizer.from_ranks`.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TokenizerError(f"tokenizer file not found: {path}") from None
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
-    ranks: dict[bytes, int] = {}
-    seen_ranks: dict[int, int] = {}  # rank -> line number, to name both lines of a duplicate
-    for lineno, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.decode("utf-8", errors="replace").split()
-        where = f"{path}:{lineno}"
-        if len(fields) != 2:
-            raise TokenizerError(f"{where}: expected 'base64_token rank', got {line[:80].decode('utf-8', errors='replace')!r}")
-        try:
-            token = base64.b64decode(fields[0], validate=True)
-        except (binascii.Error, ValueError):
-            raise TokenizerError(f"{where}: invalid base64 token {fields[0][:40]!r}") from None
-        if not fields[1].isdigit():
-            raise TokenizerError(f"{where}: rank must be a non-negative integer, got {fields[1][:40]!r}")
-        rank = int(fields[1])
-        if not token:
-            raise TokenizerError(f"{where}: empty token")
-        if token in ranks:
-            raise TokenizerError(f"{where}: duplicate token {token!r} (also rank {ranks[token]})")
-        if rank in seen_ranks:
-            raise TokenizerError(f"{where}: duplicate rank {rank} (also on line {seen_ranks[rank]})")
-        ranks[token] = rank
-        seen_ranks[rank] = lineno
-    if not ranks:
-        raise TokenizerError(f"{path}: no ranks in tokenizer file")
-    return ranks
-
-
-def save_ranks(ranks: Mapping[bytes, int], path: str | os.PathLike) -> None:
-    """Write {token bytes: rank} as a tiktoken BPE file, one `base64 rank` line per rank, in rank order."""
-    lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    Path(path).write_text("".join(lines), encoding="ascii")
-
-
-def _sidecar_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _read_sidecar(path: Path) -> dict | None:
-    """Our sidecar next to `path`, or None if absent or not ours (e.g. a Hugging Face tokenizer.json)."""
-    side = _sidecar_path(path)
-    if not _is_our_sidecar(side):
-        return None
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-        specials = {str(k): int(v) for k, v in meta["special_tokens"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise TokenizerError(f"{side}: malformed tokenizer sidecar: {e}") from None
-    return {"special_tokens": specials}
-
-
-def _is_our_sidecar(side: Path) -> bool:
-    # Peek at the head only: an HF tokenizer.json can be tens of MB and is never ours.
-    try:
-        with open(side, "rb") as f:
-            head = f.read(256)
-    except OSError:
-        return False
-    return re.search(rb'"format"\s*:\s*"' + SIDECAR_FORMAT.encode() + rb'"', head) is not None
-
 
 # --------------------------------------------------------------------------------------------
 # Splitting very long inputs on boundaries that cannot change the tokenization
@@ -231,9 +89,10 @@ CHUNK_CHARS = 65_536
 # regex piece that contains the "\n" always ends there (no alternative lets whitespace or a
 # newline continue into a non-space, except `[\r\n/]*` after punctuation, hence "/"), the
 # pattern has no look-behind, and its only look-ahead (`(?!\S)`) is never consulted at that
-# position; so encode(a + b) == encode(a) + encode(b). tests/test_tokenizer.py checks this
+# position; so encode(a + b) == encode(a) + encode(b). tests/text/test_tokenizer.py checks this
 # against one tiktoken call on adversarial strings with tiny chunk sizes.
 _SAFE_CUT = re.compile(f"\n(?=[^{_WS}/])")
+_NON_SPACE = re.compile(r"\S")  # Python's \s includes every character of _HWS
 
 
 @functools.lru_cache(maxsize=8)
@@ -255,7 +114,8 @@ def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS, max_ws_run: in
     """
     parts: list[str | bytes] = []
     start = 0
-    for m in _long_hws_run(max(max_ws_run, 2)).finditer(text):  # >= 2 so that H[:-1] is not empty
+    n = max(max_ws_run, 2)  # >= 2 so that H[:-1] is not empty
+    for m in _long_hws_run(n).finditer(text) if _may_hold_long_space_run(text, n) else ():
         a, b = m.span()
         if b < len(text) and text[b] in "\r\n":
             continue  # `\s*[\r\n]+` matches H plus the newline without backtracking over H
@@ -265,6 +125,19 @@ def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS, max_ws_run: in
         start = end
     _cut_on_newlines(text[start:], chunk_chars, parts)
     return parts
+
+
+def _may_hold_long_space_run(text: str, n: int = MAX_WS_RUN) -> bool:
+    """False only if `text` has no run of `n` or more whitespace characters.
+
+    Why: looking for such runs with `_long_hws_run` tries a match at every character, while a
+    run of 2B-1 or more characters covers a whole aligned block of B = (n + 1) // 2 characters,
+    so finding a non-space in every block rules runs of n out with one short search per block.
+    """
+    if len(text) < n:
+        return False
+    block = (n + 1) // 2
+    return any(_NON_SPACE.search(text, a, a + block) is None for a in range(0, len(text) - block + 1, block))
 
 
 def _cut_on_newlines(text: str, chunk_chars: int, out: list[str | bytes]) -> None:
@@ -285,6 +158,13 @@ def _cut_on_newlines(text: str, chunk_chars: int, out: list[str | bytes]) -> Non
 # --------------------------------------------------------------------------------------------
 
 _ROLES = ("system", "user", "assistant", "ipython")
+# Work per thread-pool job of `encode_arrays`: big enough that the pool's per-job cost is
+# noise, small enough to balance the threads.
+_JOB_CHARS = 1 << 16
+# Texts up to this length are encoded once per `encode_arrays` call however often they occur.
+_SHORT_TEXT = 256
+_HAS_ENCODE_TO_NUMPY = hasattr(tiktoken.Encoding, "encode_to_numpy")  # tiktoken >= 0.8
+_DEFAULT_THREADS = min(8, os.cpu_count() or 1)  # read once: os.cpu_count() is not free per call
 
 
 class Tokenizer:
@@ -352,9 +232,7 @@ class Tokenizer:
             path = path / "tokenizer.model"
         ranks = load_ranks(path)
         if special_tokens is None:
-            side = _read_sidecar(path)
-            if side is not None:
-                special_tokens = side["special_tokens"]
+            special_tokens = read_sidecar(path)
         return cls.from_ranks(
             ranks, special_tokens=special_tokens, num_reserved_special_tokens=num_reserved_special_tokens, name=path.name
         )
@@ -389,7 +267,8 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self._encode_many([text])[0]
+        (arr,) = self.encode_arrays([text])
+        ids = arr.tolist()
         if bos:
             ids.insert(0, self.bos_id)
         if eos:
@@ -398,28 +277,84 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], *, num_threads: int | None = None) -> list[list[int]]:
         """Encode many texts (same rules as `encode`, no bos/eos) on `num_threads` threads."""
+        return [arr.tolist() for arr in self.encode_arrays(texts, num_threads=num_threads)]
+
+    def encode_arrays(self, texts: Sequence[str], *, num_threads: int | None = None) -> Iterator[np.ndarray]:
+        """Yield the ids of each of `texts` as an int32 array (n_tokens,), in order; each equals
+        `encode(text)` (no bos/eos). The texts are checked now, encoded as the iterator is read.
+
+        Why arrays: millions of ids as Python ints cost about as much to build and free as a
+        third of the encoding itself, GIL-bound work that no thread can share; tiktoken's
+        `encode_to_numpy` fills a buffer with the GIL released. The texts are cut by
+        `split_for_encoding` into jobs of about `_JOB_CHARS` characters (short texts share a
+        job) that run on `num_threads` threads (default: min(8, cores)), at most a few jobs per
+        thread ahead of the reader, so the memory in flight stays small and closing the iterator
+        early stops the work. A short text repeated (the same footer after every document) is
+        encoded once.
+        """
+        texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
-                raise TypeError(f"encode_batch expects a list of str, got an item of type {type(t).__name__}")
-        return self._encode_many(list(texts), num_threads)
+                raise TypeError(f"encode expects str texts, got an item of type {type(t).__name__}")
+        return self._arrays(texts, max(1, num_threads or _DEFAULT_THREADS))
 
-    def _encode_many(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        plans = [split_for_encoding(t) for t in texts]
-        strs = [p for plan in plans for p in plan if isinstance(p, str)]
-        if len(strs) <= 1:
-            encoded = [self._enc.encode_ordinary(s) for s in strs]
-        else:
-            # tiktoken releases the GIL while encoding, so threads give real parallelism.
-            threads = num_threads or min(8, os.cpu_count() or 1)
-            encoded = self._enc.encode_ordinary_batch(strs, num_threads=threads)
-        it = iter(encoded)
-        out = []
-        for plan in plans:
-            ids: list[int] = []
-            for p in plan:
-                ids.extend(next(it) if isinstance(p, str) else self._enc._encode_single_piece(p))
-            out.append(ids)
-        return out
+    def _arrays(self, texts: list[str], threads: int) -> Iterator[np.ndarray]:
+        counts: list[int] = []  # parts of text k; 0: it repeats the short text texts[first[text]]
+        first: dict[str, int] = {}
+        jobs: deque[list[str | bytes]] = deque()
+        job, size = [], 0
+        for k, text in enumerate(texts):
+            if len(text) <= _SHORT_TEXT and first.setdefault(text, k) != k:
+                counts.append(0)
+                continue
+            parts = split_for_encoding(text)
+            counts.append(len(parts))
+            for p in parts:
+                job.append(p)
+                size += len(p)
+                if size >= _JOB_CHARS:
+                    jobs.append(job)
+                    job, size = [], 0
+        if job:
+            jobs.append(job)
+
+        def run(job: list[str | bytes]) -> list[np.ndarray]:
+            return [self._encode_part(p) for p in job]
+
+        pool = ThreadPoolExecutor(threads) if threads > 1 and len(jobs) > 1 else None
+
+        def part_arrays() -> Iterator[np.ndarray]:
+            window: deque = deque()
+            while jobs or window:
+                while pool is not None and jobs and len(window) < 4 * threads:
+                    window.append(pool.submit(run, jobs.popleft()))
+                yield from window.popleft().result() if window else run(jobs.popleft())
+
+        stream = part_arrays()
+        done: dict[int, np.ndarray] = {}  # ids of the short texts, by first occurrence
+        try:
+            for k, n in enumerate(counts):
+                if n == 0:
+                    yield done[first[texts[k]]]
+                    continue
+                got = [next(stream) for _ in range(n)]
+                ids = got[0] if n == 1 else np.concatenate(got)
+                if len(texts[k]) <= _SHORT_TEXT:
+                    done[k] = ids
+                yield ids
+        finally:
+            stream.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _encode_part(self, part: str | bytes) -> np.ndarray:
+        """One part of `split_for_encoding` -> its ids as an int32 array."""
+        if isinstance(part, bytes):  # a single regex piece: BPE only
+            return _as_int32(self._enc._encode_single_piece(part))
+        if _HAS_ENCODE_TO_NUMPY:
+            # disallowed_special=(): special-token text is plain text, as in encode_ordinary.
+            return self._enc.encode_to_numpy(part, disallowed_special=()).view(np.int32)
+        return _as_int32(self._enc.encode_ordinary(part))
 
     # ---- decoding -------------------------------------------------------------------------
 
@@ -528,22 +463,7 @@ class Tokenizer:
         """Write the rank file at `path` and, when the special tokens are not the default Llama 4
         layout, the JSON sidecar `path.with_suffix('.json')`. Refuses to overwrite a JSON file
         there that is not a longctx sidecar (e.g. a Hugging Face tokenizer.json)."""
-        path = Path(path)
-        side = _sidecar_path(path)
-        needs_sidecar = self.special_tokens != llama4_special_tokens(self.n_ranks, DEFAULT_NUM_RESERVED)
-        if side.exists() and not _is_our_sidecar(side) and needs_sidecar:
-            raise TokenizerError(f"{side} exists and is not a longctx tokenizer sidecar; save the tokenizer elsewhere")
-        save_ranks(self._ranks, path)
-        if needs_sidecar:
-            meta = {
-                "format": SIDECAR_FORMAT,
-                "version": 1,
-                "n_ranks": self.n_ranks,
-                "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
-            }
-            side.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        elif _is_our_sidecar(side):
-            side.unlink()  # a stale sidecar would override the default layout on reload
+        save_files(Path(path), self._ranks, self.special_tokens)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -570,86 +490,11 @@ def load_default_tokenizer() -> Tokenizer:
         return Tokenizer.from_file(path)
 
 
-# --------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------
+def _as_int32(ids: list[int]) -> np.ndarray:
+    """list of token ids -> int32 array (n,). NOTE: array("I", list) converts Python ints
+    about 3x faster than np.array(list, np.int32); ids are < 2**31, so the unsigned 32-bit
+    buffer reads the same as int32."""
+    return np.frombuffer(array.array(_U32, ids), dtype=np.int32)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, pattern: str = LLAMA4_PATTERN) -> dict[bytes, int]:
-    """Byte-level BPE: learn `vocab_size` ranks (256 single bytes + merges) from `texts`.
-
-    Ranks 0..255 are the bytes 0..255, so every string is encodable. Texts are split with
-    `pattern` (the same regex tiktoken uses) and identical pieces are counted first; merges are
-    then learned on the counted pieces: repeatedly the most frequent adjacent pair (ties: the
-    lowest ids) becomes a new token with the next rank, so every token's rank is above its parts'.
-    That is the order tiktoken applies merges in (lowest rank first). Deterministic for
-    deterministic input. Stops early if no pair is left. Returns {token bytes: rank}.
-    """
-    vocab, _ = _train_bpe(texts, vocab_size, pattern)
-    return {tok: rank for rank, tok in enumerate(vocab)}
-
-
-def _train_bpe(texts: Iterable[str], vocab_size: int, pattern: str) -> tuple[list[bytes], dict[str, list[int]]]:
-    """`train_bpe`'s work: returns (token bytes by rank, {training piece: its final token ids})."""
-    import regex  # tiktoken depends on `regex`; stdlib `re` has no \p{...} classes
-
-    if vocab_size < 256:
-        raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
-    split = regex.compile(pattern)
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(split.findall(text))
-    words = [list(w.encode("utf-8")) for w in counts]
-    freqs = list(counts.values())
-
-    vocab = [bytes([i]) for i in range(256)]  # id -> bytes; id == rank
-    ids = {b: i for i, b in enumerate(vocab)}
-    pair_count: dict[tuple[int, int], int] = defaultdict(int)
-    pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)  # may hold stale word indices
-    for wi, w in enumerate(words):
-        for p in zip(w, w[1:]):
-            pair_count[p] += freqs[wi]
-            pair_words[p].add(wi)
-    # Max-heap with lazy deletion: an entry is live only if its count is still the pair's count.
-    heap = [(-c, a, b) for (a, b), c in pair_count.items()]
-    heapq.heapify(heap)
-
-    while len(vocab) < vocab_size and heap:
-        negc, a, b = heapq.heappop(heap)
-        if pair_count.get((a, b), 0) != -negc or negc == 0:
-            continue
-        merged = vocab[a] + vocab[b]
-        new = ids.get(merged)
-        if new is None:
-            new = len(vocab)
-            vocab.append(merged)
-            ids[merged] = new
-        # else: the bytes already are a token (built from another split): tiktoken would join
-        # these two parts into it too, so merge into the existing id without a new rank.
-        changed = set()
-        for wi in sorted(pair_words.pop((a, b))):
-            w, f = words[wi], freqs[wi]
-            for p in zip(w, w[1:]):
-                pair_count[p] -= f
-                changed.add(p)
-            nw, i = [], 0
-            while i < len(w):  # left to right, like tiktoken on runs such as "aaa"
-                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                    nw.append(new)
-                    i += 2
-                else:
-                    nw.append(w[i])
-                    i += 1
-            for p in zip(nw, nw[1:]):
-                pair_count[p] += f
-                pair_words[p].add(wi)
-                changed.add(p)
-            words[wi] = nw
-        pair_count.pop((a, b), None)
-        for p in changed:
-            c = pair_count.get(p, 0)
-            if c > 0:
-                heapq.heappush(heap, (-c, *p))
-            else:
-                pair_count.pop(p, None)
-    return vocab, dict(zip(counts, words))
+_U32 = next(code for code in "IL" if array.array(code).itemsize == 4)  # "I" on every common platform

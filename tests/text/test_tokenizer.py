@@ -1,24 +1,24 @@
-"""Tokenizer: round trips, special-token hygiene, chat layout, Scout ids, file errors, trainer, long inputs."""
+"""Tokenizer: round trips, special-token hygiene, chat layout, Scout ids, file errors, long inputs, arrays."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longctx.text.tokenizer import (
-    LLAMA4_PATTERN,
+    MAX_WS_RUN,
     Tokenizer,
     TokenizerError,
-    _train_bpe,
+    _may_hold_long_space_run,
     llama4_special_tokens,
     load_default_tokenizer,
     load_ranks,
     split_for_encoding,
-    train_bpe,
 )
 
 BYTE_RANKS = {bytes([i]): i for i in range(256)}
@@ -324,45 +324,16 @@ def test_fingerprint_sensitive_to_ranks_and_specials():
     assert a.fingerprint == Tokenizer.from_ranks(dict(reversed(list(BYTE_RANKS.items())))).fingerprint
 
 
-# ---- trainer ----------------------------------------------------------------------------------
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs.\n",
-    "Tokenizers split text into pieces and merge frequent pairs of bytes.\n",
-    "Numbers like 1234567 and 2024 are split into groups of three digits.\n",
-    "    indented code:  x = foo(bar, baz)  # comment\n\n",
-    "Ünïcödé wörds, 中文字符, and emoji 😀😀 are bytes too. It's, we're, they'll.\n",
-] * 20
-
-
-def test_trainer_ranks_are_consistent_with_tiktoken():
-    vocab, segmentation = _train_bpe(CORPUS, 400, LLAMA4_PATTERN)
-    ranks = train_bpe(CORPUS, 400)
-    assert ranks == {b: i for i, b in enumerate(vocab)} and len(ranks) == 400
-    assert all(ranks[bytes([i])] == i for i in range(256))
-    t = Tokenizer.from_ranks(ranks, special_tokens=llama4_special_tokens(400, 32))
-    # Every merged token is reachable: its own bytes encode to exactly it.
-    assert all(t._enc._encode_single_piece(b) == [r] for b, r in ranks.items())
-    # tiktoken reproduces the trainer's segmentation of every training piece...
-    for piece, ids in segmentation.items():
-        assert t.encode(piece) == ids, piece
-    # ...so a training sentence is encoded with merged tokens, and round-trips.
-    sentence = CORPUS[0]
-    ids = t.encode(sentence)
-    assert len(ids) < len(sentence.encode()) / 2.5 and max(ids) >= 256
-    assert t.decode(ids) == sentence
-    assert train_bpe(CORPUS, 400) == ranks  # deterministic
-
-
-def test_trainer_small_inputs():
-    assert train_bpe([], 300) == BYTE_RANKS  # nothing to merge: stops at the bytes
-    r = train_bpe(["aaaa aaaa"], 400)
-    assert r[b"aa"] == 256 and max(r.values()) == len(r) - 1
-    with pytest.raises(ValueError):
-        train_bpe(["x"], 100)
-
-
 # ---- long inputs ------------------------------------------------------------------------------
+
+# English, code, numbers, Unicode and emoji (the opening lines of test_bpe's training corpus).
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs.\n"
+    "Tokenizers split text into pieces and merge frequent pairs of bytes.\n"
+    "Numbers like 1234567 and 2024 are split into groups of three digits.\n"
+    "    indented code:  x = foo(bar, baz)  # comment\n\n"
+    "Ünïcödé wörds, 中文字符, and emoji 😀😀 are bytes too. It's, we're, they'll.\n"
+)
 
 
 def _encode_parts(t: Tokenizer, parts) -> list[int]:
@@ -386,7 +357,7 @@ def test_split_cuts_where_expected():
 
 
 def test_long_inputs_exact_and_fast(tok):
-    block = "".join(CORPUS[:5]) + "<|eot|> 3.14159 " + "word" * 50 + "\n"
+    block = PROSE + "<|eot|> 3.14159 " + "word" * 50 + "\n"
     text = block * (2_000_000 // len(block))  # ~2 MB, many lines
     t0 = time.perf_counter()
     ids = tok.encode(text)
@@ -414,3 +385,34 @@ def test_long_inputs_exact_and_fast(tok):
     )
     assert ids == expect and tok.decode(ids) == huge
     assert dt < 5.0, f"2.4 MB of spaces took {dt:.1f} s"
+
+
+def test_long_space_run_check():
+    assert not _may_hold_long_space_run("word " * 100_000)
+    for offset in (0, 1, 12_345, MAX_WS_RUN // 2 - 1):
+        text = "x" * offset + " " * (MAX_WS_RUN - 1) + "y" * 1000
+        assert _may_hold_long_space_run(text), offset
+
+
+# ---- int32 arrays -----------------------------------------------------------------------------
+
+
+def test_encode_arrays_equal_encode(tok):
+    texts = [
+        "",
+        "footer\n",
+        "Lorem ipsum dolor sit amet, 123456 times.\n" * 5_000,  # cut into several jobs
+        "footer\n",  # a repeated short text: encoded once, the same ids
+        "before" + " " * 70_000 + "after",  # a whitespace run taken out of the regex
+        "<|eot|> is plain text here",
+    ]
+    arrays = list(tok.encode_arrays(texts, num_threads=2))
+    assert all(a.dtype == np.int32 for a in arrays)
+    assert [a.tolist() for a in arrays] == [tok._enc.encode_ordinary(t) for t in texts]
+    assert tok.encode_batch(texts) == [a.tolist() for a in arrays]
+    stream = tok.encode_arrays(texts * 50, num_threads=2)
+    assert next(stream).tolist() == []
+    stream.close()  # stops the pool early
+    with pytest.raises(TypeError, match="expects str"):
+        tok.encode_arrays(["ok", b"bytes"])
+

@@ -1,371 +1,27 @@
-"""Tests for longctx.text.ingest: readers, bad input, packing with exact spans.
-
-Every fixture is built here: text in several encodings, HTML, PDFs written by hand (pypdf
-reads PDFs well but cannot author text), encrypted PDFs (pypdf's RC4 writer), folder trees.
-"""
+"""Tests for longctx.text.pack: layout, templates, budgets, exact spans, chunk markers."""
 
 from __future__ import annotations
 
-import io
-import re
-
 import numpy as np
-import pypdf
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from text_samples import PDF_PAGES, TEXT, byte_tokenizer, default_tokenizer, make_pdf, try_default
 
-from longctx.text.ingest import (
-    DEFAULT_MARKER,
-    PAGE_SEPARATOR,
-    BudgetError,
-    Corpus,
-    IngestError,
-    delimiters,
-    ingest,
-)
+from longctx.text.document import BudgetError
+from longctx.text.ingest import ingest
+from longctx.text.pack import DEFAULT_MARKER, delimiters
 from longctx.text.tokenizer import Tokenizer
-
-# --------------------------------------------------------------------------------------------
-# Fixtures
-# --------------------------------------------------------------------------------------------
-
-
-def make_pdf(pages: list[list[str] | None], *, drawing: bool = False) -> bytes:
-    """A minimal valid PDF: one page per entry, each line of text drawn in Helvetica.
-
-    `None` or [] is a page with no text; `drawing=True` puts a filled rectangle on such pages
-    (what a scan's page has instead of text: graphics, no text layer). Objects: 1 catalog,
-    2 page tree, 3 font, then page k = object 4+2k with its content stream 5+2k.
-    """
-    objs = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (4 + 2 * k) for k in range(len(pages))), len(pages)),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    for k, lines in enumerate(pages):
-        ops = []
-        for j, line in enumerate(lines or []):
-            esc = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-            ops.append(f"BT /F1 12 Tf 72 {720 - 14 * j} Td ({esc}) Tj ET")
-        if not lines and drawing:
-            ops.append("0.5 g 72 72 400 600 re f")
-        stream = "\n".join(ops).encode("latin-1")
-        objs.append(
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-            b"/Resources << /Font << /F1 3 0 R >> >> /Contents %d 0 R >>" % (5 + 2 * k)
-        )
-        objs.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for n, body in enumerate(objs, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (n, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    return bytes(out)
-
-
-def encrypt_pdf(data: bytes, *, user: str, owner: str) -> bytes:
-    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(data)))
-    writer.encrypt(user_password=user, owner_password=owner, algorithm="RC4-128")  # RC4 needs no extra package
-    buf = io.BytesIO()
-    writer.write(buf)
-    return buf.getvalue()
-
-
-PDF_PAGES = [["Annual report 2024", "Revenue grew (a lot)."], None, ["Outlook: steady."]]
 
 
 @pytest.fixture(scope="module")
 def byte_tok() -> Tokenizer:
-    """Byte-level tokenizer: one token per byte, so cuts can land inside a character."""
-    return Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, num_reserved_special_tokens=256)
-
-
-def _try_default() -> Tokenizer | None:
-    try:
-        return Tokenizer.default()
-    except Exception:  # the asset is built by another part of the project
-        return None
+    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def default_tok() -> Tokenizer:
-    tok = _try_default()
-    if tok is None:
-        pytest.skip("default tokenizer asset not available")
-    return tok
-
-
-def texts_of(corpus: Corpus) -> list[str]:
-    return [d.text for d in corpus]
-
-
-# --------------------------------------------------------------------------------------------
-# Text readers and encodings
-# --------------------------------------------------------------------------------------------
-
-TEXT = "Café déjà vu — naïve façade.\nSecond line, 100 € please.\n"
-
-
-@pytest.mark.parametrize(
-    "raw, encoding",
-    [
-        (TEXT.encode("utf-8"), "utf-8"),
-        (b"\xef\xbb\xbf" + TEXT.encode("utf-8"), "utf-8"),
-        (TEXT.encode("utf-16"), "utf-16"),  # with BOM (native order)
-        (b"\xfe\xff" + TEXT.encode("utf-16-be"), "utf-16"),
-        (TEXT.encode("utf-32"), "utf-32"),
-        (TEXT.encode("cp1252"), "cp1252"),  # fallback: decodes cleanly, looks like text
-        (TEXT.replace("\n", "\r\n").encode("utf-8"), "utf-8"),  # CRLF normalised
-    ],
-)
-def test_text_encodings(tmp_path, raw, encoding):
-    f = tmp_path / "note.txt"
-    f.write_bytes(raw)
-    (doc,) = ingest(f)
-    assert doc.text == TEXT
-    assert doc.encoding == encoding
-    assert doc.size == len(raw) and doc.format == "text" and doc.page_offsets is None
-    assert doc.title == "note" and doc.source == f.as_posix()
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        "日本語のテキストです。これは長い文章です。".encode("shift_jis"),
-        "Это русский текст, не в UTF-8.".encode("cp1251"),
-        b"caf\xe9 \x81\x8d",  # bytes undefined in cp1252
-    ],
-)
-def test_foreign_encodings_refused(tmp_path, raw):
-    f = tmp_path / "x.txt"
-    f.write_bytes(raw)
-    with pytest.raises(IngestError, match="not UTF-8 text") as e:
-        ingest(f)
-    assert e.value.path == str(f) and "not UTF-8" in e.value.reason
-
-
-def test_markdown_title(tmp_path):
-    (tmp_path / "a.md").write_text("# Quarterly plan\n\nText.\n", encoding="utf-8")
-    (tmp_path / "b.md").write_text("No heading here.\n# Later heading\n", encoding="utf-8")
-    (tmp_path / "c.md").write_text("# Only a heading ##", encoding="utf-8")
-    a, b, c = ingest(tmp_path)
-    assert (a.title, a.format, b.title, c.title) == ("Quarterly plan", "markdown", "b", "Only a heading")
-    assert a.text == "# Quarterly plan\n\nText.\n"  # text kept as written
-
-
-# --------------------------------------------------------------------------------------------
-# HTML
-# --------------------------------------------------------------------------------------------
-
-HTML = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Terms &amp; Conditions</title>
-<style>body { color: red; } p::after { content: "STYLE"; }</style>
-<script>var secret = "SCRIPT </p>";</script></head>
-<body>
-<h1>Terms   of
-   use</h1>
-<p>Prices &lt; 5&nbsp;&euro; &#8212; caf&eacute; &#x263A;.</p>
-<div>line one<br>line two<br/>line three</div>
-<ul><li>first</li><li>second</li></ul>
-<script type="text/javascript">document.write("SCRIPT");</script>
-<noscript>NOSCRIPT</noscript>
-<table><tr><th>Year</th><th>Sales</th></tr><tr><td>2024</td><td>7</td></tr></table>
-<pre>  keep   this
-    spacing</pre>
-<p>Last <b>bold</b> <i>words</i>.</p>
-</body></html>
-"""
-
-
-def test_html(tmp_path):
-    f = tmp_path / "terms.html"
-    f.write_text(HTML, encoding="utf-8")
-    (doc,) = ingest(f)
-    assert doc.title == "Terms & Conditions" and doc.format == "html"
-    assert doc.text == (
-        "Terms of use\n\n"
-        "Prices < 5\u00a0€ — café ☺.\n\n"
-        "line one\nline two\nline three\n\n"
-        "first\nsecond\n\n"
-        "Year\tSales\n2024\t7\n\n"
-        "  keep   this\n    spacing\n\n"
-        "Last bold words."
-    )  # &nbsp; stays a no-break space: HTML collapses only ASCII whitespace
-    for hidden in ("STYLE", "SCRIPT", "secret", "color", "NOSCRIPT"):
-        assert hidden not in doc.text
-
-
-def test_html_declared_charset_and_empty(tmp_path):
-    f = tmp_path / "old.htm"
-    f.write_bytes('<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1"><p>Caf\xe9 – ok</p>'.encode("cp1252"))
-    (doc,) = ingest(f)
-    assert doc.text == "Café – ok" and doc.encoding == "cp1252" and doc.title == "old"
-    g = tmp_path / "blank.html"
-    g.write_text("<html><script>only()</script><p>  </p></html>", encoding="utf-8")
-    with pytest.raises(IngestError, match="no visible text"):
-        ingest(g)
-
-
-# --------------------------------------------------------------------------------------------
-# PDF
-# --------------------------------------------------------------------------------------------
-
-
-def test_pdf_pages(tmp_path):
-    f = tmp_path / "report.pdf"
-    f.write_bytes(make_pdf(PDF_PAGES))
-    (doc,) = ingest(f)
-    assert doc.format == "pdf" and doc.n_pages == 3
-    # The blank middle page is kept as an empty page; page numbers stay those of the file.
-    assert doc.pages == ["Annual report 2024\nRevenue grew (a lot).", "", "Outlook: steady."]
-    assert doc.text == PAGE_SEPARATOR.join(doc.pages)
-    assert doc.page_offsets == (0, len(doc.pages[0]) + 1, len(doc.pages[0]) + 2)
-    ranges = doc.page_ranges()
-    assert [r[0] for r in ranges] == [1, 2, 3] and ranges[0][1] == 0 and ranges[-1][2] == len(doc.text)
-    assert all(ranges[k][2] == ranges[k + 1][1] for k in range(2))
-
-
-def test_pdf_owner_password_only_opens(tmp_path):
-    # An owner password alone (restricting printing) does not hide the text: the empty user
-    # password opens it, as in any PDF viewer.
-    f = tmp_path / "restricted.pdf"
-    f.write_bytes(encrypt_pdf(make_pdf(PDF_PAGES), user="", owner="owner-secret"))
-    (doc,) = ingest(f)
-    assert doc.pages[2] == "Outlook: steady."
-
-
-def test_pdf_repair_warnings_kept(tmp_path, caplog):
-    # A PDF missing only the end of its "%%EOF" marker is repaired by pypdf: the text is all
-    # there, and pypdf's warning is kept on the document and logged with the file name.
-    f = tmp_path / "almost.pdf"
-    f.write_bytes(make_pdf(PDF_PAGES)[:-3])
-    with caplog.at_level("WARNING", logger="longctx.text.ingest"):
-        (doc,) = ingest(f)
-    assert doc.pages[2] == "Outlook: steady." and doc.warnings
-    assert any(str(f) in r.getMessage() and "pypdf" in r.getMessage() for r in caplog.records)
-
-
-# --------------------------------------------------------------------------------------------
-# Bad input: each raises a typed IngestError naming file and reason, or is skipped and listed
-# --------------------------------------------------------------------------------------------
-
-
-def _bad_inputs(tmp_path):
-    """{name: (path, reason pattern)} for every kind of bad input."""
-    good_pdf = make_pdf(PDF_PAGES)
-    files = {
-        "empty.txt": (b"", "empty file"),
-        "binary.txt": (bytes(range(256)) * 8, "binary"),
-        "blank.txt": (b"  \n\t\n", "no text"),
-        "locked.pdf": (encrypt_pdf(good_pdf, user="user-secret", owner="owner-secret"), "encrypted PDF"),
-        "truncated.pdf": (good_pdf[: len(good_pdf) // 2], "corrupt PDF"),
-        "notapdf.pdf": (b"hello, I am not a PDF at all", "corrupt PDF"),
-        "scan.pdf": (make_pdf([None, None], drawing=True), r"no text layer \(scanned PDF\?\)"),
-        "slides.pptx": (b"PK\x03\x04 zip bytes", "unsupported extension .pptx"),
-    }
-    out = {}
-    for name, (data, reason) in files.items():
-        (tmp_path / name).write_bytes(data)
-        out[name] = (tmp_path / name, reason)
-    out["missing.txt"] = (tmp_path / "missing.txt", "no such file")
-    return out
-
-
-def test_each_bad_input_raises(tmp_path):
-    for name, (path, reason) in _bad_inputs(tmp_path).items():
-        with pytest.raises(IngestError, match=reason) as e:
-            ingest([path])
-        assert e.value.path == str(path), name
-        assert name in str(e.value)  # the message names the file ...
-        assert e.value.reason in str(e.value)  # ... and the reason
-
-
-def test_bad_inputs_skipped_and_listed(tmp_path):
-    bad = _bad_inputs(tmp_path)
-    (tmp_path / "good.txt").write_text("good text", encoding="utf-8")
-    (tmp_path / "good.pdf").write_bytes(make_pdf(PDF_PAGES))
-    paths = [p for p, _ in bad.values()]
-    # Folder walk and explicit paths both: the missing file can only come explicitly.
-    corpus = ingest([tmp_path, bad["missing.txt"][0]], errors="skip")
-    assert [d.title for d in corpus] == ["good", "good"]  # good.pdf, good.txt (sorted)
-    assert [d.format for d in corpus] == ["pdf", "text"]
-    skipped = {s.path: s.reason for s in corpus.skipped}
-    assert sorted(skipped) == sorted(p.as_posix() for p in paths)
-    for path, reason in bad.values():
-        assert re.search(reason, skipped[path.as_posix()]), (path, skipped[path.as_posix()])
-
-
-def test_errors_argument_checked():
-    with pytest.raises(ValueError, match="errors must be"):
-        ingest([("t", "x")], errors="ignore")
-    with pytest.raises(TypeError):
-        ingest([42])
-
-
-# --------------------------------------------------------------------------------------------
-# Folders, globs, duplicates, in-memory texts
-# --------------------------------------------------------------------------------------------
-
-
-def _tree(root):
-    files = {
-        "b.txt": "bee",
-        "a.txt": "ay",
-        "sub/z.md": "zed",
-        "sub/deeper/c.txt": "see",
-        "sub/deeper/c.html": "<p>html see</p>",
-        "A_upper.txt": "upper first in code-point order",
-        ".hidden/x.txt": "never read",
-        ".DS_Store.txt": "never read",
-        "docs/report.pdf": None,
-    }
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(make_pdf(PDF_PAGES) if text is None else text.encode("utf-8"))
-    return files
-
-
-def test_folder_tree_order_and_glob(tmp_path):
-    _tree(tmp_path)
-    corpus = ingest(tmp_path)
-    rel = [d.source[len(tmp_path.as_posix()) + 1 :] for d in corpus]
-    assert rel == ["A_upper.txt", "a.txt", "b.txt", "docs/report.pdf", "sub/deeper/c.html", "sub/deeper/c.txt", "sub/z.md"]
-    assert [d.id for d in corpus] == list(range(7))
-    assert ingest(tmp_path).documents[3].sha256 == corpus[3].sha256  # stable
-    assert [d.title for d in ingest(tmp_path, glob="*.txt")] == ["A_upper", "a", "b", "c"]
-    assert [d.title for d in ingest(tmp_path, glob="sub/**/*.txt")] == ["c"]
-    assert [d.title for d in ingest(tmp_path, glob="**/*.md")] == ["z"]
-    with pytest.raises(IngestError, match="no files matching"):
-        ingest(tmp_path, glob="*.docx")
-
-
-def test_duplicates_reported_not_doubled(tmp_path):
-    (tmp_path / "a.txt").write_text("same text\n", encoding="utf-8")
-    (tmp_path / "b.txt").write_bytes(b"same text\r\n")  # same text after newline normalisation
-    (tmp_path / "c.txt").write_text("other\n", encoding="utf-8")
-    corpus = ingest([tmp_path, tmp_path / "c.txt", ("memo", "same text\n")])
-    assert [d.title for d in corpus] == ["a", "c"]
-    assert corpus.duplicates == [
-        (0, (tmp_path / "b.txt").as_posix()),
-        (1, (tmp_path / "c.txt").as_posix()),
-        (0, "<text 0>"),
-    ]
-
-
-def test_in_memory_texts():
-    corpus = ingest([("Memo", "hello"), (None, ["page one", "", "page three"])])
-    memo, paged = corpus
-    assert (memo.title, memo.source, memo.format, memo.size) == ("Memo", None, "memory", 5)
-    assert paged.title == "text 1" and paged.pages == ["page one", "", "page three"]
-    with pytest.raises(IngestError, match="empty text") as e:
-        ingest([("a", "ok"), ("b", "   ")])
-    assert e.value.path == "<text 1>"
+    return default_tokenizer()
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,24 +156,6 @@ def test_pack_tokens_equal_tokenizer_encode(default_tok):
     assert not set(packed.ids.tolist()) & set(default_tok.special_tokens.values())
 
 
-def test_long_space_run_check():
-    from longctx.text.ingest import _may_hold_long_space_run
-    from longctx.text.tokenizer import MAX_WS_RUN
-
-    assert not _may_hold_long_space_run("word " * 100_000)
-    for offset in (0, 1, 12_345, MAX_WS_RUN // 2 - 1):
-        text = "x" * offset + " " * (MAX_WS_RUN - 1) + "y" * 1000
-        assert _may_hold_long_space_run(text), offset
-
-
-def test_symlink_loop_and_progress(tmp_path, byte_tok):
-    (tmp_path / "a.txt").write_text("alpha", encoding="utf-8")
-    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)
-    corpus = ingest(tmp_path, progress=True)
-    assert [d.title for d in corpus] == ["a"]
-    assert len(corpus.pack(byte_tok, progress=True).spans) == 1
-
-
 def test_pack_empty_corpus(byte_tok):
     packed = ingest([]).pack(byte_tok)
     assert len(packed) == 0 and packed.spans == [] and packed.ids.dtype == np.int32
@@ -546,7 +184,7 @@ def test_property_spans_exact(byte_tok, docs, which, budget_frac, policy):
     """Random document sets (Unicode text, paged or not, blank pages) and random budgets: every
     span decodes exactly to its slice of the document, spans are disjoint and in order, and
     locate agrees with the spans at every token index (see _check_packed)."""
-    tok = byte_tok if which == "byte" else (_try_default() or byte_tok)
+    tok = byte_tok if which == "byte" else (try_default() or byte_tok)
     corpus = ingest(docs)
     full = corpus.pack(tok)
     assert tok.decode(full.ids) == _check_packed(full, tok, corpus.documents)
@@ -686,7 +324,7 @@ def test_property_chunk_markers(byte_tok, docs, which, chunk, offset, budget_fra
     """Random document sets, chunk sizes and offsets: markers sit where they should and take
     nothing away (_check_marked); under a budget the marked packing fits and is a prefix of
     the whole one up to the cut."""
-    tok = byte_tok if which == "byte" else (_try_default() or byte_tok)
+    tok = byte_tok if which == "byte" else (try_default() or byte_tok)
     corpus = ingest([(f"T{k}", text) for k, (_, text) in enumerate(docs)])
     marked = corpus.pack(tok, chunk=chunk, offset=offset)
     _check_marked(marked, corpus.pack(tok), tok, chunk, offset)

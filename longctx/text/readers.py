@@ -1,0 +1,388 @@
+"""Readers: one file's bytes -> a `Document`. The format comes from the file extension
+(case-insensitive):
+
+- `.txt` `.text` `.md` `.markdown`: UTF-8 (with or without a byte order mark), or UTF-16 /
+  UTF-32 with a byte order mark. Otherwise the bytes are tried as Windows-1252 (cp1252), and
+  accepted only if they decode without error and look like Western text (see `_decode_text`);
+  anything else is refused as "not UTF-8 text". Line breaks are normalised to "\\n".
+- `.html` `.htm`: the standard library's `html.parser`; script, style, noscript and template
+  contents are dropped, entities decoded, whitespace collapsed as a browser would, and block
+  elements (p, div, li, h1-h6, tr, br, ...) become line breaks. The <title> becomes the title.
+- `.pdf`: pypdf, page by page. The document text is the page texts joined by a form feed
+  ("\\f"); `Document.page_offsets` holds where each page starts. A blank page inside a PDF is
+  kept as an empty page; a PDF with no text on any page (a scan) is refused. Repairs pypdf
+  makes to a damaged file are kept in `Document.warnings` (and logged with the file name).
+
+A file that cannot be read raises `IngestError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+import stat
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+from .document import PAGE_SEPARATOR, Document, IngestError, make_document
+
+__all__ = ["SUPPORTED_EXTENSIONS", "read_file", "require_text"]
+
+_log = logging.getLogger(__name__)
+
+TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown")
+HTML_EXTENSIONS = (".html", ".htm")
+PDF_EXTENSIONS = (".pdf",)
+SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS + HTML_EXTENSIONS + PDF_EXTENSIONS
+
+
+# ============================================================================================
+# Text decoding
+# ============================================================================================
+
+# Byte order marks, longest first: the UTF-32 LE mark begins with the UTF-16 LE mark.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+# C0 control bytes that do not occur in text (tab, newlines, form feed, vertical tab and
+# escape do occur: in tables, old page breaks and terminal logs) and DEL.
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0E, *range(0x0F, 0x1B), *range(0x1C, 0x20), 0x7F])
+_MAX_CONTROL_RATIO = 0.005
+# cp1252 fallback limits: Western European text is mostly ASCII with isolated accented letters;
+# multi-byte encodings (Shift-JIS, GBK, UTF-8 damaged, ...) and Cyrillic/Greek code pages give
+# many high bytes, often in runs.
+_MAX_HIGH_RATIO = 0.2
+_HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
+_NON_SPACE = re.compile(r"\S")
+
+
+def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[str, str]:
+    """Bytes of a text file -> (text with "\\n" line breaks, encoding name). Raises IngestError.
+
+    Order: a byte order mark decides (UTF-8/16/32); a `declared` charset (HTML meta) is used
+    next; NUL bytes or many control bytes mean binary; then UTF-8; then cp1252 if the bytes
+    decode cleanly and look like Western text (at most 20 % bytes >= 0x80, no run of 4 or more
+    of them). NOTE: latin-1 is never used as a fallback: it decodes any bytes, so it would turn
+    any binary or foreign-encoded file into garbage text without complaint.
+    """
+    if not data:
+        raise IngestError(path, "empty file (0 bytes)")
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as e:
+                raise IngestError(path, f"not valid {codec.upper()} text despite its byte order mark ({e.reason} at byte {e.start})") from None
+            name = "utf-8" if codec == "utf-8-sig" else codec
+            _check_control(text.encode("utf-8"), path)
+            return _normalise_newlines(text), name
+    if b"\x00" in data:
+        raise IngestError(path, "binary data, not text (contains NUL bytes; UTF-16/32 text needs a byte order mark)")
+    _check_control(data, path)
+    if declared is not None:
+        try:
+            return _normalise_newlines(data.decode(declared)), declared
+        except UnicodeDecodeError as e:
+            raise IngestError(path, f"not valid {declared} text as its charset declares ({e.reason} at byte {e.start})") from None
+    try:
+        return _normalise_newlines(data.decode("utf-8")), "utf-8"
+    except UnicodeDecodeError as e:
+        utf8_error = f"{e.reason} at byte {e.start}"
+    high = len(data) - len(data.translate(None, bytes(range(0x80, 0x100))))
+    if high <= _MAX_HIGH_RATIO * len(data) and not _HIGH_RUN.search(data):
+        try:
+            return _normalise_newlines(data.decode("cp1252")), "cp1252"
+        except UnicodeDecodeError:
+            pass
+    raise IngestError(path, f"not UTF-8 text ({utf8_error}) and not plausible Windows-1252; re-save it as UTF-8")
+
+
+def _check_control(data: bytes, path: str) -> None:
+    n_control = len(data) - len(data.translate(None, _CONTROL_BYTES))
+    if n_control > _MAX_CONTROL_RATIO * len(data):
+        raise IngestError(path, f"binary data, not text ({n_control} control bytes in {len(data)})")
+
+
+def _normalise_newlines(text: str) -> str:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def require_text(text: str, path: str, what: str = "no text (only whitespace)") -> None:
+    """Raise IngestError(path, what) unless `text` has a non-whitespace character."""
+    if _NON_SPACE.search(text) is None:
+        raise IngestError(path, what)
+
+
+# ============================================================================================
+# Readers: each takes (bytes, path label) and returns (title or None, text or pages, encoding)
+# ============================================================================================
+
+
+def _read_text(data: bytes, path: str, markdown: bool) -> tuple[str | None, str, str]:
+    text, encoding = _decode_text(data, path)
+    require_text(text, path)
+    title = None
+    if markdown:
+        # A Markdown file that opens with a level-1 heading names itself.
+        m = re.match(r"\s*# +(.+?)[ \t#]*(?:\n|$)", text)
+        if m:
+            title = m.group(1).strip() or None
+    return title, text, encoding
+
+
+# Elements whose content is not visible text.
+_HTML_SKIP = {"script", "style", "noscript", "template"}
+# Block elements that end a paragraph (blank line) or a line.
+_HTML_PARAGRAPH = {
+    "address", "article", "aside", "blockquote", "details", "dl", "fieldset", "figure", "footer",
+    "form", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "main", "nav", "ol", "p", "pre",
+    "section", "table", "ul",
+}  # fmt: skip
+_HTML_LINE = {
+    "body", "br", "caption", "dd", "div", "dt", "figcaption", "html", "legend", "li", "option",
+    "summary", "tbody", "tfoot", "thead", "tr",
+}  # fmt: skip
+_HTML_CELL = {"td", "th"}
+_WS_RUN = re.compile(r"[ \t\n\r\f\v]+")
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
+
+
+class _HTMLText(HTMLParser):
+    """Collects visible text: block structure as line breaks, whitespace collapsed outside <pre>."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)  # entities arrive decoded in handle_data
+        self.parts: list[str] = []
+        self.title_parts: list[str] = []
+        self.skip = 0  # depth inside script/style/...
+        self.pre = 0
+        self.in_title = False
+        self.newlines = 2  # newlines at the end of the output; "start of text" counts as many
+
+    def _break(self, n: int) -> None:
+        if self.newlines < n:
+            self.parts.append("\n" * (n - self.newlines))
+            self.newlines = n
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _HTML_SKIP:
+            self.skip += 1
+        elif tag == "title":
+            self.in_title = True
+        elif tag == "br":
+            # A <br> is a line break even right after another one.
+            self.parts.append("\n")
+            self.newlines += 1
+        elif tag in _HTML_PARAGRAPH:
+            self._break(2)
+        elif tag in _HTML_LINE:
+            self._break(1)
+        elif tag in _HTML_CELL and self.newlines == 0:
+            self.parts.append("\t")
+        if tag == "pre":
+            self.pre += 1
+
+    def handle_startendtag(self, tag, attrs):
+        # <br/>, <hr/>: a break; a self-closed <script/> has no content to skip.
+        if tag not in _HTML_SKIP:
+            self.handle_starttag(tag, attrs)
+            if tag == "pre":
+                self.pre -= 1
+
+    def handle_endtag(self, tag):
+        if tag in _HTML_SKIP:
+            self.skip = max(0, self.skip - 1)
+        elif tag == "title":
+            self.in_title = False
+        elif tag in _HTML_PARAGRAPH:
+            self._break(2)
+        elif tag in _HTML_LINE and tag != "br":
+            self._break(1)
+        if tag == "pre":
+            self.pre = max(0, self.pre - 1)
+
+    def handle_data(self, data):
+        if self.skip:
+            return
+        if self.in_title:
+            self.title_parts.append(data)
+            return
+        if not self.pre:
+            data = _WS_RUN.sub(" ", data)
+            if self.newlines:
+                data = data.lstrip(" ")
+            if not data:
+                return
+        self.parts.append(data)
+        self.newlines = len(data) - len(data.rstrip("\n"))
+
+    def text(self) -> str:
+        text = "".join(self.parts)
+        text = re.sub(r"[ \t]+\n", "\n", text)  # spaces left before a break
+        text = re.sub(r"\n{3,}", "\n\n", text)  # consecutive blocks: at most one blank line
+        return text.strip("\n").rstrip()
+
+
+def _read_html(data: bytes, path: str) -> tuple[str | None, str, str]:
+    declared = None
+    m = _META_CHARSET.search(data[:4096])
+    if m:
+        name = m.group(1).decode("ascii").lower()
+        try:
+            name = codecs.lookup(name).name
+        except LookupError:
+            name = None
+        # As browsers do (WHATWG encoding standard), latin-1 and ascii labels mean cp1252;
+        # utf-16 labels in a meta tag are ignored (the BOM decides those).
+        if name in ("latin-1", "iso8859-1", "ascii"):
+            name = "cp1252"
+        declared = name if name and not name.startswith("utf-16") else None
+    source, encoding = _decode_text(data, path, declared)
+    parser = _HTMLText()
+    try:
+        parser.feed(source)
+        parser.close()
+    except Exception as e:  # html.parser is lenient; anything it raises means unusable markup
+        raise IngestError(path, f"malformed HTML ({type(e).__name__}: {e})") from None
+    text = parser.text()
+    require_text(text, path, "no visible text in HTML")
+    title = _WS_RUN.sub(" ", "".join(parser.title_parts)).strip() or None
+    return title, text, encoding
+
+
+_pypdf_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pypdf_warnings():
+    """Collect what pypdf logs while reading one file. Why: pypdf reports the repairs it makes
+    to a damaged PDF ("EOF marker not found", "some data might not be read") as log warnings
+    without a file name; we attach them to the document or to the error instead."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("pypdf"), Collect(logging.WARNING)
+    with _pypdf_lock:
+        propagate = logger.propagate
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            yield messages
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
+def _read_pdf(data: bytes, path: str) -> tuple[None, list[str], tuple[str, ...]]:
+    """PDF -> (None, page texts, pypdf warnings). Encrypted files: the empty password is tried
+    (PDFs that only carry an owner password, to restrict printing or copying, open with it, as
+    in any viewer); if it does not open the file, it is refused as encrypted. No other
+    passwords are tried."""
+    if not data:
+        raise IngestError(path, "empty file (0 bytes)")
+    if b"%PDF-" not in data[:1024]:
+        raise IngestError(path, "corrupt PDF (no %PDF- header)")
+    with _pypdf_warnings() as notes:
+        try:
+            pages = _pdf_pages(data, path)
+        except IngestError as e:
+            raise IngestError(path, e.reason + (f"; pypdf: {notes[0]}" if notes else "")) from None
+    if not pages:
+        raise IngestError(path, "PDF has no pages")
+    # The separator must stay unambiguous, so a form feed inside a page becomes a line break.
+    pages = [_normalise_newlines(p).replace(PAGE_SEPARATOR, "\n") for p in pages]
+    if all(_NON_SPACE.search(p) is None for p in pages):
+        raise IngestError(path, f"no text layer (scanned PDF?): none of its {len(pages)} pages has text")
+    for note in notes:
+        _log.warning("%s: pypdf: %s", path, note)
+    return None, pages, tuple(notes)
+
+
+def _pdf_pages(data: bytes, path: str) -> list[str]:
+    import pypdf
+    from pypdf.errors import DependencyError, FileNotDecryptedError
+
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            try:
+                opened = reader.decrypt("")
+            except DependencyError as e:
+                raise IngestError(path, f"encrypted PDF that cannot be decrypted here ({e})") from None
+            if opened == pypdf.PasswordType.NOT_DECRYPTED:
+                raise IngestError(path, "encrypted PDF (a password is required)")
+        return [page.extract_text() or "" for page in reader.pages]
+    except IngestError:
+        raise
+    except FileNotDecryptedError:
+        raise IngestError(path, "encrypted PDF (a password is required)") from None
+    except Exception as e:
+        # pypdf reports damaged files with its own errors, but also with KeyError, ValueError,
+        # AttributeError, ... from deep inside the parser: all mean the file is unusable.
+        raise IngestError(path, f"corrupt PDF ({type(e).__name__}: {e})") from None
+
+
+# ============================================================================================
+# One file: format by extension, then its reader
+# ============================================================================================
+
+
+def _format_of(path: Path) -> str | None:
+    ext = path.suffix.lower()
+    if ext in (".md", ".markdown"):
+        return "markdown"
+    if ext in TEXT_EXTENSIONS:
+        return "text"
+    if ext in HTML_EXTENSIONS:
+        return "html"
+    if ext in PDF_EXTENSIONS:
+        return "pdf"
+    return None
+
+
+def read_file(path: Path, label: str) -> Document:
+    """The file `path` -> Document (id -1: set by ingest); `label` names it in errors and
+    becomes its source. Raises IngestError."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise IngestError(label, "no such file or folder") from None
+    except OSError as e:
+        raise IngestError(label, f"cannot access ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise IngestError(label, "not a regular file")
+    fmt = _format_of(path)
+    if fmt is None:
+        ext = path.suffix or "(none)"
+        raise IngestError(label, f"unsupported extension {ext} (supported: {' '.join(SUPPORTED_EXTENSIONS)})")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IngestError(label, f"cannot read ({e.strerror or e})") from None
+    notes: tuple[str, ...] = ()
+    if fmt == "pdf":
+        title, pages, notes = _read_pdf(data, label)
+        encoding = None
+    elif fmt == "html":
+        title, pages, encoding = _read_html(data, label)
+    else:
+        title, pages, encoding = _read_text(data, label, markdown=fmt == "markdown")
+    source = Path(label).as_posix()
+    # Plain UTF-8 files already hold the text's UTF-8 bytes: hash them, skip re-encoding.
+    same_bytes = fmt in ("text", "markdown") and encoding == "utf-8" and not data.startswith(codecs.BOM_UTF8) and b"\r" not in data
+    doc = make_document(title or path.stem, source, pages, len(data), fmt, encoding, utf8=data if same_bytes else None)
+    return dataclasses.replace(doc, warnings=notes) if notes else doc
