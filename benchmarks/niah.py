@@ -3,15 +3,94 @@
     python benchmarks/niah.py                                   # embedded model: 1k,2k,4k x 5 depths x 2
     python benchmarks/niah.py --task multi_key --lengths 1k,8k,32k --depths 0,.5,1 --samples 3
     python benchmarks/niah.py --model /path/to/Llama-4-Scout --device cuda --lengths 128k,1m
-    python benchmarks/niah.py --compare-reuse --record benchmarks/results   # prefix reuse vs none
+    python benchmarks/niah.py --record benchmarks/results                   # -> niah_single_1k-4k.md
+    python benchmarks/niah.py --compare-reuse --record benchmarks/results  # -> niah_prefix_reuse_1k-4k.md
 
-Writes <out>/<task>.jsonl (one line per cell; a rerun resumes) and <out>/<task>.png, prints the
-table and the effective length. Same as `longctx niah ...`; the code is `longctx.cli.niah_main`.
+The grid run is the library's `longctx niah` (same options; writes <out>/<task>.jsonl, one
+line per cell, a rerun resumes, and <out>/<task>.png, prints the tables and the effective
+length). This script adds what only a benchmark needs: --compare-reuse (the grid with and
+without prefix reuse, timed, answers compared) and --record (the current record of this
+configuration: task or comparison, lengths, device kind; a rerun replaces it).
 """
 
-import sys
+from __future__ import annotations
 
-from longctx.cli import niah_main
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from records import write_record
+
+from longctx.cli import add_niah_arguments, niah_grid, niah_inputs
+from longctx.tasks import niah
+
+
+def compare_reuse(args) -> tuple[bool, list[str]]:
+    """Run the grid twice with prefix reuse and twice without, in the order reuse, none, none,
+    reuse (a drift in machine load hits both alike). Returns (all four runs gave the same
+    answers, the report as markdown lines)."""
+    model, kw = niah_inputs(args)
+    # Warm-up outside the timings: haystack encoding (cached) and first-call allocations.
+    niah.run(model, **{**kw, "lengths": [min(kw["lengths"])], "depths": [0.0], "samples": 1}, reuse_prefix=False,
+             progress=False)
+    timings, prefill_s, decode_s = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
+    answers, tokens, runs, consistent = {}, {}, [], True
+    for reuse in (True, False, False, True):
+        t = time.perf_counter()
+        res = niah.run(model, **kw, reuse_prefix=reuse)
+        took = time.perf_counter() - t
+        timings[reuse] += took
+        runs.append(f"{'reuse' if reuse else 'no reuse'} {took:.1f} s")
+        got = sorted((r["length"], r["depth"], r["sample"], r["answer"]) for r in res.records)
+        answers.setdefault(reuse, got)
+        consistent = consistent and answers[reuse] == got  # runs of one mode agree too
+        tokens[reuse] = sum(r["new_prefill_tokens"] + r.get("base_prefill_tokens", 0) for r in res.records)
+        prefill_s[reuse] += sum(r["prefill_s"] for r in res.records)
+        decode_s[reuse] += sum(r["decode_s"] for r in res.records)
+    same = answers[True] == answers[False] and consistent
+    body = [f"prefix reuse: {timings[True] / 2:.1f} s, no reuse: {timings[False] / 2:.1f} s (mean of 2 runs each; "
+            f"in order: {', '.join(runs)}), speed-up {timings[False] / timings[True]:.2f}x, "
+            f"same answers: {same} ({len(res.records)} cells)",
+            f"prefilled tokens: {tokens[True]:,} with reuse (base extensions included), {tokens[False]:,} "
+            f"without ({tokens[False] / max(1, tokens[True]):.2f}x)",
+            f"prefill time (base extensions included): {prefill_s[True] / 2:.1f} s with reuse, "
+            f"{prefill_s[False] / 2:.1f} s without ({prefill_s[False] / max(1e-9, prefill_s[True]):.2f}x); "
+            f"decode time {decode_s[True] / 2:.1f} s / {decode_s[False] / 2:.1f} s (the same work either way)",
+            "", "```", res.table(), "```"]
+    print("\n".join(body))
+    return same, body
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="benchmarks/niah.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_niah_arguments(ap)
+    ap.add_argument("--compare-reuse", action="store_true", help="run with and without prefix reuse; compare")
+    ap.add_argument("--record", type=Path, default=None, metavar="DIR",
+                    help="also write a result file (device, date, command, numbers) into DIR")
+    args = ap.parse_args(argv)
+    png = None
+    if args.compare_reuse:
+        same, body = compare_reuse(args)
+        name, what = "niah_prefix_reuse", f"prefix reuse vs none, task {args.task}"
+    else:
+        _, body, png = niah_grid(args)
+        same, name, what = True, f"niah_{args.task}", args.task
+    if args.record:
+        # One current record per configuration: the task (or the comparison), the lengths, the device kind.
+        lengths = sorted(args.lengths)
+        span = niah.length_label(lengths[0]) + (f"-{niah.length_label(lengths[-1])}" if len(lengths) > 1 else "")
+        name += f"_{span}" + ("_cuda" if args.device.startswith("cuda") else "")
+        facts = [f"model: {args.model or 'embedded default (longctx/assets/default)'}",
+                 f"lengths {args.lengths}, depths {args.depths}, samples {args.samples}, seed {args.seed}, "
+                 f"haystack {args.haystack}"]
+        path = write_record(args.record, name, f"NIAH {what}", "python benchmarks/niah.py " + " ".join(argv), facts,
+                            body, device=args.device, png=png)
+        print(f"recorded {path}")
+    return 0 if same else 1  # --compare-reuse: 1 when the two modes answered differently
+
 
 if __name__ == "__main__":
-    sys.exit(niah_main())
+    sys.exit(main())

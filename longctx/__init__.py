@@ -30,7 +30,7 @@ _LAZY = {
     "Answer": ("tasks.qa", "Answer"),
     "Citation": ("tasks.qa", "Citation"),
     "QAError": ("tasks.qa", "QAError"),
-    "run_batch": ("tasks.qa", "run_batch"),
+    "run_batch": ("tasks.batch", "run_batch"),
     "niah": ("tasks.niah", None),
 }
 

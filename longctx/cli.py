@@ -13,6 +13,11 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import Model
+    from .tasks.niah import Results
 
 
 def parse_length(s: str) -> int:
@@ -22,6 +27,22 @@ def parse_length(s: str) -> int:
         return int(float(s.rstrip("km")) * {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a length: {s!r} (examples: 4096, 32k, 1m)") from None
+
+
+def parse_lengths(s: str) -> list[int]:
+    """"1k,32k,1m" -> [1024, 32768, 1048576]."""
+    return [parse_length(x) for x in s.split(",")]
+
+
+def parse_depths(s: str) -> list[float]:
+    """"0,0.5,1" -> [0.0, 0.5, 1.0]: needle depths, each in [0, 1]."""
+    try:
+        depths = [float(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of depths: {s!r} (example: 0,0.25,0.5,0.75,1)") from None
+    if not all(0.0 <= d <= 1.0 for d in depths):
+        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {s!r}")
+    return depths
 
 
 def _device(device: str) -> str:
@@ -48,8 +69,8 @@ def _size(nbytes: float) -> str:
 
 
 def cmd_ask(args) -> int:
-    from .text.ingest import ingest
     from .tasks.qa import Session
+    from .text.ingest import ingest
 
     model = _model(args)
     corpus = ingest(args.paths, errors="skip" if args.skip_bad else "raise")
@@ -76,7 +97,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .tasks.qa import run_batch
+    from .tasks.batch import run_batch
 
     run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
               max_context=args.max_context, temperature=args.temperature, seed=args.seed,
@@ -96,7 +117,7 @@ def cmd_info(args) -> int:
     else:
         folder = Path(args.model) if args.model else DEFAULT_MODEL
         if not (folder / "config.json").exists():
-            hint = " (the embedded default model is not there yet; pass --model DIR or --preset)" if not args.model else ""
+            hint = "" if args.model else " (the embedded default model is not there yet; pass --model DIR or --preset)"
             print(f"longctx info: {folder}: no config.json{hint}", file=sys.stderr)
             return 2
         cfg = ModelConfig.from_file(folder / "config.json")
@@ -137,115 +158,77 @@ def cmd_info(args) -> int:
     return 0
 
 
-def niah_main(argv=None) -> int:
-    """The needle-in-a-haystack benchmark (also ``benchmarks/niah.py``)."""
+def add_niah_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``longctx niah`` (``benchmarks/niah.py`` adds its own to the same set)."""
+    from .tasks.niah import TASKS
+
+    p.add_argument("--task", default="single", choices=TASKS)
+    p.add_argument("--lengths", type=parse_lengths, default="1k,2k,4k", help="comma-separated, e.g. 1k,32k,1m")
+    p.add_argument("--depths", type=parse_depths, default="0,0.25,0.5,0.75,1", help="comma-separated, in [0, 1]")
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", default="english", help="english | noise | a folder or file to ingest")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (tokens)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 on a machine busy with other work)")
+    p.add_argument("--out", type=Path, default=Path("niah_results"))
+    p.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
+
+
+def niah_inputs(args: argparse.Namespace) -> tuple[Model, dict]:
+    """(model, keywords of ``niah.run``) for ``longctx niah`` options: the model loaded, the
+    grid parsed, a haystack that is a path ingested, torch's CPU threads set."""
     import torch
 
-    from .tasks import niah
     from .checkpoint import load_model
 
-    ap = argparse.ArgumentParser(prog="longctx niah", description="Needle-in-a-haystack benchmark: a depth x length "
-                                 "grid; writes <out>/<task>.jsonl (resumable) and <out>/<task>.png.")
-    ap.add_argument("--task", default="single", choices=niah.TASKS)
-    ap.add_argument("--lengths", default="1k,2k,4k", help="comma-separated, e.g. 1k,32k,1m")
-    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--haystack", default="english", help="english | noise | a folder or file to ingest")
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (tokens)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's choice; 1 on a machine busy with other work)")
-    ap.add_argument("--out", type=Path, default=Path("niah_results"))
-    ap.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
-    ap.add_argument("--compare-reuse", action="store_true", help="run with and without prefix reuse; compare")
-    ap.add_argument("--record", type=Path, default=None, metavar="DIR",
-                    help="also write a result file (device, date, command, numbers) into DIR")
-    args = ap.parse_args(argv)
-
-    lengths = [parse_length(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=_device(args.device))
     haystack = args.haystack
     if haystack not in ("english", "noise"):
         from .text.ingest import ingest
 
         haystack = ingest([haystack])
-    common = dict(task=args.task, lengths=lengths, depths=depths, samples=args.samples, seed=args.seed,
-                  haystack=haystack, chunk_size=args.chunk_size)
-    t0 = time.perf_counter()
-    if args.compare_reuse:
-        # Warm-up outside the timings: haystack encoding (cached) and first-call allocations.
-        niah.run(model, **{**common, "lengths": [min(lengths)], "depths": [0.0], "samples": 1},
-                 reuse_prefix=False, progress=False)
-        # Order reuse, none, none, reuse: a drift in machine load (other jobs) hits both alike.
-        timings, answers, tokens, runs, consistent = {True: 0.0, False: 0.0}, {}, {}, [], True
-        prefill_s, decode_s = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
-        for reuse in (True, False, False, True):
-            t = time.perf_counter()
-            res = niah.run(model, **common, reuse_prefix=reuse)
-            timings[reuse] += time.perf_counter() - t
-            runs.append(f"{'reuse' if reuse else 'no reuse'} {time.perf_counter() - t:.1f} s")
-            got = sorted((r["length"], r["depth"], r["sample"], r["answer"]) for r in res.records)
-            answers.setdefault(reuse, got)
-            consistent = consistent and answers[reuse] == got  # runs of one mode agree too
-            tokens[reuse] = sum(r["new_prefill_tokens"] + r.get("base_prefill_tokens", 0) for r in res.records)
-            prefill_s[reuse] += sum(r["prefill_s"] for r in res.records)
-            decode_s[reuse] += sum(r["decode_s"] for r in res.records)
-        same = answers[True] == answers[False] and consistent
-        body = [f"prefix reuse: {timings[True] / 2:.1f} s, no reuse: {timings[False] / 2:.1f} s (mean of 2 runs each; "
-                f"in order: {', '.join(runs)}), speed-up {timings[False] / timings[True]:.2f}x, "
-                f"same answers: {same} ({len(res.records)} cells)",
-                f"prefilled tokens: {tokens[True]:,} with reuse (base extensions included), {tokens[False]:,} "
-                f"without ({tokens[False] / max(1, tokens[True]):.2f}x)",
-                f"prefill time (base extensions included): {prefill_s[True] / 2:.1f} s with reuse, "
-                f"{prefill_s[False] / 2:.1f} s without ({prefill_s[False] / max(1e-9, prefill_s[True]):.2f}x); "
-                f"decode time {decode_s[True] / 2:.1f} s / {decode_s[False] / 2:.1f} s (the same work either way)",
-                "", "```", res.table(), "```"]
-        print("\n".join(body))
-        if args.record:
-            _record(args, argv, lengths, depths, body, "niah_prefix_reuse")
-        return 0 if same else 1
+    return model, dict(task=args.task, lengths=args.lengths, depths=args.depths, samples=args.samples,
+                       seed=args.seed, haystack=haystack, chunk_size=args.chunk_size)
 
+
+def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None]:
+    """Run the grid that ``longctx niah`` options describe into ``<out>/<task>.jsonl``, print the
+    accuracy tables and the effective length, draw ``<out>/<task>.png``. Returns (results, the
+    report as markdown lines, the heatmap's path or None without matplotlib)."""
+    from .tasks import niah
+
+    model, kw = niah_inputs(args)
     out_jsonl = args.out / f"{args.task}.jsonl"
-    res = niah.run(model, **common, out=out_jsonl, reuse_prefix=not args.no_reuse)
+    t0 = time.perf_counter()
+    res = niah.run(model, **kw, out=out_jsonl, reuse_prefix=not args.no_reuse)
     elapsed = time.perf_counter() - t0
     eff = res.effective_length(0.9)
     body = ["```", res.table("exact"), "", res.table("substring"), "```", "",
             f"effective length (substring accuracy >= 90 % at every length up to it): {eff['effective_length']} tokens"]
     print("\n".join(body[1:4] + body[6:]))
     png = None
+    name = "embedded model" if args.model is None else Path(args.model).name
     try:
-        png = res.heatmap(args.out / f"{args.task}.png",
-                          title=f"NIAH {args.task} ({'embedded model' if args.model is None else Path(args.model).name})")
+        png = res.heatmap(args.out / f"{args.task}.png", title=f"NIAH {args.task} ({name})")
         print(f"wrote {out_jsonl} and {png} ({elapsed:.1f} s)")
     except ImportError as e:
         print(f"wrote {out_jsonl} ({elapsed:.1f} s); no heatmap: {e}", file=sys.stderr)
-    if args.record:
-        _record(args, argv, lengths, depths, body + [f"wall time: {elapsed:.1f} s ({len(res.records)} cells)"],
-                f"niah_{args.task}", png)
+    return res, body + [f"wall time: {elapsed:.1f} s ({len(res.records)} cells)"], png
+
+
+def cmd_niah(args) -> int:
+    niah_grid(args)
     return 0
 
 
-def _record(args, argv, lengths, depths, body: list[str], name: str, png=None) -> None:
-    from .records import write_record
-
-    what = f"prefix reuse vs none, task {args.task}" if name == "niah_prefix_reuse" else args.task
-    cmd = "python benchmarks/niah.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    facts = [f"model: {args.model or 'embedded default (longctx/assets/default)'}",
-             f"lengths {lengths}, depths {depths}, samples {args.samples}, seed {args.seed}, haystack {args.haystack}"]
-    path = write_record(args.record, name, f"NIAH {what}", cmd, facts, body, device=args.device, png=png)
-    print(f"recorded {path}")
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["niah"]:
-        return niah_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="longctx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="longctx", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def common(p):
@@ -275,7 +258,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     common(p)
     p.set_defaults(fn=cmd_batch)
-    sub.add_parser("niah", help="the needle-in-a-haystack benchmark (see `longctx niah --help`)")
+    p = sub.add_parser("niah", help="the needle-in-a-haystack benchmark: a depth x length grid",
+                       description="Needle-in-a-haystack benchmark: a depth x length grid; writes <out>/<task>.jsonl "
+                                   "(resumable) and <out>/<task>.png.")
+    add_niah_arguments(p)
+    p.set_defaults(fn=cmd_niah)
     p = sub.add_parser("info", help="model summary and memory plan for a context length")
     p.add_argument("--model", default=None)
     p.add_argument("--preset", default=None, choices=["scout", "tiny"])
@@ -287,8 +274,8 @@ def main(argv=None) -> int:
     from .cache import CacheError
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .text.ingest import IngestError
     from .tasks.qa import QAError
+    from .text.ingest import IngestError
 
     try:
         return args.fn(args)

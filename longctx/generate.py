@@ -1,5 +1,7 @@
 """Prefill in chunks, decode one token at a time, sample, stop.
 
+``decode`` is the one decode loop: ``generate`` and ``Session.ask`` both run it.
+
 ``prefill`` runs the prompt through the model ``chunk_size`` tokens at a time; because masks
 come from absolute positions, the cache and the last logits equal those of one full forward,
 while activations stay O(chunk_size) instead of O(prompt).
@@ -8,16 +10,21 @@ while activations stay O(chunk_size) instead of O(prompt).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache import KVCache
 
+if TYPE_CHECKING:
+    from .model import Model
+
 
 @torch.inference_mode()
-def prefill(model, tokens: torch.Tensor, cache: KVCache, chunk_size: int | None = 2048,
+def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, chunk_size: int | None = 2048,
             progress: bool | None = None) -> torch.Tensor:
     """Feed tokens (B, T) into ``cache`` in pieces of ``chunk_size`` (None: all at once).
 
@@ -66,26 +73,27 @@ class Generation:
 
 
 @torch.inference_mode()
-def generate(model, prompt: torch.Tensor, *, max_new_tokens: int = 64, cache: KVCache | None = None,
-             chunk_size: int | None = 2048, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids=None, generator: torch.Generator | None = None, progress: bool | None = None) -> Generation:
-    """Prefill ``prompt`` (B, T) into ``cache`` (a new one if None), then decode.
+def decode(model: Model, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: int, stop_ids,
+           temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           on_token: Callable[[int, list[int | None]], None] | None = None) -> Generation:
+    """Decode from ``logits`` (B, V), the prediction after the last token in ``cache``.
 
-    Rows stop at the first token in ``stop_ids`` (default: the config's eos ids) or after
-    ``max_new_tokens``. Sampling uses ``generator`` so runs are reproducible.
+    Each step samples one token per row (``sample``) and feeds the tokens back through the
+    model. A row stops at its first token in ``stop_ids`` (not kept) or after
+    ``max_new_tokens``; the loop ends when every row has stopped. ``on_token(step, new)`` runs
+    after each step with, per row, the token kept at this step or None (the row has stopped).
+    Returns the kept ids and ``decode_s`` (``prefill_s`` is 0: the caller's prefill is not
+    counted here). ``cache`` ends up holding every fed token, i.e. all kept tokens but the last.
     """
-    if cache is None:
-        cache = model.new_cache(batch=prompt.shape[0])
-    stops = set(model.config.stop_ids if stop_ids is None else stop_ids)
     t0 = time.perf_counter()
-    logits = prefill(model, prompt, cache, chunk_size, progress)
-    t1 = time.perf_counter()
-    B = prompt.shape[0]
+    stops = set(stop_ids)
+    B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stopped = ["length"] * B
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
+        new: list[int | None] = [None] * B
         for b, t in enumerate(nxt.tolist()):
             if done[b]:
                 continue
@@ -93,7 +101,35 @@ def generate(model, prompt: torch.Tensor, *, max_new_tokens: int = 64, cache: KV
                 done[b], stopped[b] = True, "stop"
             else:
                 out[b].append(t)
+                new[b] = t
+        if on_token is not None:
+            on_token(step, new)
         if all(done) or step == max_new_tokens - 1:
             break  # no forward for a token nobody will read
+        # NOTE: rows that have stopped still feed their (ignored) samples: a batch forward
+        # needs one token per row, and their outputs are never read again.
         logits = model(nxt[:, None].to(model.device), cache)[:, -1].float()
-    return Generation(out, stopped, t1 - t0, time.perf_counter() - t1)
+    return Generation(out, stopped, 0.0, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def generate(model: Model, prompt: torch.Tensor, *, max_new_tokens: int = 64, cache: KVCache | None = None,
+             chunk_size: int | None = 2048, temperature: float = 0.0, top_p: float = 1.0,
+             stop_ids=None, generator: torch.Generator | None = None, progress: bool | None = None,
+             on_token: Callable[[int, list[int | None]], None] | None = None) -> Generation:
+    """Prefill ``prompt`` (B, T) into ``cache`` (a new one if None), then ``decode``.
+
+    Rows stop at the first token in ``stop_ids`` (default: the config's eos ids) or after
+    ``max_new_tokens``. Sampling uses ``generator`` so runs are reproducible; ``on_token`` as
+    in ``decode``.
+    """
+    if cache is None:
+        cache = model.new_cache(batch=prompt.shape[0])
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt, cache, chunk_size, progress)
+    prefill_s = time.perf_counter() - t0
+    gen = decode(model, cache, logits, max_new_tokens=max_new_tokens,
+                 stop_ids=model.config.stop_ids if stop_ids is None else stop_ids, temperature=temperature,
+                 top_p=top_p, generator=generator, on_token=on_token)
+    gen.prefill_s = prefill_s
+    return gen

@@ -1,18 +1,16 @@
-"""The `longctx` command: info, ask, batch, and clear errors."""
+"""The `longctx` command: info, ask, batch, niah, and clear errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
-import torch
-
-from longctx.checkpoint import save_model
-from longctx.cli import main, parse_length
-from longctx.text.tokenizer import Tokenizer
-
 from conftest import text_model
 
+from longctx.checkpoint import save_model
+from longctx.cli import main, parse_depths, parse_length, parse_lengths
+from longctx.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,6 +23,10 @@ def ckpt(tmp_path_factory):
 
 def test_parse_length():
     assert [parse_length(s) for s in ("500", "32k", "1m", "1.5k")] == [500, 32768, 1 << 20, 1536]
+    assert parse_lengths("1k,500") == [1024, 500] and parse_depths("0,.5,1") == [0.0, 0.5, 1.0]
+    for bad in ("0,1.5", "0,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="depths"):
+            parse_depths(bad)
 
 
 def test_info_memory_plan_for_scout(capsys):
@@ -90,10 +92,17 @@ def test_ask_corpus_too_long_is_a_clear_error(ckpt, tmp_path, capsys):
     assert rc == 2 and "does not fit the context of 500 tokens" in capsys.readouterr().err
 
 
-def test_niah_is_forwarded_to_the_benchmark(capsys):
+def test_niah_is_a_subcommand_with_its_own_help_and_one_line_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["niah", "--help"])
-    assert e.value.code == 0 and "longctx niah" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "longctx niah" in out and "--lengths" in out and "--compare-reuse" not in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "niah" in capsys.readouterr().out
+    assert main(["niah", "--model", str(tmp_path / "absent"), "--lengths", "200"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longctx niah: ") and "absent" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cuda_device_under_torchrun_is_the_local_rank(monkeypatch):

@@ -24,10 +24,11 @@ prefix tree: each shared prefix is prefilled once into a cache that is forked at
 and each cell prefills only what it does not share. ``reuse_prefix=False`` prefills every cell
 from scratch (same answers, for measuring the saving).
 
-Results stream to JSONL, one line per finished cell, flushed. Each line carries a content hash
-of everything that determines the cell (model fingerprint, tokenizer, template, digest of
-the haystack tokens it uses, needles, question, the prompt, length, depth, seed, generation
-settings); a rerun skips a cell only if a line with the same hash exists.
+Results stream to a crash-safe JSONL journal (``longctx.tasks.jsonl``), one line per finished
+cell. Each line carries a content hash of everything that determines the cell (model
+fingerprint, tokenizer, template, digest of the haystack tokens it uses, needles, question, the
+prompt, length, depth, seed, generation settings); a rerun skips a cell only if a line with the
+same hash exists.
 """
 
 from __future__ import annotations
@@ -35,20 +36,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import needles
+from ..cache import KVCache, token_hash
 from ..generate import generate, prefill
 from ..text.prompt import NOT_STATED, context_prefix, question_suffix
+from . import jsonl, needles
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..text.ingest import Packed
+    from ..text.tokenizer import Tokenizer
 
 TASKS = ("single", "multi_key", "multi_value", "multi_query", "none")
 TEMPLATE_ID = "longctx.text.prompt/1"  # bump when longctx.text.prompt's layout changes
@@ -77,14 +85,10 @@ class Haystack:
     name: str
     ids: np.ndarray  # int32 token ids
     bounds: np.ndarray  # sorted sentence-start indices into ids (0 included)
-    packed: object = None  # the Packed corpus, for provenance (document, page)
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.ids.tobytes()).hexdigest()
+    packed: Packed | None = None  # the packed corpus, for provenance (document, page)
 
 
-def make_haystack(tokenizer, source="english", min_tokens: int = 0, seed: int = 0) -> Haystack:
+def make_haystack(tokenizer: Tokenizer, source="english", min_tokens: int = 0, seed: int = 0) -> Haystack:
     """source: "english" (Python's documentation prose), "noise" (five repeated sentences), or
     a ``Corpus`` (packed with ``tokenizer``; needles then carry document and page). The English
     text starts at a seeded sentence and wraps around until ``min_tokens`` are there; a longer
@@ -106,7 +110,7 @@ def make_haystack(tokenizer, source="english", min_tokens: int = 0, seed: int = 
                     np.concatenate([[0], np.cumsum(lens)[:-1]]))
 
 
-def _sentence_end_table(tokenizer) -> np.ndarray:
+def _sentence_end_table(tokenizer: Tokenizer) -> np.ndarray:
     """bool per token id: the token's text ends a sentence or a line (``.``, ``!``, ``?``,
     newline, then optional spaces). One pass over the vocabulary instead of one decode per
     token of the corpus."""
@@ -117,7 +121,7 @@ def _sentence_end_table(tokenizer) -> np.ndarray:
     return table
 
 
-def _corpus_haystack(tokenizer, corpus) -> Haystack:
+def _corpus_haystack(tokenizer: Tokenizer, corpus) -> Haystack:
     """The packed corpus; sentence boundaries only inside document text (never in the
     delimiters), so every needle lands in a document and records its document and page."""
     packed = corpus.pack(tokenizer, progress=False)
@@ -153,7 +157,7 @@ def _task_needles(task: str, rng: random.Random) -> tuple[str, list[tuple[str, s
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
-def make_cell(tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack,
+def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack,
               chunk: int | None = None) -> Cell:
     """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
     the haystack on (seed, sample) only, so all cells of a sample share it.
@@ -245,10 +249,10 @@ class Results:
     records: list[dict] = field(default_factory=list)
 
     @classmethod
-    def from_jsonl(cls, path, *, task: str | None = None) -> "Results":
+    def from_jsonl(cls, path, *, task: str | None = None) -> Results:
         """The finished cells in a results file (one per content hash; a torn line is skipped),
         optionally of one task: redraw a table or heatmap without running anything."""
-        recs = _load_done(Path(path)).values()
+        recs = {e.key: e.record for e in jsonl.read(path, _hash)}.values()
         return cls([r for r in recs if task is None or r.get("task") == task])
 
     def grid(self, metric: str = "substring") -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
@@ -267,10 +271,11 @@ class Results:
         """Accuracy per depth (rows) and length (columns), plus each length's pooled accuracy."""
         lengths, depths, hits, n = self.grid(metric)
         fmt = lambda h, c: f"{h / c:6.0%}" if c else "     -"  # noqa: E731
-        lines = [f"{metric + ' match':<15}" + "".join(f"{_short(L):>7}" for L in lengths)]
+        lines = [f"{metric + ' match':<15}" + "".join(f"{length_label(L):>7}" for L in lengths)]
         for i, d in enumerate(depths):
             lines.append(f"depth {d:6.0%}   " + "".join(f" {fmt(hits[i, j], n[i, j])}" for j in range(len(lengths))))
-        lines.append("all depths     " + "".join(f" {fmt(hits[:, j].sum(), n[:, j].sum())}" for j in range(len(lengths))))
+        pooled = "".join(f" {fmt(hits[:, j].sum(), n[:, j].sum())}" for j in range(len(lengths)))
+        lines.append("all depths     " + pooled)
         return "\n".join(lines)
 
     def effective_length(self, threshold: float = 0.9, metric: str = "substring") -> dict:
@@ -309,7 +314,7 @@ class Results:
         acc = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [_short(L) for L in lengths])
+        ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
@@ -327,13 +332,12 @@ class Results:
         return path
 
 
-def _short(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
-def prompt_sha256(prompt) -> str:
-    """SHA-256 of prompt token ids as little-endian int64."""
-    return hashlib.sha256(np.asarray(prompt, dtype="<i8").tobytes()).hexdigest()
+def length_label(n: int) -> str:
+    """A length in tokens as tables and file names show it: 1m, 32k, or 500."""
+    for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dict) -> str:
@@ -341,27 +345,23 @@ def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dic
     the haystack tokens the cell uses (not of the whole stream, so adding a longer length to a
     grid keeps the shorter cells), the needles with their token indices, the question, the
     expected answers, the prompt itself, the grid position (task, length, depth, sample, seed)
-    and the generation settings. A finished cell is reused only on an identical hash."""
+    and the generation settings. A finished cell is reused only on an identical hash.
+
+    The prompt enters as ``token_hash`` (SHA-256 of its ids as little-endian int64), the digest
+    that results files store as ``prompt_sha256``."""
     return hashlib.sha256(json.dumps(
         [fingerprint, TEMPLATE_ID, cell.haystack_sha256, cell.needles, cell.question, cell.expected,
-         prompt_sha256(cell.prompt), cell.length, cell.depth, seed, cell.sample, cell.task, settings],
+         token_hash([cell.prompt])[0], cell.length, cell.depth, seed, cell.sample, cell.task, settings],
         sort_keys=True).encode()).hexdigest()
 
 
-def _load_done(path: Path) -> dict[str, dict]:
-    """Finished cells by hash. A torn last line (a crash mid-write) is ignored."""
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["hash"]] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
+def _hash(rec: dict) -> str:
+    """A result's identity in the journal: its cell's content hash."""
+    return rec["hash"]
 
 
-def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
+def prefix_forks(model: Model, prompts: list[list[int]],
+                 chunk_size: int = 1024) -> Iterator[tuple[int, KVCache, list[int], int, float]]:
     """Caches for many prompts, each shared prefix prefilled once: a depth-first walk of the
     prompts' prefix tree that forks the cache at every branch.
 
@@ -416,7 +416,7 @@ def prefix_forks(model, prompts: list[list[int]], chunk_size: int = 1024):
         yield from walk(model.new_cache(), 0, order)
 
 
-def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
         samples: int = 1, seed: int = 0, haystack="english", out=None, reuse_prefix: bool = True,
         max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
@@ -430,13 +430,11 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     out = Path(out) if out is not None else None
-    done = _load_done(out) if out else {}
+    done = {e.key: e.record for e in jsonl.read(out, _hash, repair=True)} if out else {}
     fh = None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         fh = open(out, "a", encoding="utf-8")
-        if out.stat().st_size and not out.read_bytes().endswith(b"\n"):
-            fh.write("\n")  # finish a torn last line so the next record starts clean
     settings = {"max_new_tokens": max_new_tokens, "greedy": True}
     fingerprint = (model.fingerprint, tok.fingerprint)
     records = []
@@ -466,7 +464,7 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
                 exact, sub = score(answer, c.expected, ordered=task != "multi_value")
                 rec = {"hash": c.hash, "task": task, "length": c.length, "depth": c.depth, "sample": c.sample,
                        "seed": seed, "haystack": hay.name, "haystack_sha256": c.haystack_sha256,
-                       "prompt_sha256": prompt_sha256(c.prompt),
+                       "prompt_sha256": token_hash([c.prompt])[0],
                        "question": c.question, "expected": c.expected, "needles": c.needles, "answer": answer,
                        "exact": exact, "substring": sub, "prefill_s": round(base_s + gen.prefill_s, 4),
                        "decode_s": round(gen.decode_s, 4), "new_prefill_tokens": len(rest),
@@ -474,9 +472,7 @@ def run(model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0,
                        "kv_bytes": cache.nbytes, "model": fingerprint[0][:16]}
                 records.append(rec)
                 if fh:
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    jsonl.append(fh, rec)
                 bar.update(1)
     finally:
         bar.close()

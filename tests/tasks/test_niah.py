@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import text_model
 
 from longctx import niah
-from longctx.checkpoint import save_model
+from longctx.cache import token_hash
 from longctx.text.ingest import ingest
 from longctx.text.prompt import NOT_STATED
 from longctx.text.tokenizer import Tokenizer
-
-from conftest import text_model
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,11 +147,11 @@ def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, mo
     again = niah.run(model, **kw)
     assert calls == [] and len(again.records) == 4
     assert sorted(r["hash"] for r in again.records) == sorted(r["hash"] for r in first.records)
-    # A torn last line (crash mid-write) is ignored and that cell recomputed.
+    # A torn last line (crash mid-write) is cut off and that cell recomputed.
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
     niah.run(model, **kw)
-    assert len(calls) == 1
+    assert len(calls) == 1 and out.read_text().splitlines()[:3] == lines[:3]
     # Another haystack: different content hashes, so every cell runs again.
     calls.clear()
     niah.run(model, **{**kw, "haystack": "noise"})
@@ -159,8 +160,8 @@ def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, mo
     calls.clear()
     niah.run(model, **{**kw, "seed": 3})
     assert len(calls) == 4
-    recs = [json.loads(l) for l in out.read_text().splitlines() if l.startswith("{") and l.endswith("}")]
-    assert len(recs) == 3 + 1 + 4 + 4  # the torn line stays as it was; nothing else lost
+    recs = [json.loads(l) for l in out.read_text().splitlines()]  # every line parses: the torn one was cut
+    assert len(recs) == 3 + 1 + 4 + 4  # nothing else lost
     # A longer length added to the grid: only its cells run (the shorter cells are identical,
     # although the haystack stream behind them is now longer).
     calls.clear()
@@ -174,6 +175,19 @@ def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, mo
     loaded = niah.Results.from_jsonl(out, task="single")
     assert len(loaded.records) == len({r["hash"] for r in loaded.records}) == 3 + 1 + 4 + 4 + 2 + 4
     assert niah.Results.from_jsonl(out, task="none").records == []
+
+
+def test_stored_hashes_keep_their_format():
+    """Results files resume on stored hashes: the prompt digest is ``token_hash`` (SHA-256 of the
+    ids as little-endian int64, as ``prompt_sha256`` always was), and a cell's content hash is
+    the value older files hold."""
+    prompt = [1, 2, 3, 70000, 5, 6, 7, 8]
+    assert token_hash([prompt])[0] == hashlib.sha256(np.asarray(prompt, dtype="<i8").tobytes()).hexdigest() \
+        == "a80a32183bcf44679253a115f8bf95e8e437bb8633ee0bef6e86d19af2e9a998"
+    cell = niah.Cell("single", 8, 0.5, 0, prompt, "What is the key?", ["1234567"],
+                     [{"text": "The key is 1234567.", "token_index": 3, "doc": None, "page": None}], "ab" * 32)
+    assert niah.cell_hash(cell, ("m" * 64, "t" * 64), 7, {"max_new_tokens": 4, "greedy": True}) == \
+        "250a7b4ec2e1f0434339fbbc9f30b70ba547b71fc0ceab90deb585afff214123"
 
 
 def test_results_table_effective_length_and_heatmap(tmp_path):
@@ -214,8 +228,19 @@ def _room(tok, cell, length):
         - sum(len(tok.encode(" " + n["text"])) for n in cell.needles)
 
 
-def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok):
-    """Bar 4: the same script on a real checkpoint folder (written by transformers)."""
+def _benchmark_script(monkeypatch):
+    """benchmarks/niah.py as a module, with benchmarks/ on sys.path as when run as a script."""
+    folder = Path(__file__).parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("niah_benchmark", folder / "niah.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok, monkeypatch):
+    """Bar 4: `longctx niah` and the benchmark script on a real checkpoint folder (written by
+    transformers)."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
         vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -224,31 +249,31 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok):
         pad_token_id=tok.pad_id))
     hf.save_pretrained(tmp_path / "ckpt")
     tok.save(tmp_path / "ckpt" / "tokenizer.model")
-    from longctx.cli import niah_main
+    from longctx.cli import main
 
-    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,1", "--samples", "1",
-                     "--out", str(tmp_path / "out")])
+    rc = main(["niah", "--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,1", "--samples", "1",
+               "--out", str(tmp_path / "out")])
     assert rc == 0
     lines = (tmp_path / "out" / "single.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all("substring" in json.loads(l) for l in lines)
     assert (tmp_path / "out" / "single.png").exists()
+    bench = _benchmark_script(monkeypatch).main
     # Prefix reuse vs none on the same checkpoint, recorded with device, command and numbers.
     rec = tmp_path / "rec"
-    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,0.5,1", "--samples", "1",
-                    "--compare-reuse", "--record", str(rec), "--threads", "1"])
+    rc = bench(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,0.5,1", "--samples", "1",
+                "--compare-reuse", "--record", str(rec), "--threads", "1"])
     assert rc == 0  # 0 only when both modes gave the same answers
-    (md,) = rec.glob("niah_prefix_reuse_*.md")
-    text = md.read_text()
+    text = (rec / "niah_prefix_reuse_200-300.md").read_text()
     assert "same answers: True" in text and "speed-up" in text and "device:" in text and "--compare-reuse" in text
-    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
-                    "--out", str(tmp_path / "out"), "--record", str(rec)])
-    assert rc == 0 and len(list(rec.glob("niah_single_*.png"))) == 1
-    (first,) = rec.glob("niah_single_*.md")
+    rc = bench(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
+                "--out", str(tmp_path / "out"), "--record", str(rec)])
+    first = rec / "niah_single_200.md"
+    assert rc == 0 and (rec / "niah_single_200.png").exists()
     text = first.read_text()
-    assert f"![NIAH single]({first.stem}.png)" in text
-    # A second run the same day gets its own files; the first record stays as it was.
-    rc = niah_main(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
-                    "--out", str(tmp_path / "out2"), "--record", str(rec)])
-    assert rc == 0 and first.read_text() == text
-    second = first.with_name(first.stem + "_2.md")
-    assert f"![NIAH single]({second.stem}.png)" in second.read_text() and second.with_suffix(".png").exists()
+    assert "![NIAH single](niah_single_200.png)" in text and "effective length" in text and "out2" not in text
+    # A rerun of the configuration replaces its record (git keeps the earlier one).
+    rc = bench(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
+                "--out", str(tmp_path / "out2"), "--record", str(rec)])
+    assert rc == 0 and "out2" in first.read_text()
+    assert sorted(p.name for p in rec.iterdir()) == ["niah_prefix_reuse_200-300.md", "niah_single_200.md",
+                                                     "niah_single_200.png"]

@@ -1,0 +1,187 @@
+"""Batch QA jobs: a JSONL file of jobs (a corpus + questions) into a JSONL file of answers.
+
+``run_batch`` is crash-safe: the answers file is a journal (``longctx.tasks.jsonl``), each
+answer appended, flushed and fsync'd; a restart skips answered ids and drops a torn last line.
+Under ``torchrun`` jobs are sharded over ranks (gloo on CPU, NCCL on GPUs); each rank writes its
+own file and rank 0 merges them in job order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import CacheError, OffloadPolicy
+from ..text.ingest import IngestError, ingest
+from . import jsonl
+from .qa import QAError, Session
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+__all__ = ["run_batch"]
+
+# Output: one JSON object per line, {"job", "id", "question", "answer", "citations", "error"}.
+
+
+def _key(rec: dict) -> tuple[str, str]:
+    """An answer's identity in the journal: (job id, question id)."""
+    return str(rec["job"]), str(rec["id"])
+
+
+def _parse_jobs(jobs_jsonl: Path) -> list[dict]:
+    """Jobs in file order; a malformed line or job becomes a job that carries its error (id
+    ``line<N>``). Relative corpus paths are taken relative to the jobs file's folder."""
+    jobs, seen = [], {}
+    for n, line in enumerate(Path(jobs_jsonl).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+            if not isinstance(job, dict) or "corpus" not in job or not isinstance(job.get("questions"), list):
+                raise ValueError('a job is an object with "corpus" and a "questions" list')
+            corpus = job["corpus"]
+            corpus = [corpus] if isinstance(corpus, str) else corpus
+            if not isinstance(corpus, list) or not corpus or not all(isinstance(p, str) for p in corpus):
+                raise ValueError('"corpus" must be a path or a non-empty list of paths')
+            base = Path(jobs_jsonl).parent
+            job["paths"] = [str(base / Path(p).expanduser()) if not Path(p).expanduser().is_absolute()
+                            else str(Path(p).expanduser()) for p in corpus]
+            job["id"] = str(job.get("id", f"line{n}"))
+            if job["id"] in seen:
+                raise ValueError(f"job id {job['id']!r} already used on line {seen[job['id']]}")
+            qs, ids = [], set()
+            for k, q in enumerate(job["questions"]):
+                q = {"id": str(k), "question": q} if isinstance(q, str) else q
+                if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+                    raise ValueError(f'question {k} must be a non-empty string or an object with a "question" string')
+                q = {**q, "id": str(q.get("id", k))}
+                if q["id"] in ids:
+                    raise ValueError(f"question id {q['id']!r} appears twice")
+                ids.add(q["id"])
+                qs.append(q)
+            job["questions"] = qs
+            seen[job["id"]] = n
+            jobs.append(job)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            jobs.append({"id": f"line{n}", "error": f"{jobs_jsonl}:{n}: malformed job ({e})",
+                         "questions": [{"id": "-", "question": None}]})
+    return jobs
+
+
+def _seed(seed: int, job: str, qid: str) -> int:
+    """A per-question seed, so sampled answers do not depend on sharding or restarts."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{job}/{qid}".encode()).digest()[:8], "little") >> 1
+
+
+def _distributed(model: Model) -> tuple[int, int, bool]:
+    """(world, rank, created): join torch.distributed when launched by torchrun (WORLD_SIZE>1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank(), False
+    cuda = model.device.type == "cuda"
+    if cuda:
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and model.device.index != int(local):
+            warnings.warn(f"the model is on {model.device} but LOCAL_RANK is {local}: under torchrun load it on "
+                          f"cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU)", stacklevel=3)
+        torch.cuda.set_device(model.device)
+    # NOTE: ranks meet only at the end, where the fastest waits for the slowest; the default
+    # collective timeout (10-30 min) would kill a long uneven batch, so wait up to a week.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_world_size(), dist.get_rank(), True
+
+
+def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, temperature: float = 0.0,
+              seed: int = 0, chunk_size: int = 2048, offload: OffloadPolicy | None = None,
+              max_context: int | None = None, progress: bool = True) -> Path:
+    """Answer every question of every job in ``jobs_jsonl`` into ``out_jsonl``; returns it.
+
+    A job: {"id", "corpus": a folder/file or a list of them (relative to the jobs file's
+    folder), "questions": [{"id", "question"} or a plain string, ...]}. Each output line:
+    {"job", "id", "question", "answer", "stopped": "stop" | "length", "citations": [{"title",
+    "source", "page", "share"}] (top 5), "error": null}, or for a job or question that failed {"job", "id",
+    "question", "error": "..."} (missing/unreadable corpus, malformed line, too long for max_context).
+    Consecutive jobs naming the same corpus share one prefill. Resumable: answered (job, id)
+    pairs are skipped. Under torchrun each rank answers jobs i with i % world == rank into
+    ``<out>.rank<r>`` and rank 0 then writes ``out_jsonl`` with every answer in job order."""
+    world, rank, created = _distributed(model)
+    jobs_jsonl, out_jsonl = Path(jobs_jsonl), Path(out_jsonl)
+    mine = jsonl.rank_path(out_jsonl, rank) if world > 1 else out_jsonl
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    jobs = _parse_jobs(jobs_jsonl)
+    rank_files = jsonl.rank_files(out_jsonl)
+    done = {e.key for e in jsonl.read(mine, _key, repair=True)}
+    for path in {out_jsonl, *rank_files} - {mine}:  # answers of earlier runs, any layout
+        done |= {e.key for e in jsonl.read(path, _key)}
+    todo = [j for i, j in enumerate(jobs) if i % world == rank]
+    bar = tqdm(total=sum(len(j["questions"]) for j in todo), desc=f"batch (rank {rank})" if world > 1 else "batch",
+               unit="q", disable=not progress, position=rank)
+    last: tuple[tuple, Session] | None = None  # the latest corpus session, reused by the next job
+    with open(mine, "a", encoding="utf-8") as fh:
+        for job in todo:
+            qs = [q for q in job["questions"] if (job["id"], q["id"]) not in done]
+            bar.update(len(job["questions"]) - len(qs))
+            if not qs:
+                continue
+            session, error = None, job.get("error")
+            if error is None:
+                key = (tuple(job["paths"]), chunk_size, max_context)
+                if last is not None and last[0] == key:
+                    session = last[1]
+                else:
+                    last = None  # free the previous corpus's cache before prefilling the next
+                    try:
+                        corpus = ingest(job["paths"], progress=False)
+                        session = Session(model, corpus, offload=offload, chunk_size=chunk_size,
+                                          max_context=max_context, progress=False)
+                        last = (key, session)
+                    except (IngestError, ValueError, CacheError, OSError) as e:  # QAError, BudgetError too
+                        error = f"corpus: {e}"
+            for q in qs:
+                rec = {"job": job["id"], "id": q["id"], "question": q["question"]}
+                if error is None:
+                    gen = None
+                    if temperature > 0:
+                        gen = torch.Generator(device=model.device).manual_seed(_seed(seed, job["id"], q["id"]))
+                    try:
+                        a = session.ask(q["question"], max_new_tokens=max_new_tokens, temperature=temperature,
+                                        generator=gen)
+                        rec.update(answer=a.text, stopped=a.stopped, citations=[
+                            {"title": c.title, "source": c.source, "page": c.page, "share": round(c.share, 6)}
+                            for c in a.citations[:5]], error=None)
+                    except (QAError, CacheError) as e:
+                        rec["error"] = str(e)
+                else:
+                    rec["error"] = error
+                jsonl.append(fh, rec)
+                bar.update(1)
+    bar.close()
+    order = [(j["id"], q["id"]) for j in jobs for q in j["questions"]]
+    if world > 1:
+        import torch.distributed as dist
+
+        # Gather every rank's lines to rank 0 (no shared file system needed), merge, wait.
+        lines = [e.line for e in jsonl.read(mine, _key)]
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(lines, gathered, dst=0)
+        if rank == 0:  # plus rank files of earlier runs with another world size, if here
+            local = [e.line for p in jsonl.rank_files(out_jsonl) for e in jsonl.read(p, _key)]
+            jsonl.merge(out_jsonl, _key, [line for part in gathered for line in part] + local, order)
+        dist.barrier()
+        if created:
+            dist.destroy_process_group()
+    elif rank_files:  # a single process finishing a sharded run: fold the rank files in
+        jsonl.merge(out_jsonl, _key, [e.line for p in rank_files for e in jsonl.read(p, _key)], order)
+    return out_jsonl

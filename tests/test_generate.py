@@ -1,0 +1,91 @@
+"""The one decode loop: decode() equals full-forward argmax, the token-by-token loop it
+replaced (greedy and sampled), and generate() is prefill + decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_model, tiny_config
+
+from longctx.generate import decode, generate, prefill, sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def prompt(model):
+    return torch.randint(3, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+
+
+def stepwise(model, prompt, steps, stops, temperature=0.0, top_p=1.0, seed=None):
+    """The loop decode() replaced: per row, feed each sampled token back (a fresh cache), keep
+    it unless it is a stop token, stop the row there."""
+    cache = model.new_cache(batch=prompt.shape[0])
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        logits = model(prompt, cache)[:, -1].float()
+        out, done = [[] for _ in range(prompt.shape[0])], [False] * prompt.shape[0]
+        for _ in range(steps):
+            nxt = sample(logits, temperature=temperature, top_p=top_p, generator=gen)
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    if t in stops:
+                        done[b] = True
+                    else:
+                        out[b].append(t)
+            if all(done):
+                break
+            logits = model(nxt[:, None], cache)[:, -1].float()
+    return out, ["stop" if d else "length" for d in done]
+
+
+def test_greedy_decode_equals_full_forward_argmax(model, prompt):
+    cache = model.new_cache(batch=2)
+    got = decode(model, cache, prefill(model, prompt, cache, chunk_size=4), max_new_tokens=7, stop_ids=[])
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(7):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got.tokens == ids[:, 13:].tolist() and got.stopped == ["length", "length"]
+    assert cache.length == 13 + 6  # the last token is never fed: nobody reads its logits
+    assert got.prefill_s == 0.0 and got.decode_s > 0
+
+
+@pytest.mark.parametrize("temperature, top_p, seed", [(0.0, 1.0, None), (1.0, 1.0, 5), (0.8, 0.9, 11)])
+def test_decode_equals_the_token_by_token_loop_with_per_row_stops(model, prompt, temperature, top_p, seed):
+    free, _ = stepwise(model, prompt, 8, set(), temperature, top_p, seed)
+    stops = {free[0][2]}  # row 0 stops at its third token; row 1 only if it draws the same token
+    want, why = stepwise(model, prompt, 8, stops, temperature, top_p, seed)
+    cache = model.new_cache(batch=2)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    seen = []
+    got = decode(model, cache, prefill(model, prompt, cache), max_new_tokens=8, stop_ids=stops,
+                 temperature=temperature, top_p=top_p, generator=gen, on_token=lambda step, new: seen.append(new))
+    assert got.tokens == want and got.stopped == why and why[0] == "stop"
+    # The callback saw each kept token once, in order, and None for a row once it has stopped.
+    for b in range(2):
+        assert [new[b] for new in seen if new[b] is not None] == want[b]
+    assert seen[2][0] is None and all(new[0] is None for new in seen[2:])
+
+
+def test_generate_is_prefill_then_decode(model, prompt):
+    a = generate(model, prompt, max_new_tokens=5, chunk_size=3, stop_ids=[])
+    cache = model.new_cache(batch=2)
+    b = decode(model, cache, prefill(model, prompt, cache, chunk_size=3), max_new_tokens=5, stop_ids=[])
+    assert (a.tokens, a.stopped) == (b.tokens, b.stopped) and a.prefill_s > 0
+    # Default stops: the config's eos ids; zero new tokens: nothing decoded, nothing fed.
+    eos = a.tokens[0][1]
+    model.config.eos_token_id = [eos]
+    try:
+        c = generate(model, prompt[:1], max_new_tokens=5)
+    finally:
+        model.config.eos_token_id = tiny_config().eos_token_id
+    assert c.tokens == [a.tokens[0][:1]] and c.stopped == ["stop"]
+    cache = model.new_cache()
+    none = generate(model, prompt[:1], max_new_tokens=0, cache=cache)
+    assert none.tokens == [[]] and none.stopped == ["length"] and cache.length == 13
