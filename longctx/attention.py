@@ -12,19 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import ChunkedCache, GlobalCache
 from .config import ModelConfig
 from .kernels import decode_attention, flash_attention, merge_attention
 from .kernels.attention import visibility_mask
+from .offload import Segment, stage
 from .rope import apply_rope
 
 # Queries per call at or below which the split-KV decode kernel is used over cached keys.
 _DECODE_MAX_QUERIES = 16
 
 
-def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x · rsqrt(mean(x²) + eps) over the last dim, in fp32, cast back to x's dtype."""
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x · rsqrt(mean(x²) + eps) over the last dim in fp32, cast back to x's dtype, then times
+    ``weight`` (d,) if given: HF's order, so bf16 models round where the reference does. Used
+    weightless for the QK-norm and with a weight by ``model.RMSNorm``."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if weight is None else out * weight
 
 
 def temperature_scale(cfg: ModelConfig, start: int, length: int, device) -> torch.Tensor:
@@ -57,15 +62,17 @@ class Attention(nn.Module):
         if self.chunked:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cfg.use_qk_norm:
-                q, k = rms(q, cfg.rms_norm_eps), rms(k, cfg.rms_norm_eps)
+                q, k = rms_norm(q, cfg.rms_norm_eps), rms_norm(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:
             s = temperature_scale(cfg, start, T, x.device)
             q = (q * s[None, :, None, None]).to(q.dtype)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor], kv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: ChunkedCache | GlobalCache | None) -> torch.Tensor:
         """x (B, T, d) at absolute positions start..start+T-1; ``kv`` is this layer's cache
-        (``None`` for a cache-free forward). ``rope`` = (cos, sin), each (T, head_dim/2)."""
+        (``None`` for a cache-free forward; its ``stats`` recorder, if any, sees every call
+        over it). ``rope`` = (cos, sin), each (T, head_dim/2). Returns (B, T, d)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = (t.transpose(1, 2) for t in self.project(x, start, rope))  # (B, H, T, D)
@@ -80,8 +87,8 @@ class Attention(nn.Module):
             segments = kv.segments() + [(k, v, start)]
             kv.append(k, v, start)
             out, lse = attend(q, segments, start, chunk, scale)
-            if getattr(kv, "mass", None) is not None:  # a GlobalCache recording attention mass
-                kv.mass = attention_mass(q, segments, lse, scale, kv.mass)
+            if kv.stats is not None:
+                kv.stats.record(q, start, segments, lse, scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -113,14 +120,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: float):
+def attend(q: torch.Tensor, segments: list[Segment], q_start: int, chunk: int | None,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q (B, Hq, M, D) over key segments [(k, v, k_start), ...] that may
-    live on any device; per-segment results are merged exactly by their LSE.
-    Returns out (B, Hq, M, D) and lse (B, Hq, M) fp32."""
+    live on any tier; lower tiers are streamed up by ``offload.stage`` and per-group results
+    merged exactly by their LSE. Returns out (B, Hq, M, D) and lse (B, Hq, M) fp32."""
     M = q.shape[2]
     visible = [seg for seg in segments if _visible(seg, q_start, M, chunk)]
     parts = []
-    for group in _device_groups(visible, q.device):
+    for group in stage(visible, q.device):
         if M <= _DECODE_MAX_QUERIES:  # split-KV launches over the group, merged in one step
             parts.append(decode_attention(q, group, q_start=q_start, causal=True, chunk=chunk, scale=scale))
         else:
@@ -129,95 +137,9 @@ def attend(q: torch.Tensor, segments, q_start: int, chunk: int | None, scale: fl
     return parts[0] if len(parts) == 1 else merge_attention(parts)
 
 
-def _visible(segment, q_start: int, M: int, chunk: int | None) -> bool:
+def _visible(segment: Segment, q_start: int, M: int, chunk: int | None) -> bool:
     """Whether any query at q_start..q_start+M-1 may see a key of the segment."""
     k, _, k_start = segment
     if k.shape[2] == 0 or k_start > q_start + M - 1:
         return False
     return chunk is None or k_start + k.shape[2] > (q_start // chunk) * chunk
-
-
-# Off-device KV bytes staged on the GPU per group. A group is attended to while the next one
-# is copied, so about two groups sit on the device at once beside the resident KV.
-_STAGE_BYTES = 256 << 20
-
-
-def _device_groups(segments, device: torch.device):
-    """Yield the segments, in lists, on ``device``: those already there as one list, then the
-    others in groups of about ``_STAGE_BYTES``. On CUDA each group is copied on a side stream
-    while the previous one is attended to (double buffering), so host-to-device transfer
-    overlaps compute. Grouping keeps the host's work per segment small (one copy, one kernel
-    launch; one merge per group): that work is about 0.36 ms per segment on an H200, as much
-    as copying 20 MB (benchmarks/results/gpu_2026-11-30.md). Elsewhere segments are used
-    where they are (CPU memory or memory-mapped files) as one list."""
-    here = [seg for seg in segments if seg[0].device == device]
-    away = [seg for seg in segments if seg[0].device != device]
-    if device.type != "cuda":
-        here, away = here + away, []
-    if here:
-        yield here
-    if not away:
-        return
-    groups, size = [[]], 0
-    for seg in away:
-        nbytes = 2 * seg[0].numel() * seg[0].element_size()
-        if groups[-1] and size + nbytes > _STAGE_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(seg)
-        size += nbytes
-    copy_stream = torch.cuda.Stream(device)
-    main = torch.cuda.current_stream(device)
-
-    def issue(group):
-        with torch.cuda.stream(copy_stream):
-            moved = [(*_kv_to(k, v, device), k_start) for k, v, k_start in group]
-            done = torch.cuda.Event()
-            done.record(copy_stream)
-        return moved, done
-
-    pending = issue(groups[0])
-    for i in range(len(groups)):
-        moved, done = pending
-        if i + 1 < len(groups):
-            pending = issue(groups[i + 1])
-        main.wait_event(done)
-        for k, v, _ in moved:  # allocated on the copy stream, used (and freed) on main
-            k.record_stream(main)
-            v.record_stream(main)
-        yield moved
-
-
-def _kv_to(k: torch.Tensor, v: torch.Tensor, device: torch.device):
-    """k and v copied to ``device`` without blocking the host; in one transfer when they are the
-    two halves of one block, as a sealed segment's (2, B, H, n, D) storage is."""
-    if (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
-            and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-            and v.storage_offset() == k.storage_offset() + k.numel()):
-        kv = torch.as_strided(k, (2, *k.shape), (k.numel(), *k.stride()), k.storage_offset())
-        kv = kv.to(device, non_blocking=True)
-        return kv[0], kv[1]
-    return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
-
-
-def attention_mass(q: torch.Tensor, segments, lse: torch.Tensor, scale: float, mass: torch.Tensor) -> torch.Tensor:
-    """Add, per key position, the causal-softmax probability that queries q (B, Hq, M, D) put
-    on it, summed over heads and queries, to ``mass`` (B, L0) fp32 on CPU; grows it to cover
-    every key (its capacity may run past the last key; those entries stay zero). Used for
-    citations: each (head, query) row adds exactly 1 in total."""
-    B, Hq, M, D = q.shape
-    q_start = segments[-1][2]  # the last segment holds this call's own keys
-    end = q_start + M
-    if mass.shape[1] < end:  # grow geometrically: a decode step adds one key, not one O(L) copy
-        mass = torch.cat([mass, mass.new_zeros(B, max(end, 2 * mass.shape[1]) - mass.shape[1])], 1)
-    G = Hq // segments[-1][0].shape[1]  # query heads per KV head
-    qf = q.float().unflatten(1, (-1, G))  # (B, Hkv, G, M, D)
-    lse = lse.unflatten(1, (-1, G))[..., None]  # (B, Hkv, G, M, 1)
-    qpos = torch.arange(q_start, end, device=q.device)
-    for k, _, ks in segments:
-        n = k.shape[2]
-        s = torch.einsum("bhgmd,bhnd->bhgmn", qf, k.to(q.device).float()) * scale
-        p = torch.exp(s - lse)
-        p = p.masked_fill(torch.arange(ks, ks + n, device=q.device)[None, :] > qpos[:, None], 0.0)
-        mass[:, ks : ks + n] += p.sum((1, 2, 3)).cpu()
-    return mass

@@ -7,10 +7,14 @@ decoder layer and the number of tokens seen (``length``), which advances once pe
   chunk [⌊p/C⌋·C, p], so after L tokens only positions [⌊L/C⌋·C, L) are kept — never more than
   C-1 tokens, whatever the context length (asserted on every append).
 * ``GlobalCache`` (NoPE layers): every key is kept, in fixed segments of ``segment_tokens``.
-  Sealed segments are immutable and live on one tier each: the model's device (up to
-  ``OffloadPolicy.device_bytes``), CPU memory (up to ``cpu_bytes``; pinned when CUDA is
-  present), or memory-mapped files in ``disk_dir``. The open tail segment stays on the device.
-  Attention streams lower-tier segments up and merges per-segment results by LSE.
+  Sealed segments are immutable and live on one tier each, placed by ``longctx.offload``
+  (device, CPU or memory-mapped files, within ``OffloadPolicy`` budgets). The open tail
+  segment stays on the device. Attention streams lower-tier segments up (``offload.stage``)
+  and merges per-segment results by LSE.
+
+Statistics: a layer cache's ``stats`` is ``None`` or a recorder that the attention calls after
+each call over the cache (``AttentionMass.record``); ``KVCache.record_attention`` installs one
+in every global layer and ``KVCache.attention_mass`` sums them (citations).
 
 Because sealed segments never change, ``fork()`` is cheap: a fork shares them and copies only
 the small open parts, so a QA session can append a question to a fork and drop it.
@@ -28,117 +32,68 @@ import json
 import os
 import shutil
 import uuid
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+# CacheError and OffloadPolicy are also imported from here by callers (the public API).
+from .offload import TIERS, CacheError, OffloadPolicy, Placer, Segment, stage
+
+if TYPE_CHECKING:
+    from .model import Model
+
 FORMAT = "longctx-kvcache-1"
-TIERS = ("device", "cpu", "disk")
 
 
-class CacheError(RuntimeError):
-    """A cache that can't be used: wrong model or text, missing files, no room on any tier."""
+class AttentionMass:
+    """The citation statistic of one global layer while recording: per key position, the
+    causal-softmax probability that the queries of later forwards put on it, summed over heads
+    and queries. ``mass`` (B, capacity) fp32 on CPU; capacity may run past the last key (those
+    entries stay zero). Each (head, query) row adds exactly 1 in total."""
 
+    def __init__(self, mass: torch.Tensor):
+        self.mass = mass
 
-@dataclass
-class OffloadPolicy:
-    """Where global-layer KV segments go, filled in tier order device → cpu → disk.
+    def copy(self) -> AttentionMass:
+        return AttentionMass(self.mass.clone())
 
-    device_bytes / cpu_bytes: budgets in bytes for sealed segments of the whole cache
-    (None = unlimited). disk_dir: folder for memory-mapped segment files (needed only when the
-    budgets above run out). segment_tokens: tokens per segment (the unit of offloading).
-
-    Attention costs some host work per segment, so larger segments decode faster: at 16,384
-    tokens rather than 4,096, decode steps took 10.2 instead of 27.5 ms over 256K tokens of
-    device-resident KV on an H200, and 6.9-7.1 instead of 9.9-10.5 ms over 64K tokens on 2 CPU
-    cores (``benchmarks/results/gpu_2026-11-30.md``, ``decode_cpu_2026-11-30.md``, ``_2.md``). The open tail,
-    up to one segment per global layer, stays on the device.
-    """
-
-    device_bytes: int | None = None
-    cpu_bytes: int | None = None
-    disk_dir: str | os.PathLike | None = None
-    segment_tokens: int = 16384
-
-    def __post_init__(self) -> None:
-        if self.segment_tokens < 1:
-            raise ValueError(f"OffloadPolicy.segment_tokens must be >= 1, got {self.segment_tokens}")
-        for name in ("device_bytes", "cpu_bytes"):
-            val = getattr(self, name)
-            if val is not None and val < 0:
-                raise ValueError(f"OffloadPolicy.{name} must be >= 0 or None, got {val}")
-
-
-class _Placer:
-    """Byte accounting per tier for one cache; decides where the next sealed segment goes."""
-
-    def __init__(self, policy: OffloadPolicy, device: torch.device):
-        self.policy, self.device = policy, torch.device(device)
-        self.used = dict.fromkeys(TIERS, 0)
-
-    def copy(self) -> "_Placer":
-        p = _Placer(self.policy, self.device)
-        p.used = dict(self.used)
-        return p
-
-    def tier_for(self, nbytes: int) -> str:
-        pol = self.policy
-        for tier, budget in (("device", pol.device_bytes), ("cpu", pol.cpu_bytes)):
-            if budget is None or self.used[tier] + nbytes <= budget:
-                return tier
-        if pol.disk_dir is None:
-            raise CacheError(
-                f"KV cache is over its memory budgets (device {pol.device_bytes} B, cpu {pol.cpu_bytes} B) "
-                "and OffloadPolicy.disk_dir is not set; give a folder for the disk tier or raise a budget")
-        return "disk"
-
-    def place(self, kv: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """Store kv (2, B, H, n, D) on the next tier with room; returns (stored, tier)."""
-        nbytes = kv.numel() * kv.element_size()
-        tier = self.tier_for(nbytes)
-        if tier == "device":
-            out = kv.to(self.device, copy=True)
-        elif tier == "cpu":
-            out = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=torch.cuda.is_available())
-            out.copy_(kv)
-        else:
-            out = _disk_tensor(Path(self.policy.disk_dir), kv)
-        self.used[tier] += nbytes
-        return out, tier
-
-
-def _disk_tensor(folder: Path, kv: torch.Tensor) -> torch.Tensor:
-    """Copy kv into a new memory-mapped file in folder; the file is deleted with the tensor."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"kv-{uuid.uuid4().hex}.bin"
-    nbytes = kv.numel() * kv.element_size()
-    with open(path, "wb") as f:
-        f.truncate(nbytes)
-    out = torch.from_file(str(path), shared=True, size=kv.numel(), dtype=kv.dtype).view(kv.shape)
-    out.copy_(kv)
-    weakref.finalize(out.untyped_storage(), _unlink, str(path))
-    return out
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    def record(self, q: torch.Tensor, q_start: int, segments: list[Segment], lse: torch.Tensor,
+               scale: float) -> None:
+        """Add the mass that queries q (B, Hq, M, D) at positions q_start.. put on the keys of
+        ``segments`` (every key they attended to, their own included), given the softmax's
+        log-normaliser lse (B, Hq, M) fp32 from the attention and its score scale."""
+        B, Hq, M, D = q.shape
+        end = q_start + M
+        if self.mass.shape[1] < end:  # grow geometrically: a decode step adds one key, not one O(L) copy
+            grow = max(end, 2 * self.mass.shape[1]) - self.mass.shape[1]
+            self.mass = torch.cat([self.mass, self.mass.new_zeros(B, grow)], 1)
+        G = Hq // segments[0][0].shape[1]  # query heads per KV head
+        qf = q.float().unflatten(1, (-1, G))  # (B, Hkv, G, M, D)
+        lse = lse.unflatten(1, (-1, G))[..., None]  # (B, Hkv, G, M, 1)
+        qpos = torch.arange(q_start, end, device=q.device)
+        for group in stage(segments, q.device):
+            for k, _, ks in group:
+                n = k.shape[2]
+                s = torch.einsum("bhgmd,bhnd->bhgmn", qf, k.float()) * scale
+                p = torch.exp(s - lse)
+                p = p.masked_fill(torch.arange(ks, ks + n, device=q.device)[None, :] > qpos[:, None], 0.0)
+                self.mass[:, ks : ks + n] += p.sum((1, 2, 3)).cpu()
 
 
 class ChunkedCache:
     """Keys/values of the current attention chunk only: positions [⌊L/C⌋·C, L)."""
+
+    # Chunked layers keep no statistics: citations use the global layers, which see every key.
+    stats: AttentionMass | None = None
 
     def __init__(self, chunk: int):
         self.chunk = chunk
         self.k = self.v = None  # (B, Hkv, n, D)
         self.start = 0
 
-    def segments(self) -> list:
+    def segments(self) -> list[Segment]:
         return [] if self.k is None else [(self.k, self.v, self.start)]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
@@ -157,7 +112,7 @@ class ChunkedCache:
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
-    def fork(self) -> "ChunkedCache":
+    def fork(self) -> ChunkedCache:
         c = ChunkedCache(self.chunk)
         c.k, c.v, c.start = self.k, self.v, self.start  # append never mutates in place
         return c
@@ -165,7 +120,7 @@ class ChunkedCache:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.k is None else {"k": self.k, "v": self.v}
 
-    def restore(self, tensors: dict, meta: dict, placer: _Placer) -> None:
+    def restore(self, tensors: dict, meta: dict, placer: Placer) -> None:
         if "k" in tensors:
             self.k, self.v = tensors["k"].to(placer.device), tensors["v"].to(placer.device)
         self.start = meta["start"]
@@ -177,18 +132,18 @@ class ChunkedCache:
 class GlobalCache:
     """Every key of a global layer, as sealed segments on tiers plus an open tail on device."""
 
-    def __init__(self, placer: _Placer):
+    def __init__(self, placer: Placer):
         self.placer = placer
         self.sealed: list[tuple[torch.Tensor, int, str]] = []  # (kv (2,B,H,n,D), start, tier)
         self.tail: torch.Tensor | None = None  # (2, B, H, n, D) on the device
         self.tail_start = 0
-        self.mass: torch.Tensor | None = None  # (B, L) attention mass per key while recording
+        self.stats: AttentionMass | None = None  # set while recording attention
 
     @property
     def seg(self) -> int:
         return self.placer.policy.segment_tokens
 
-    def segments(self) -> list:
+    def segments(self) -> list[Segment]:
         segs = [(kv[0], kv[1], start) for kv, start, _ in self.sealed]
         if self.tail is not None and self.tail.shape[3]:
             segs.append((self.tail[0], self.tail[1], self.tail_start))
@@ -200,7 +155,8 @@ class GlobalCache:
             self.tail, self.tail_start = kv, pos
         else:
             if pos != self.tail_start + self.tail.shape[3]:
-                raise CacheError(f"global cache holds positions up to {self.tail_start + self.tail.shape[3]}, got {pos}")
+                end = self.tail_start + self.tail.shape[3]
+                raise CacheError(f"global cache holds positions up to {end}, got {pos}")
             self.tail = torch.cat([self.tail, kv], 3)
         while self.tail.shape[3] >= self.seg:
             stored, tier = self.placer.place(self.tail[:, :, :, : self.seg])
@@ -219,10 +175,10 @@ class GlobalCache:
             out["device"] += self.tail.numel() * self.tail.element_size()
         return out
 
-    def fork(self, placer: _Placer) -> "GlobalCache":
+    def fork(self, placer: Placer) -> GlobalCache:
         g = GlobalCache(placer)
         g.sealed, g.tail, g.tail_start = list(self.sealed), self.tail, self.tail_start
-        g.mass = None if self.mass is None else self.mass.clone()
+        g.stats = None if self.stats is None else self.stats.copy()
         return g
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -231,7 +187,7 @@ class GlobalCache:
             out["tail"] = self.tail
         return out
 
-    def restore(self, tensors: dict, meta: dict, placer: _Placer) -> None:
+    def restore(self, tensors: dict, meta: dict, placer: Placer) -> None:
         for i, start in enumerate(meta["starts"]):
             stored, tier = placer.place(tensors[f"seg{i}"])
             self.sealed.append((stored, start, tier))
@@ -277,10 +233,10 @@ def token_hash(tokens) -> list[str]:
 class KVCache:
     """Per-layer caches of one model for a batch of B sequences; see the module docstring."""
 
-    def __init__(self, layer_kinds: list[str], chunk: int, batch: int, device, fingerprint: str,
-                 offload: OffloadPolicy | None = None):
+    def __init__(self, layer_kinds: list[str], chunk: int, batch: int, device: torch.device | str,
+                 fingerprint: str, offload: OffloadPolicy | None = None):
         self.offload = offload or OffloadPolicy()
-        self.placer = _Placer(self.offload, device)
+        self.placer = Placer(self.offload, device)
         self.layer_kinds, self.chunk, self.batch, self.fingerprint = list(layer_kinds), chunk, batch, fingerprint
         self.layers = [ChunkedCache(chunk) if kind == "chunked" else GlobalCache(self.placer) for kind in layer_kinds]
         self.length = 0
@@ -314,12 +270,13 @@ class KVCache:
                 out["device"] += layer.nbytes
         return out
 
-    def fork(self) -> "KVCache":
+    def fork(self) -> KVCache:
         """A cache that shares this one's sealed segments; appending to it leaves this one as is."""
-        new = object.__new__(KVCache)
-        new.__dict__.update(self.__dict__)
+        new = KVCache(self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload)
         new.placer = self.placer.copy()
-        new.layers = [l.fork(new.placer) if isinstance(l, GlobalCache) else l.fork() for l in self.layers]
+        new.layers = [layer.fork(new.placer) if isinstance(layer, GlobalCache) else layer.fork()
+                      for layer in self.layers]
+        new.length = self.length
         new._hash = [h.copy() for h in self._hash]
         return new
 
@@ -328,16 +285,16 @@ class KVCache:
         later forwards put on each key position (restarting from zero)."""
         for layer in self.layers:
             if isinstance(layer, GlobalCache):
-                layer.mass = torch.zeros(self.batch, self.length) if on else None
+                layer.stats = AttentionMass(torch.zeros(self.batch, self.length)) if on else None
 
     def attention_mass(self) -> torch.Tensor:
         """(B, length) fp32: attention probability mass per key position, summed over global
         layers, heads and the queries run since ``record_attention()``."""
         out = torch.zeros(self.batch, self.length)
         for layer in self.layers:
-            if isinstance(layer, GlobalCache) and layer.mass is not None:
-                n = min(layer.mass.shape[1], self.length)  # its capacity may exceed the length
-                out[:, :n] += layer.mass[:, :n]
+            if layer.stats is not None:
+                n = min(layer.stats.mass.shape[1], self.length)  # its capacity may exceed the length
+                out[:, :n] += layer.stats.mass[:, :n]
         return out
 
     # ---- persistence ------------------------------------------------------------------------
@@ -360,7 +317,8 @@ class KVCache:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, model, *, tokens=None, offload: OffloadPolicy | None = None) -> "KVCache":
+    def load(cls, folder: str | os.PathLike, model: Model, *, tokens=None,
+             offload: OffloadPolicy | None = None) -> KVCache:
         """Load a saved cache for ``model``. Refuses a cache of another model, and, when the
         token ids it was built from are given (``tokens`` (B, T)), a cache of another text.
 
@@ -425,7 +383,7 @@ class _FrozenHash:
             return self._hex
         return hashlib.sha256(f"{self._hex}+{self._tail.hexdigest()}".encode()).hexdigest()
 
-    def copy(self) -> "_FrozenHash":
+    def copy(self) -> _FrozenHash:
         c = _FrozenHash(self._hex)
         c._tail = None if self._tail is None else self._tail.copy()
         return c

@@ -12,15 +12,16 @@ import json
 import torch
 from torch import nn
 
-from .attention import Attention
-from .cache import KVCache, OffloadPolicy
+from .attention import Attention, rms_norm
+from .cache import ChunkedCache, GlobalCache, KVCache
 from .config import ModelConfig
 from .moe import MLP, MoE
+from .offload import OffloadPolicy
 from .rope import inv_frequencies, rope_angles
 
 
 class RMSNorm(nn.Module):
-    """x · rsqrt(mean(x²) + eps) in fp32, cast back, then times the weight (HF order)."""
+    """``rms_norm`` over the last dim with a learned weight (d,), initialised to ones."""
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -28,8 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.eps, self.weight)
 
 
 class Block(nn.Module):
@@ -40,7 +40,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe[layer] else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x, start, rope, kv):
+    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: ChunkedCache | GlobalCache | None) -> torch.Tensor:
+        """x (B, T, d) at positions start..start+T-1 -> (B, T, d); see ``Attention.forward``."""
         h = x + self.self_attn(self.input_layernorm(x), start, rope, kv)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 

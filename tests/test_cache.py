@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from longctx import attention
-from longctx.cache import CacheError, ChunkedCache, GlobalCache, KVCache, OffloadPolicy, atomic_folder, token_hash
+from longctx import offload
+from longctx.cache import (AttentionMass, CacheError, ChunkedCache, GlobalCache, KVCache, OffloadPolicy, atomic_folder,
+                           token_hash)
 from longctx.generate import generate, prefill, sample
 
 from conftest import random_model, tiny_config
@@ -99,8 +100,8 @@ def test_results_equal_on_every_tier(model, tokens, tmp_path, device, monkeypatc
     tol = 1e-5 * resident.abs().max()
     for tier, policy in policies.items():
         # On CUDA also with one segment per staged group (many groups in flight, as at long contexts).
-        for stage_bytes in (attention._STAGE_BYTES, 1) if device == "cuda" else (attention._STAGE_BYTES,):
-            monkeypatch.setattr(attention, "_STAGE_BYTES", stage_bytes)
+        for stage_bytes in (offload._STAGE_BYTES, 1) if device == "cuda" else (offload._STAGE_BYTES,):
+            monkeypatch.setattr(offload, "_STAGE_BYTES", stage_bytes)
             cache = model.new_cache(2, policy)
             got = decode_logits(model, tokens, cache, 30)
             if device == "cpu":
@@ -112,18 +113,6 @@ def test_results_equal_on_every_tier(model, tokens, tmp_path, device, monkeypatc
     assert (resident.cpu() - on_cpu).abs().max() <= tol.cpu()
 
 
-def test_kv_to_moves_a_sealed_block_in_one_piece():
-    """K and V that are the halves of one (2, B, H, n, D) block (a sealed segment, here at an
-    offset inside a larger storage) come out equal to the halves; separate tensors too."""
-    big = torch.randn(3, 2, 2, 3, 5, 4)
-    block = big[1]
-    k, v = attention._kv_to(block[0], block[1], torch.device("cpu"))
-    assert torch.equal(k, block[0]) and torch.equal(v, block[1])
-    a, b = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    k, v = attention._kv_to(a, b, torch.device("cpu"))
-    assert torch.equal(k, a) and torch.equal(v, b)
-
-
 def test_kv_larger_than_ram_budget_completes_through_disk(model, tokens, tmp_path):
     cfg = model.config
     per_token = 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # batch 2, K+V, fp32
@@ -133,7 +122,8 @@ def test_kv_larger_than_ram_budget_completes_through_disk(model, tokens, tmp_pat
     cache = model.new_cache(2, OffloadPolicy(device_bytes=budget, cpu_bytes=0, disk_dir=tmp_path, segment_tokens=4))
     last = prefill(model, tokens, cache, 8)
     used = cache.tier_bytes()
-    assert used["disk"] > budget and used["device"] - sum(l.nbytes for l in cache.layers if isinstance(l, ChunkedCache)) <= budget + 4 * per_token
+    chunked_bytes = sum(layer.nbytes for layer in cache.layers if isinstance(layer, ChunkedCache))
+    assert used["disk"] > budget and used["device"] - chunked_bytes <= budget + 4 * per_token
     assert len(list(tmp_path.glob("kv-*.bin"))) > 0
     with torch.no_grad():
         assert torch.allclose(last, model(tokens)[:, -1], rtol=1e-5, atol=1e-5)
@@ -255,3 +245,50 @@ def test_generate_greedy_matches_stepwise_argmax_and_stops(model, tokens):
     first = out.tokens[0][0]
     stopped = generate(model, prompt, max_new_tokens=6, stop_ids=[first])
     assert stopped.tokens == [[]] and stopped.stopped == ["stop"]
+
+
+def test_attention_mass_is_the_same_on_every_tier_and_in_a_fork(model, tokens, tmp_path):
+    """The citation statistic reads offloaded segments through the same staging as attention:
+    CPU and disk segments give the mass of device-resident ones, bit for bit on CPU. A fork
+    records independently of its parent, and ``record_attention(False)`` stops recording."""
+    policies = [OffloadPolicy(segment_tokens=8), OffloadPolicy(device_bytes=0, segment_tokens=8),
+                OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path, segment_tokens=8)]
+    masses = []
+    for policy in policies:
+        cache = model.new_cache(2, policy)
+        prefill(model, tokens[:, :40], cache, 16)
+        cache.record_attention()
+        fork = cache.fork()
+        with torch.no_grad():
+            model(tokens[:, 40:44], fork)
+        assert cache.attention_mass().sum() == 0  # the parent saw no queries since recording began
+        masses.append(fork.attention_mass())
+        fork.record_attention(False)
+        assert fork.attention_mass().sum() == 0
+    assert masses[0].sum() > 0
+    for got in masses[1:]:
+        assert torch.equal(got, masses[0])
+
+
+def test_attention_calls_the_global_layers_stats_recorder(model, tokens):
+    """The statistics hook is explicit: attention calls ``stats.record`` of a layer cache that
+    has a recorder, once per forward, with the queries' start and every key it attended to."""
+    calls = []
+
+    class Spy(AttentionMass):
+        def record(self, q, q_start, segments, lse, scale):
+            calls.append((q.shape, q_start, sum(s[0].shape[2] for s in segments), lse.shape))
+            super().record(q, q_start, segments, lse, scale)
+
+    cache = model.new_cache(2, OffloadPolicy(segment_tokens=8))
+    prefill(model, tokens[:, :20], cache, None)
+    cache.record_attention()
+    globals_ = [layer for layer in cache.layers if isinstance(layer, GlobalCache)]
+    assert globals_ and all(layer.stats is None for layer in cache.layers if isinstance(layer, ChunkedCache))
+    for layer in globals_:
+        layer.stats = Spy(torch.zeros(2, 20))
+    with torch.no_grad():
+        model(tokens[:, 20:23], cache)
+    Hq, D = model.config.num_attention_heads, model.config.head_dim
+    assert calls == [((2, Hq, 3, D), 20, 23, (2, Hq, 3))] * len(globals_)
+    torch.testing.assert_close(cache.attention_mass().sum(1), torch.full((2,), 3.0 * Hq * len(globals_)))

@@ -339,16 +339,29 @@ def test_merge_of_triton_segments(triton_device):
     assert lse_err(lse, whole[1]) < 1e-4
 
 
+def test_merge_at_once_equals_merge_in_steps():
+    """The one LSE merge is associative: folding parts in one at a time (as the reference does
+    over key blocks) equals merging them all at once, including parts that saw no key."""
+    g = torch.Generator().manual_seed(11)
+    parts = [(torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, generator=g) * 3) for _ in range(4)]
+    parts[2] = (parts[2][0], torch.full((2, 3, 4), -math.inf))
+    at_once = merge_attention(parts)
+    running = parts[0]
+    for part in parts[1:]:
+        running = merge_attention([running, part])
+    assert max_err(running[0], at_once[0]) < 1e-6 and lse_err(running[1], at_once[1]) < 1e-6
+
+
 def test_merge_edge_cases():
     out = torch.randn(2, 3, 4, 8)
     lse = torch.randn(2, 3, 4)
     ninf = torch.full_like(lse, -math.inf)
     # A part that saw nothing changes nothing.
-    o, l = merge_attention([(out, lse), (torch.randn_like(out), ninf)])
-    assert max_err(o, out) < 1e-6 and lse_err(l, lse) < 1e-6
+    o, o_lse = merge_attention([(out, lse), (torch.randn_like(out), ninf)])
+    assert max_err(o, out) < 1e-6 and lse_err(o_lse, lse) < 1e-6
     # Nothing anywhere: out 0, lse -inf, no nan.
-    o, l = merge_attention([(out, ninf), (out, ninf)])
-    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(l).all()
+    o, o_lse = merge_attention([(out, ninf), (out, ninf)])
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(o_lse).all()
     # Output dtype follows the first part; the math is fp32.
     o, _ = merge_attention([(out.half(), lse), (out.float(), lse)])
     assert o.dtype == torch.float16

@@ -84,6 +84,26 @@ def test_logits_match_transformers(case, layout, tmp_path):
     assert (got - ref).abs().max().item() <= 1e-4 * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_transformers_norms(dtype):
+    """One rms_norm serves the block norms (with weight) and the QK-norm (without): bit-equal to
+    transformers' Llama4TextRMSNorm and its weightless QK-norm, fp32 and bf16 (rounding order)."""
+    from transformers.models.llama4 import modeling_llama4 as hf
+
+    from longctx.attention import rms_norm
+    from longctx.model import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 7, 3, 16, generator=g) * 5).to(dtype)
+    ours, theirs = RMSNorm(16, 1e-5).to(dtype), hf.Llama4TextRMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(16, generator=g) + 0.5)
+        theirs.weight.copy_(ours.weight)
+        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(rms_norm(x, 1e-5, ours.weight), theirs(x))
+        assert torch.equal(rms_norm(x, 1e-6), hf.Llama4TextL2Norm(1e-6)(x))
+
+
 def test_decode_matches_full_forward_across_chunks():
     model = random_model(tiny_config(num_hidden_layers=4, interleave_moe_layer_step=2))
     tokens = torch.randint(0, 97, (2, 31), generator=torch.Generator().manual_seed(2))
@@ -132,7 +152,8 @@ def test_scout_parameter_count_on_meta_device():
 
 def test_config_round_trips():
     marked = dataclasses.replace(ModelConfig.preset("tiny"), chunk_markers=True)
-    for cfg in (ModelConfig.preset("scout"), ModelConfig.preset("tiny"), tiny_config(interleave_moe_layer_step=2), marked):
+    presets = (ModelConfig.preset("scout"), ModelConfig.preset("tiny"))
+    for cfg in (*presets, tiny_config(interleave_moe_layer_step=2), marked):
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
         assert ModelConfig.from_hf({"text_config": cfg.to_hf()}) == cfg
     # longctx's own field is written only when set: HF-style configs (and the fingerprints of
@@ -156,9 +177,10 @@ def test_config_reads_published_and_transformers5_forms():
                         "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
                         "pad_token_id": 200018, "model_type": "llama4_text"}}
     assert ModelConfig.from_hf(published) == scout
-    hf5 = transformers.Llama4TextConfig(**{k: v for k, v in published["text_config"].items()
-                                           if k not in ("rope_theta", "rope_scaling", "attn_temperature_tuning")},
-                                        rope_parameters={"rope_theta": 500000.0, **published["text_config"]["rope_scaling"]})
+    dropped = ("rope_theta", "rope_scaling", "attn_temperature_tuning")
+    rope = {"rope_theta": 500000.0, **published["text_config"]["rope_scaling"]}
+    hf5 = transformers.Llama4TextConfig(**{k: v for k, v in published["text_config"].items() if k not in dropped},
+                                        rope_parameters=rope)
     assert ModelConfig.from_hf(hf5.to_dict()) == scout
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -197,10 +197,10 @@ def _launch(q, k, v, **kw):
         return mod.launch(q, k, v, **kw)
     outs, lses = [], []
     for n0 in range(0, N, piece):
-        o, l = mod.launch(q, k[:, :, n0:n0 + piece], v[:, :, n0:n0 + piece],
-                          **dict(kw, k_start=kw["k_start"] + n0, out_dtype=torch.float32))
+        o, lse = mod.launch(q, k[:, :, n0:n0 + piece], v[:, :, n0:n0 + piece],
+                            **dict(kw, k_start=kw["k_start"] + n0, out_dtype=torch.float32))
         outs.append(o.reshape(-1, *q.shape))
-        lses.append(l.reshape(-1, *q.shape[:3]))
+        lses.append(lse.reshape(-1, *q.shape[:3]))
     return _merge_stacked(torch.cat(outs), torch.cat(lses))
 
 
@@ -249,23 +249,12 @@ def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         raise ValueError("merge_attention needs at least one (out, lse) part")
     out0, lse0 = parts[0]
     device = out0.device
-    for i, (o, l) in enumerate(parts):
-        if o.shape[:-1] != l.shape or o.shape != out0.shape:
-            raise ValueError(f"part {i}: out {tuple(o.shape)} / lse {tuple(l.shape)} do not "
+    for i, (o, lse) in enumerate(parts):
+        if o.shape[:-1] != lse.shape or o.shape != out0.shape:
+            raise ValueError(f"part {i}: out {tuple(o.shape)} / lse {tuple(lse.shape)} do not "
                              f"match part 0: out {tuple(out0.shape)} / lse {tuple(lse0.shape)}")
-    lses = [l.to(device=device, dtype=torch.float32) for _, l in parts]
-    m = lses[0]
-    for l in lses[1:]:
-        m = torch.maximum(m, l)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all -inf: shift by 0
-    total = torch.zeros_like(m)
-    acc = torch.zeros(out0.shape, dtype=torch.float32, device=device)
-    for (o, _), l in zip(parts, lses):
-        w = torch.exp(l - m)  # exp(-inf) = 0 for parts that saw no key
-        total += w
-        acc += o.to(device=device, dtype=torch.float32) * w.unsqueeze(-1)
-    lse = m + torch.log(total)  # log(0) = -inf where no part saw a key
-    out = acc / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    out, lse = _merge_stacked(torch.stack([o.to(device=device, dtype=torch.float32) for o, _ in parts]),
+                              torch.stack([lse.to(device=device, dtype=torch.float32) for _, lse in parts]))
     return out.to(out0.dtype), lse
 
 
@@ -316,19 +305,21 @@ def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = 
         return _empty_result(q)
     # One vectorised merge over all splits of all segments (a Python loop over hundreds of
     # small partials would cost more than the attention itself on a GPU).
-    out, lse = _merge_stacked(torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts]))
+    out, lse = _merge_stacked(torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts]))
     return out.to(q.dtype), lse
 
 
-def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor):
-    """``merge_attention`` over dim 0 of stacked fp32 partials: outs (P, ..., D), lses (P, ...)."""
+def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSE merge, the one implementation behind ``merge_attention`` and every internal
+    merge: P partial results stacked on dim 0, outs (P, ..., D) and lses (P, ...), fp32, each
+    normalised over its own keys. Returns (out (..., D), lse (...)) fp32; see ``merge_attention``."""
     m = lses.amax(dim=0)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    w = torch.exp(lses - m)  # (P, ...); 0 for partials that saw no key
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all -inf: shift by 0
+    w = torch.exp(lses - m)  # (P, ...); exp(-inf) = 0 for partials that saw no key
     total = w.sum(dim=0)
     out = (outs * w.unsqueeze(-1)).sum(dim=0)
     out /= torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    return out, m + torch.log(total)
+    return out, m + torch.log(total)  # log(0) = -inf where no partial saw a key
 
 
 def _decode_splits(q: torch.Tensor, hkv: int, n_keys: int) -> int:
@@ -384,30 +375,20 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
         if n_hi > n_open:
             visible = visibility_mask(lo, hi, k_start + n_open, k_start + n_hi, causal, chunk)
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(r, 1)
-            o, l = _FUSED_CPU(qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(),
-                              attn_mask=mask, scale=scale)[:2]
+            o, lse = _FUSED_CPU(qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(),
+                                attn_mask=mask, scale=scale)[:2]
             seen = visible.any(dim=1).repeat(r)  # rows that see no key here: out 0, lse -inf
-            parts.append((torch.where(seen[:, None], o, 0.0), torch.where(seen, l, float("-inf"))))
+            parts.append((torch.where(seen[:, None], o, 0.0), torch.where(seen, lse, float("-inf"))))
         if len(parts) == 1:
-            o, l = parts[0]
+            o, lse = parts[0]
         else:
-            o, l = _merge_stacked(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+            o, lse = _merge_stacked(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
         out[:, :, m0:m1] = o.reshape(B, Hq, mb, D).to(out.dtype)  # rows were (r, mb)
-        lse_out[:, :, m0:m1] = l.reshape(B, Hq, mb)
+        lse_out[:, :, m0:m1] = lse.reshape(B, Hq, mb)
     return out, lse_out
 
 
 # ----------------------------------------------------------------------------- reference
-
-
-def _merge_running(acc, lse, o, l):
-    """Fold one block's normalised (o, l) into the running (acc, lse); fp32, -inf safe."""
-    if acc is None:
-        return o, l
-    new = torch.logaddexp(lse, l)
-    safe = torch.where(new == float("-inf"), torch.zeros_like(new), new)
-    acc = acc * torch.exp(lse - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1)
-    return acc, new
 
 
 def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
@@ -445,10 +426,14 @@ def _reference(q, k, v, q_start, k_start, causal, chunk, scale, out_dtype=None):
             m = s.amax(dim=-1)  # -inf for rows with no visible key in this block
             m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
             p = s.sub_(m.unsqueeze(-1)).exp_()
-            l = p.sum(dim=-1)  # 0 for rows with no visible key
+            total = p.sum(dim=-1)  # 0 for rows with no visible key
             o = p @ v[:, :, n0:n1].float()  # (B, Hkv, r * mb, D)
-            o /= torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1)  # normalised here
-            acc, run_lse = _merge_running(acc, run_lse, o, m + torch.log(l))
+            o /= torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)  # normalised here
+            lse = m + torch.log(total)
+            if acc is None:
+                acc, run_lse = o, lse
+            else:  # fold into the running result: memory stays one block, whatever the key count
+                acc, run_lse = _merge_stacked(torch.stack((acc, o)), torch.stack((run_lse, lse)))
         out[:, :, m0:m1] = acc.reshape(B, Hq, mb, D).to(out.dtype)  # rows were (r, mb)
         lse_out[:, :, m0:m1] = run_lse.reshape(B, Hq, mb)
     return out, lse_out
