@@ -4,7 +4,8 @@ MoE = shared SwiGLU expert on h + routed expert e* on g·h, where e* = top-k of 
 logits and g = sigmoid(logit) (no softmax, no renormalisation; the gate scales the expert's
 *input*). Two paths compute it: ``forward_reference`` (every token through every expert with
 zero gates, as transformers does) and ``forward`` (tokens sorted by expert, one matmul per
-expert that has tokens); ``tests/test_model.py`` checks they agree.
+expert that has tokens, through ``experts.grouped``: a loop here, one grouped kernel for
+quantized experts); ``tests/test_model.py`` and ``tests/test_quant.py`` check they agree.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ class Experts(nn.Module):
         gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down_proj[e]
 
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Tokens sorted by expert, x (N, d) with counts[e] rows for expert e -> (N, d): one
+        matmul per expert that has tokens (``quant.QuantizedExperts`` has the same method)."""
+        out = torch.empty_like(x)
+        lo = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[lo : lo + n] = self.expert(e, x[lo : lo + n])
+            lo += n
+        return out
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -70,13 +82,7 @@ class MoE(nn.Module):
         routed_in = h[token] * gate.flatten()[order, None]  # (N·k, d), the gate scales the input
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         out = self.shared_expert(h)
-        routed = torch.empty_like(routed_in)
-        lo = 0
-        for e, n in enumerate(counts):
-            if n:
-                routed[lo : lo + n] = self.experts.expert(e, routed_in[lo : lo + n])
-            lo += n
-        out = out.index_add(0, token, routed)
+        out = out.index_add(0, token, self.experts.grouped(routed_in, counts))
         return out.view_as(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

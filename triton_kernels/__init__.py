@@ -6,5 +6,6 @@ imported only when a kernel is about to run.
 """
 
 from .attention import decode_attention, flash_attention, merge_attention
+from .quant import moe_matmul, quant_matmul
 
-__all__ = ["flash_attention", "merge_attention", "decode_attention"]
+__all__ = ["flash_attention", "merge_attention", "decode_attention", "moe_matmul", "quant_matmul"]
