@@ -20,6 +20,7 @@ from .config import ConfigError, ModelConfig
 from .text.ingest import BudgetError, Corpus, Document, DocumentSpan, IngestError, ingest
 from .generate import Generation, generate, prefill, sample
 from .model import Model
+from .quant import quantize
 from .text.tokenizer import Tokenizer, TokenizerError
 
 __version__ = "0.1.0"
@@ -46,6 +47,6 @@ def __getattr__(name: str):
 __all__ = [
     "BudgetError", "CacheError", "CheckpointError", "ConfigError", "Corpus", "Document", "DocumentSpan",
     "Generation", "IngestError", "KVCache", "Model", "ModelConfig", "OffloadPolicy", "Tokenizer",
-    "TokenizerError", "generate", "ingest", "load_model", "prefill", "sample", "save_model",
+    "TokenizerError", "generate", "ingest", "load_model", "prefill", "quantize", "sample", "save_model",
     *_LAZY,
 ]

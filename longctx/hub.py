@@ -1,5 +1,5 @@
-"""Where a checkpoint lives and where it goes: local folders, Hugging Face hub ids from the local
-cache (offline), dtype and device names.
+"""Hugging Face conventions: where a checkpoint lives (local folders, hub ids in the local cache,
+offline), how its tensor keys map to ours, and dtype and device names.
 
     resolve_checkpoint("meta-llama/Llama-4-Scout-17B-16E-Instruct")  # -> .../snapshots/<commit>/
     resolve_dtype("bfloat16"), resolve_device("auto")
@@ -25,6 +25,8 @@ from .config import ConfigError
 # that starts with '.', '/' or '~'. Only used when no folder of that name exists.
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 
+_IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -34,6 +36,24 @@ _DTYPES = {
 
 class CheckpointError(RuntimeError):
     """A checkpoint that can't be found or loaded; the message names the path, file or tensor."""
+
+
+def hf_to_longctx(key: str) -> str | None:
+    """Map a HF text-model key to our parameter name; None for keys that are not ours (vision).
+
+    ``language_model.model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.self_attn.q_proj.weight``
+    ``language_model.lm_head.weight`` -> ``lm_head.weight``; routed experts keep their
+    ``experts.gate_up_proj`` / ``experts.down_proj`` names (no ``.weight`` in HF either).
+    """
+    key = key.removeprefix("language_model.")
+    if key.startswith(_IGNORED_PREFIXES):
+        return None
+    return key.removeprefix("model.")
+
+
+def longctx_to_hf(name: str) -> str:
+    """Our parameter name -> the ``Llama4ForCausalLM`` key (inverse of ``hf_to_longctx``)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
 
 
 def hub_cache() -> Path:

@@ -101,3 +101,34 @@ def test_cuda_without_cuda_is_one_line():
     with pytest.raises(ConfigError) as e:
         resolve_device("cuda")
     assert "sees no CUDA GPU" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_model_by_hub_id_from_the_local_cache(cache_env, tiny_model):
+    from longctx.checkpoint import load_model, save_model
+
+    snap = fake_cache(cache_env, repo="org/tiny")
+    save_model(tiny_model, snap)
+    model = load_model("org/tiny", dtype="bfloat16", device="auto" if not torch.cuda.is_available() else "cpu")
+    assert model.dtype == torch.bfloat16
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    want = tiny_model.to(torch.bfloat16)(ids)
+    assert torch.equal(model(ids), want)  # same weights, same dtype: the same logits
+    with pytest.raises(CheckpointError, match=str(cache_env / "models--org--absent")):
+        load_model("org/absent")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_load_model_on_cuda_without_cuda_fails_before_reading(tmp_path):
+    from longctx.checkpoint import load_model
+
+    with pytest.raises(ConfigError, match="device: 'cuda'"):
+        load_model(tmp_path / "never-read", device="cuda")
+
+
+def test_tokenizer_json_only_folder_is_refused_up_front(tmp_path, tiny_model):
+    from longctx.checkpoint import load_model, save_model
+
+    save_model(tiny_model, tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="tokenizer.json but no tokenizer.model"):
+        load_model(tmp_path)
