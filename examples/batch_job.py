@@ -10,7 +10,12 @@ One job per line: {"id": ..., "corpus": a folder or file, or a list of them (rel
 relative to the jobs file), "questions": [{"id": ..., "question": ...} or plain strings]}.
 Kill it at any point and run it again: answered questions are skipped and nothing is written
 twice. A job naming a missing corpus, a malformed line or a question too long for the context
-becomes an error line; the other jobs still run.
+becomes an error line; the other jobs still run (`longctx batch` then exits with status 1).
+
+The embedded default model answers only what it was trained for: "What is the special magic
+number for <key>?" about a needle sentence in the documents ("not stated" when no document has
+one) and "Which document mentions the special magic number for <key>?" (answered as the
+document's "[id Title]" marker). General questions need a real checkpoint (--model).
 """
 
 import argparse
@@ -18,7 +23,11 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from longctx import load_model, run_batch
+from longctx.generate import default_threads
+from longctx.tasks.batch import count_answers
 
 HERE = Path(__file__).parent
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,9 +39,14 @@ args = ap.parse_args()
 
 args.out.parent.mkdir(parents=True, exist_ok=True)
 model = load_model(args.model)
+# One CPU thread for a small model: more only wait on each other (longctx.generate.default_threads).
+if threads := default_threads(model):
+    torch.set_num_threads(threads)
 out = run_batch(model, args.jobs, args.out, max_new_tokens=args.max_new_tokens)
 
 if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the merged file
+    answered, failed = count_answers(out)
+    print(f"{answered} answered, {failed} failed (see {out})")
     for line in out.read_text().splitlines():
         rec = json.loads(line)
         if rec["error"]:

@@ -1,6 +1,6 @@
 """The ``longctx`` command.
 
-    longctx ask docs/ report.pdf -q "Which report mentions the merger?"
+    longctx ask docs/ report.pdf -q "Which document mentions the special magic number for quiet-otter?"
     longctx batch jobs.jsonl --out answers.jsonl          (also under torchrun)
     longctx niah --task single --lengths 1k,8k             (the needle-in-a-haystack benchmark)
     longctx info --context 1m                              (model summary and memory plan)
@@ -20,13 +20,26 @@ if TYPE_CHECKING:
     from .tasks.niah import Results
 
 
+class UsageError(Exception):
+    """A bad command line or input: printed as one line, ``longctx <cmd>: <message>``, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises ``UsageError`` (one line naming the argument)
+    instead of printing the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def parse_length(s: str) -> int:
-    """"32k" -> 32768, "1m" -> 1048576, "500" -> 500."""
-    s = s.strip().lower()
+    """"32k" -> 32768, "1m" -> 1048576, "500" -> 500 (``longctx.tasks.niah.parse_length``)."""
+    from .tasks.niah import parse_length as parse
+
     try:
-        return int(float(s.rstrip("km")) * {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a length: {s!r} (examples: 4096, 32k, 1m)") from None
+        return parse(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_lengths(s: str) -> list[int]:
@@ -35,14 +48,80 @@ def parse_lengths(s: str) -> list[int]:
 
 
 def parse_depths(s: str) -> list[float]:
-    """"0,0.5,1" -> [0.0, 0.5, 1.0]: needle depths, each in [0, 1]."""
+    """Needle depths as fractions: "0,0.5,1" -> [0.0, 0.5, 1.0]; a list with any value above 1
+    is in percent (as needlehaystack takes them): "0,50,100" -> [0.0, 0.5, 1.0]."""
     try:
         depths = [float(x) for x in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of depths: {s!r} (example: 0,0.25,0.5,0.75,1)") from None
-    if not all(0.0 <= d <= 1.0 for d in depths):
-        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {s!r}")
-    return depths
+        raise argparse.ArgumentTypeError(f"not a list of depths: {s!r} (examples: 0,0.5,1 or 0,50,100)") from None
+    scale = 100.0 if any(d > 1 for d in depths) else 1.0
+    if not all(0.0 <= d <= scale for d in depths):
+        raise argparse.ArgumentTypeError(f"depths must be fractions in [0, 1] or percents in [0, 100], got {s!r}")
+    return [d / scale for d in depths]
+
+
+def _count(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+
+    def parse(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+
+    return parse
+
+
+def _threads(s: str) -> int | str:
+    """"auto" or a thread count >= 1."""
+    return "auto" if s == "auto" else _count(1)(s)
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return x
+
+
+def _question(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError("a question must not be empty")
+    return s
+
+
+def _haystack(s: str) -> str:
+    if s not in ("english", "noise") and not Path(s).exists():
+        raise argparse.ArgumentTypeError(f"{s}: no such file or folder (or use 'english' or 'noise')")
+    return s
+
+
+def _existing(s: str) -> Path:
+    if not Path(s).exists():
+        raise argparse.ArgumentTypeError(f"{s}: no such file or folder")
+    return Path(s)
+
+
+THREADS_HELP = ("CPU threads for torch: a number, or auto (default): 1 for a model under 50 M parameters "
+                "on the CPU, where more threads only wait on each other, else torch's default; "
+                "OMP_NUM_THREADS, when set, is kept")
+
+
+def set_threads(threads: int | str, model=None) -> None:
+    """Apply ``--threads``: a count, or "auto" (``longctx.generate.default_threads``)."""
+    import torch
+
+    from .generate import default_threads
+
+    n = default_threads(model) if threads == "auto" else threads
+    if n:
+        torch.set_num_threads(n)
 
 
 def _device(device: str) -> str:
@@ -54,10 +133,20 @@ def _device(device: str) -> str:
     return device
 
 
-def _model(args):
-    from .checkpoint import load_model
+def _model(args) -> Model:
+    """The model of ``--model`` / ``--device``, torch's threads set by ``--threads``; a model
+    that cannot be loaded is a ``UsageError`` naming the option."""
+    from .checkpoint import CheckpointError, load_model
+    from .config import ConfigError
 
-    return load_model(args.model, device=_device(args.device))
+    try:
+        model = load_model(args.model, device=_device(args.device))
+    except (CheckpointError, ConfigError, OSError, ValueError) as e:
+        msg = str(e)
+        option = "--device" if msg.startswith("device:") else "--model"
+        raise UsageError(f"{option}: {msg.removeprefix('device: ')}") from None
+    set_threads(args.threads, model)
+    return model
 
 
 def _size(nbytes: float) -> str:
@@ -69,6 +158,8 @@ def _size(nbytes: float) -> str:
 
 
 def cmd_ask(args) -> int:
+    import torch
+
     from .tasks.qa import Session
     from .text.ingest import ingest
 
@@ -81,33 +172,64 @@ def cmd_ask(args) -> int:
         print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, loaded from {args.session}",
               file=sys.stderr)
     else:
-        session = Session(model, corpus, chunk_size=args.chunk_size, max_context=args.max_context, progress=True)
+        session = Session(model, corpus, chunk_size=args.chunk_size, max_context=args.max_context,
+                          overflow=args.overflow, progress=not args.json)
         print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
               file=sys.stderr)
+        if session.dropped:
+            print(f"--overflow {args.overflow}: left out {len(session.dropped)} documents: "
+                  + ", ".join(d["title"] for d in session.dropped[:5]) + (" ..." if len(session.dropped) > 5 else ""),
+                  file=sys.stderr)
         if args.session is not None:
             session.save(args.session)
             print(f"saved the prefilled session to {args.session}", file=sys.stderr)
     for q in args.question:
-        a = session.ask(q, max_new_tokens=args.max_new_tokens, max_context=args.max_context)
-        print(f"Q: {q}\nA: {a.text}")
-        for c in a.citations[: args.citations]:
+        # Each question's own generator from --seed: answers do not depend on the questions before.
+        gen = torch.Generator(device=model.device).manual_seed(args.seed) if args.temperature > 0 else None
+        kw = dict(max_new_tokens=args.max_new_tokens, max_context=args.max_context, temperature=args.temperature,
+                  generator=gen)
+        if args.json:
+            a = session.ask(q, **kw)
+            print(json.dumps({"question": q, "answer": a.text, "stopped": a.stopped,
+                              "citations": [{"doc_id": c.doc_id, "title": c.title, "source": c.source, "page": c.page,
+                                             "share": round(c.share, 6)} for c in a.citations[: args.citations]],
+                              "other_share": round(a.other_share, 6),
+                              "tokens": {"corpus": session.n_tokens, "question": a.question_tokens,
+                                         "answer": a.answer_tokens},
+                              "seconds": {"corpus_prefill": round(session.prefill_s, 4),
+                                          "question_prefill": round(a.prefill_s, 4), "decode": round(a.decode_s, 4)}},
+                             ensure_ascii=False), flush=True)
+            continue
+        print(f"Q: {q}\nA: ", end="", flush=True)
+        stream = session.ask(q, **kw, stream=True)
+        for piece in stream:  # the answer as it is decoded
+            print(piece, end="", flush=True)
+        print()
+        for c in stream.answer.citations[: args.citations]:
             page = f", page {c.page}" if c.page else ""
             print(f"   [{c.share:5.1%}] {c.title}{page}  ({c.source or 'in memory'})")
     return 0
 
 
 def cmd_batch(args) -> int:
-    from .tasks.batch import run_batch
+    from .tasks.batch import count_answers, run_batch
 
-    run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
-              max_context=args.max_context, temperature=args.temperature, seed=args.seed,
-              progress=not args.no_progress)
-    return 0
+    out = run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens,
+                    chunk_size=args.chunk_size, max_context=args.max_context, overflow=args.overflow,
+                    temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the merged file and reports
+        return 0
+    answered, failed = count_answers(out)
+    print(f"longctx batch: {answered} answered, {failed} failed (see {out})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_info(args) -> int:
     import torch
 
+    set_threads(args.threads)
     from .checkpoint import DEFAULT_MODEL
     from .config import ModelConfig
 
@@ -117,9 +239,10 @@ def cmd_info(args) -> int:
     else:
         folder = Path(args.model) if args.model else DEFAULT_MODEL
         if not (folder / "config.json").exists():
-            hint = "" if args.model else " (the embedded default model is not there yet; pass --model DIR or --preset)"
-            print(f"longctx info: {folder}: no config.json{hint}", file=sys.stderr)
-            return 2
+            if args.model:
+                raise UsageError(f"--model: {folder}: " + ("no config.json" if folder.is_dir() else "no such folder"))
+            raise UsageError(f"{folder}: no config.json (the embedded default model is not there yet; pass "
+                             "--model DIR or --preset)")
         cfg = ModelConfig.from_file(folder / "config.json")
         name = str(folder)
     if args.dtype is None:  # the checkpoint's own dtype (a preset: bfloat16, as Scout ships)
@@ -162,31 +285,29 @@ def add_niah_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``longctx niah`` (``benchmarks/niah.py`` adds its own to the same set)."""
     from .tasks.niah import TASKS
 
-    p.add_argument("--task", default="single", choices=TASKS)
-    p.add_argument("--lengths", type=parse_lengths, default="1k,2k,4k", help="comma-separated, e.g. 1k,32k,1m")
-    p.add_argument("--depths", type=parse_depths, default="0,0.25,0.5,0.75,1", help="comma-separated, in [0, 1]")
-    p.add_argument("--samples", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--haystack", default="english", help="english | noise | a folder or file to ingest")
+    p.add_argument("--task", default="single", choices=TASKS, help="which needle task (default: single)")
+    p.add_argument("--lengths", type=parse_lengths, default="1k,2k,4k",
+                   help="context lengths in tokens, comma-separated, e.g. 1k,32k,1m (default: 1k,2k,4k)")
+    p.add_argument("--depths", type=parse_depths, default="0,0.25,0.5,0.75,1",
+                   help="needle depths, comma-separated: fractions in [0, 1] (0,0.5,1), or percents in "
+                        "[0, 100] (0,50,100) when any value is above 1 (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=_count(1), default=2, help="samples per cell (default: 2)")
+    p.add_argument("--seed", type=_count(0), default=0, help="seed of the haystacks and needles (default: 0)")
+    p.add_argument("--haystack", type=_haystack, default="english",
+                   help="english | noise | a folder or file to ingest (default: english)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (tokens)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 on a machine busy with other work)")
-    p.add_argument("--out", type=Path, default=Path("niah_results"))
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--chunk-size", type=_count(1), default=1024, help="prefill chunk in tokens (default: 1024)")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
+    p.add_argument("--out", type=Path, default=Path("niah_results"),
+                   help="folder for <task>.jsonl and <task>.png (default: niah_results)")
     p.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
 
 
 def niah_inputs(args: argparse.Namespace) -> tuple[Model, dict]:
     """(model, keywords of ``niah.run``) for ``longctx niah`` options: the model loaded, the
     grid parsed, a haystack that is a path ingested, torch's CPU threads set."""
-    import torch
-
-    from .checkpoint import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=_device(args.device))
+    model = _model(args)
     haystack = args.haystack
     if haystack not in ("english", "noise"):
         from .text.ingest import ingest
@@ -211,12 +332,13 @@ def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None
     body = ["```", res.table("exact"), "", res.table("substring"), "```", "",
             f"effective length (substring accuracy >= 90 % at every length up to it): {eff['effective_length']} tokens"]
     print("\n".join(body[1:4] + body[6:]))
-    png = None
+    png = args.out / f"{args.task}.png"
     name = "embedded model" if args.model is None else Path(args.model).name
     try:
-        png = res.heatmap(args.out / f"{args.task}.png", title=f"NIAH {args.task} ({name})")
+        res.heatmap(png, title=f"NIAH {args.task} ({name})")
         print(f"wrote {out_jsonl} and {png} ({elapsed:.1f} s)")
     except ImportError as e:
+        png = None
         print(f"wrote {out_jsonl} ({elapsed:.1f} s); no heatmap: {e}", file=sys.stderr)
     return res, body + [f"wall time: {elapsed:.1f} s ({len(res.records)} cells)"], png
 
@@ -226,36 +348,48 @@ def cmd_niah(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="longctx", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = _Parser(prog="longctx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"longctx {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="command", title="commands")
 
     def common(p):
         p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk (tokens)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+        p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
+        p.add_argument("--max-new-tokens", type=_count(1), default=64, help="answer tokens at most (default: 64)")
+        p.add_argument("--chunk-size", type=_count(1), default=2048, help="prefill chunk in tokens (default: 2048)")
+        p.add_argument("--max-context", type=parse_length, default=None,
+                       help="tokens corpus + question + answer may take (default: the model's maximum)")
+        p.add_argument("--overflow", default="error", choices=["error", "drop", "truncate"],
+                       help="a corpus over the context: error (default), drop whole documents from the end, "
+                            "or truncate (also cut the first one that does not fit)")
+        p.add_argument("--temperature", type=_nonneg_float, default=0.0,
+                       help="0 (default): greedy; else sampled, seeded by --seed per question")
+        p.add_argument("--seed", type=_count(0), default=0, help="seed for sampled answers (default: 0)")
 
-    p = sub.add_parser("ask", help="ask questions about files and folders")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("-q", "--question", action="append", required=True, help="repeat for several questions")
-    p.add_argument("--citations", type=int, default=3, help="documents to list per answer")
+    p = sub.add_parser("ask", help="ask questions about files and folders",
+                       description="Ask questions about files and folders; the answer is printed as it is "
+                                   "generated, with the documents it drew on.")
+    p.add_argument("paths", nargs="+", help="files and folders to read (.txt, .md, .html, .pdf)")
+    p.add_argument("-q", "--question", type=_question, action="append", required=True,
+                   help="a question; repeat for several")
+    p.add_argument("--citations", type=_count(0), default=3, help="documents to list per answer (default: 3)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed) instead of failing")
-    p.add_argument("--max-context", type=parse_length, default=None,
-                   help="tokens corpus + question + answer may take (default: the model's maximum)")
     p.add_argument("--session", type=Path, default=None, metavar="DIR",
                    help="reuse the prefilled corpus saved in DIR (made there on first use)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per question (answer, citations, token counts, seconds)")
     common(p)
     p.set_defaults(fn=cmd_ask)
-    p = sub.add_parser("batch", help="run a JSONL file of QA jobs (resumable; shards under torchrun)")
-    p.add_argument("jobs", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--max-context", type=parse_length, default=None,
-                   help="tokens corpus + question + answer may take (default: the model's maximum)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, seeded per question")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("batch", help="run a JSONL file of QA jobs (resumable; shards under torchrun)",
+                       description="Answer a JSONL file of QA jobs into a JSONL file of answers (resumable; "
+                                   "shards under torchrun). Exit status 1 when any question failed.")
+    p.add_argument("jobs", type=_existing, help="the jobs file, one JSON job per line")
+    p.add_argument("--out", type=Path, required=True, help="the answers file (JSONL; a rerun resumes it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(fn=cmd_batch)
     p = sub.add_parser("niah", help="the needle-in-a-haystack benchmark: a depth x length grid",
@@ -263,24 +397,43 @@ def main(argv=None) -> int:
                                    "(resumable) and <out>/<task>.png.")
     add_niah_arguments(p)
     p.set_defaults(fn=cmd_niah)
-    p = sub.add_parser("info", help="model summary and memory plan for a context length")
-    p.add_argument("--model", default=None)
-    p.add_argument("--preset", default=None, choices=["scout", "tiny"])
-    p.add_argument("--context", type=parse_length, default=parse_length("128k"))
+    p = sub.add_parser("info", help="model summary and memory plan for a context length",
+                       description="Model summary and memory plan (weights and KV cache) for a context length.")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    p.add_argument("--preset", default=None, choices=["scout", "tiny"], help="a built-in configuration instead")
+    p.add_argument("--context", type=parse_length, default=parse_length("128k"),
+                   help="context length in tokens, e.g. 128k, 1m (default: 128k)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: the checkpoint's dtype (bfloat16 for a preset)")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(fn=cmd_info)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def main(argv=None) -> int:
+    """Run one command; a bad argument or input prints ``longctx <cmd>: <message>`` on stderr
+    and returns 2."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
     from .cache import CacheError
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .tasks.qa import QAError
     from .text.ingest import IngestError
+    from .text.tokenizer import TokenizerError
 
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, IngestError, QAError, CacheError, FileNotFoundError) as e:
-        print(f"longctx {args.cmd}: {e}", file=sys.stderr)
+    except (UsageError, CheckpointError, ConfigError, CacheError, IngestError, TokenizerError, ValueError,
+            OSError) as e:
+        # QAError and BudgetError are ValueErrors; a missing file an OSError.
+        print(f"longctx {args.cmd}: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

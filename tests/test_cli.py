@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
-from conftest import text_model
 
+from conftest import text_model
 from longctx.checkpoint import save_model
 from longctx.cli import main, parse_depths, parse_length, parse_lengths
 from longctx.text.tokenizer import Tokenizer
@@ -24,7 +25,10 @@ def ckpt(tmp_path_factory):
 def test_parse_length():
     assert [parse_length(s) for s in ("500", "32k", "1m", "1.5k")] == [500, 32768, 1 << 20, 1536]
     assert parse_lengths("1k,500") == [1024, 500] and parse_depths("0,.5,1") == [0.0, 0.5, 1.0]
-    for bad in ("0,1.5", "0,x"):
+    # A list with any value above 1 is in percent (needlehaystack's convention).
+    assert parse_depths("0,50,100") == parse_depths("0,.5,1") and parse_depths("25") == [0.25]
+    assert parse_depths("1") == [1.0]  # all values <= 1: fractions
+    for bad in ("0,150", "0,x", "-0.5"):
         with pytest.raises(argparse.ArgumentTypeError, match="depths"):
             parse_depths(bad)
 
@@ -116,7 +120,8 @@ def test_cuda_device_under_torchrun_is_the_local_rank(monkeypatch):
 
 def test_examples_run_on_a_checkpoint(ckpt, tmp_path):
     """examples/batch_job.py on its jobs file (relative corpus paths, an error job) and the
-    notebook-style example, as scripts."""
+    notebook-style example, as scripts. (What the embedded model answers there is checked by
+    running them with it; this random checkpoint only checks they run.)"""
     import os
     import subprocess
     import sys
@@ -134,4 +139,147 @@ def test_examples_run_on_a_checkpoint(ckpt, tmp_path):
     run = subprocess.run([sys.executable, str(root / "examples" / "qa_notebook.py"), "--model", str(ckpt)],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("Q: ") == 2 and "reloaded:" in run.stdout
+    assert run.stdout.count("Q: ") == 3 and "reloaded:" in run.stdout  # two asked, one streamed
+
+
+# ---- one error style, options, --json, streaming, batch status ----------------------------
+
+BAD_INPUTS = [  # (argv, the argument the message must name); {tmp}: a folder with doc.txt and jobs.jsonl
+    (["niah", "--lengths", "foo"], "--lengths"),
+    (["niah", "--lengths", "1k,-2"], "--lengths"),
+    (["niah", "--depths", "abc"], "--depths"),
+    (["niah", "--depths", "0,150"], "--depths"),
+    (["niah", "--haystack", "{tmp}/absent"], "--haystack"),
+    (["niah", "--model", "{tmp}/absent", "--lengths", "200"], "--model"),
+    (["niah", "--samples", "0"], "--samples"),
+    (["niah", "--chunk-size", "0"], "--chunk-size"),
+    (["niah", "--threads", "0"], "--threads"),
+    (["niah", "--task", "nope"], "--task"),
+    (["info", "--context", "-5"], "--context"),
+    (["info", "--model", "{tmp}/absent"], "--model"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--model", "{tmp}/absent"], "--model"),
+    (["ask", "{tmp}/doc.txt", "-q", "  "], "--question"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--chunk-size", "0"], "--chunk-size"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--overflow", "cut"], "--overflow"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--temperature", "-1"], "--temperature"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--seed", "x"], "--seed"),
+    (["ask", "{tmp}/doc.txt", "-q", "hi", "--max-context", "0"], "--max-context"),
+    (["batch", "{tmp}/absent.jsonl", "--out", "{tmp}/out.jsonl"], "jobs"),
+    (["batch", "{tmp}/jobs.jsonl", "--out", "{tmp}/out.jsonl", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["batch", "{tmp}/jobs.jsonl"], "--out"),
+    (["nope"], "command"),
+]
+
+
+@pytest.mark.parametrize("argv, names", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_argument_and_exit_2(argv, names, tmp_path, capsys):
+    (tmp_path / "doc.txt").write_text("Some text. " * 5)
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"corpus": "doc.txt", "questions": ["?"]}) + "\n")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    cmd = "longctx" if argv[0] == "nope" else f"longctx {argv[0]}"
+    assert len(lines) == 1 and lines[0].startswith(f"{cmd}: ") and names in lines[0], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_every_option_of_every_command_has_help_and_threads():
+    from longctx.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert sorted(commands) == ["ask", "batch", "info", "niah"]
+    for name, p in commands.items():
+        options = {o for a in p._actions for o in a.option_strings}
+        assert "--threads" in options, name
+        for a in p._actions:
+            assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
+    assert {"--seed", "--temperature", "--overflow", "--json"} <= {o for a in commands["ask"]._actions
+                                                                   for o in a.option_strings}
+    assert "percent" in commands["niah"].format_help()
+
+
+def test_version(capsys):
+    from longctx import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"longctx {__version__}"
+
+
+def test_ask_json_is_one_object_per_question_and_equals_the_streamed_text(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
+    (tmp_path / "b.md").write_text("# Peaks\n\nMountains rise above the clouds. " * 5)
+    args = ["ask", str(tmp_path / "a.txt"), str(tmp_path / "b.md"), "-q", "Where does the river run?", "-q",
+            "What rises?", "--model", str(ckpt), "--max-new-tokens", "12", "--citations", "2"]
+    assert main([*args, "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["question"] for r in recs] == ["Where does the river run?", "What rises?"]
+    for r in recs:
+        assert set(r) >= {"answer", "citations", "tokens", "seconds", "stopped"}
+        assert len(r["citations"]) == 2 and {"doc_id", "title", "share"} <= set(r["citations"][0])
+        assert r["tokens"]["answer"] <= 12 and r["tokens"]["corpus"] > 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert [line[3:] for line in out.splitlines() if line.startswith("A: ")] == [r["answer"] for r in recs]
+
+
+def test_ask_seed_makes_sampling_reproducible_and_overflow_drops(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
+    (tmp_path / "b.txt").write_text("The lake is still. " * 200)
+    sampled = ["ask", str(tmp_path / "a.txt"), "-q", "Where?", "--model", str(ckpt), "--max-new-tokens", "8",
+               "--temperature", "1.0", "--seed", "7", "--json"]
+    assert main(sampled) == 0
+    first = json.loads(capsys.readouterr().out)["answer"]
+    assert main(sampled) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == first
+    too_long = ["ask", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "-q", "Where?", "--model", str(ckpt),
+                "--max-new-tokens", "4", "--max-context", "400"]
+    assert main(too_long) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--overflow" in err
+    assert main([*too_long, "--overflow", "drop"]) == 0
+    assert "left out 1 documents: b" in capsys.readouterr().err
+
+
+def test_batch_exit_status_and_summary(ckpt, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.txt").write_text("Some text about apples. " * 10)
+    good = json.dumps({"id": "j", "corpus": "docs", "questions": ["Fruit?", "Colour?"]})
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(good + "\n")
+    argv = ["batch", str(jobs), "--model", str(ckpt), "--max-new-tokens", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "ok.jsonl")]) == 0
+    assert capsys.readouterr().err.strip() == f"longctx batch: 2 answered, 0 failed (see {tmp_path / 'ok.jsonl'})"
+    jobs.write_text(good + "\n" + json.dumps({"id": "bad", "corpus": "absent", "questions": ["?"]}) + "\n{oops\n")
+    assert main([*argv, "--out", str(tmp_path / "mixed.jsonl")]) == 1
+    assert capsys.readouterr().err.strip() == \
+        f"longctx batch: 2 answered, 2 failed (see {tmp_path / 'mixed.jsonl'})"
+
+
+def test_threads_auto_is_one_for_a_small_model_and_a_number_is_kept(ckpt, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from longctx.cli import set_threads
+    from longctx.generate import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 5)
+    args = ["ask", str(tmp_path / "a.txt"), "-q", "Where?", "--model", str(ckpt), "--max-new-tokens", "2"]
+    torch.set_num_threads(2)
+    assert main(args) == 0 and torch.get_num_threads() == 1  # auto: the model is small
+    assert main([*args, "--threads", "2"]) == 0 and torch.get_num_threads() == 2
+    set_threads(1)
+    assert torch.get_num_threads() == 1
+    capsys.readouterr()
+    from longctx.checkpoint import load_model
+
+    model = load_model(ckpt)
+    assert default_threads(model) == 1 and default_threads(None) is None
+    gen_module = sys.modules["longctx.generate"]  # `longctx.generate` the attribute is the function
+    monkeypatch.setattr(gen_module, "SMALL_MODEL_PARAMETERS", 10)
+    assert default_threads(model) is None  # a big model: torch's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(gen_module, "SMALL_MODEL_PARAMETERS", 10**9)
+    assert default_threads(model) is None  # the user's OMP_NUM_THREADS is kept

@@ -1,13 +1,16 @@
 """The one decode loop: decode() equals full-forward argmax, the token-by-token loop it
-replaced (greedy and sampled), and generate() is prefill + decode."""
+replaced (greedy and sampled), and generate() is prefill + decode; TextStream's pieces join
+to the one-shot decode; the thread rule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_model, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from longctx.generate import decode, generate, prefill, sample
+from conftest import random_model, tiny_config
+from longctx.generate import TextStream, decode, generate, prefill, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,3 +92,40 @@ def test_generate_is_prefill_then_decode(model, prompt):
     cache = model.new_cache()
     none = generate(model, prompt[:1], max_new_tokens=0, cache=cache)
     assert none.tokens == [[]] and none.stopped == ["length"] and cache.length == 13
+
+
+# ---- TextStream: text pieces as tokens arrive ---------------------------------------------
+
+
+def stream_pieces(chunks: list[bytes]) -> list[str]:
+    """TextStream over tokens whose bytes are ``chunks`` (token id = index)."""
+    s = TextStream(lambda i: chunks[i])
+    return [s.push(i) for i in range(len(chunks))] + [s.close()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40), st.lists(st.integers(0, 200), max_size=12),
+       st.integers(0, 3))
+def test_text_stream_joins_to_the_one_shot_decode(text, cuts, drop):
+    """Any cutting of any text's bytes into tokens (cuts inside characters included), also with
+    the last character left unfinished: joined pieces == decode(errors="replace").strip()."""
+    raw = text.encode()
+    raw = raw[: max(0, len(raw) - drop)]  # maybe cut inside the last character
+    bounds = sorted({min(c, len(raw)) for c in cuts} | {0, len(raw)})
+    chunks = [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = stream_pieces(chunks)
+    assert "".join(pieces) == raw.decode("utf-8", errors="replace").strip()
+
+
+def test_text_stream_holds_a_split_character_until_it_is_whole():
+    pieces = stream_pieces([b" caf", b"\xc3", b"\xa9 ", b"\xe6\x97", b"\xa5 ", b" "])
+    assert pieces == ["caf", "", "é", "", " 日", "", ""]  # no U+FFFD piece, whitespace held until text
+
+
+def test_default_threads_rule():
+    from longctx.generate import SMALL_MODEL_PARAMETERS, default_threads
+
+    small = random_model(tiny_config())
+    assert sum(p.numel() for p in small.parameters()) < SMALL_MODEL_PARAMETERS
+    assert default_threads(None) is None
+    assert default_threads(small) in (1, None)  # None only when OMP_NUM_THREADS is set

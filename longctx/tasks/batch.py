@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import CacheError, OffloadPolicy
+from ..generate import check_int, check_sampling
 from ..text.ingest import IngestError, ingest
 from . import jsonl
 from .qa import QAError, Session
@@ -27,7 +28,7 @@ from .qa import QAError, Session
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["run_batch"]
+__all__ = ["count_answers", "run_batch"]
 
 # Output: one JSON object per line, {"job", "id", "question", "answer", "citations", "error"}.
 
@@ -105,7 +106,7 @@ def _distributed(model: Model) -> tuple[int, int, bool]:
 
 def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, temperature: float = 0.0,
               seed: int = 0, chunk_size: int = 2048, offload: OffloadPolicy | None = None,
-              max_context: int | None = None, progress: bool = True) -> Path:
+              max_context: int | None = None, overflow: str = "error", progress: bool = True) -> Path:
     """Answer every question of every job in ``jobs_jsonl`` into ``out_jsonl``; returns it.
 
     A job: {"id", "corpus": a folder/file or a list of them (relative to the jobs file's
@@ -113,9 +114,20 @@ def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, 
     {"job", "id", "question", "answer", "stopped": "stop" | "length", "citations": [{"title",
     "source", "page", "share"}] (top 5), "error": null}, or for a job or question that failed {"job", "id",
     "question", "error": "..."} (missing/unreadable corpus, malformed line, too long for max_context).
-    Consecutive jobs naming the same corpus share one prefill. Resumable: answered (job, id)
-    pairs are skipped. Under torchrun each rank answers jobs i with i % world == rank into
+    Consecutive jobs naming the same corpus share one prefill. ``overflow``: a corpus over the
+    context, as in ``Session`` ("error": the job's lines are errors; "drop" / "truncate").
+    Resumable: answered (job, id) pairs are skipped. Under torchrun each rank answers jobs i with i % world == rank into
     ``<out>.rank<r>`` and rank 0 then writes ``out_jsonl`` with every answer in job order."""
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_int("chunk_size", chunk_size, 1)
+    check_int("seed", seed, 0)
+    check_sampling(temperature, 1.0)
+    if max_context is not None:
+        check_int("max_context", max_context, 1)
+    if overflow not in ("error", "drop", "truncate"):
+        raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
+    if not Path(jobs_jsonl).is_file():
+        raise FileNotFoundError(f"jobs_jsonl: {jobs_jsonl} is not a file")
     world, rank, created = _distributed(model)
     jobs_jsonl, out_jsonl = Path(jobs_jsonl), Path(out_jsonl)
     mine = jsonl.rank_path(out_jsonl, rank) if world > 1 else out_jsonl
@@ -137,7 +149,7 @@ def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, 
                 continue
             session, error = None, job.get("error")
             if error is None:
-                key = (tuple(job["paths"]), chunk_size, max_context)
+                key = (tuple(job["paths"]), chunk_size, max_context, overflow)
                 if last is not None and last[0] == key:
                     session = last[1]
                 else:
@@ -145,7 +157,7 @@ def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, 
                     try:
                         corpus = ingest(job["paths"], progress=False)
                         session = Session(model, corpus, offload=offload, chunk_size=chunk_size,
-                                          max_context=max_context, progress=False)
+                                          max_context=max_context, overflow=overflow, progress=False)
                         last = (key, session)
                     except (IngestError, ValueError, CacheError, OSError) as e:  # QAError, BudgetError too
                         error = f"corpus: {e}"
@@ -185,3 +197,10 @@ def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, 
     elif rank_files:  # a single process finishing a sharded run: fold the rank files in
         jsonl.merge(out_jsonl, _key, [e.line for p in rank_files for e in jsonl.read(p, _key)], order)
     return out_jsonl
+
+
+def count_answers(out_jsonl) -> tuple[int, int]:
+    """(answered, failed): the lines of an answers file without and with an error."""
+    recs = [e.record for e in jsonl.read(Path(out_jsonl), _key)]
+    failed = sum(1 for r in recs if r.get("error"))
+    return len(recs) - failed, failed

@@ -3,7 +3,9 @@
     from longctx import load_model, niah
     res = niah.run(load_model(), task="single", lengths=[1024, 4096], depths=[0, .5, 1], samples=2,
                    out="niah/results.jsonl")
-    print(res.table()); res.heatmap("niah/heatmap.png"); res.effective_length(0.9)
+    print(res.table()); res.effective_length(0.9)
+    fig = res.heatmap("niah/heatmap.png")       # a matplotlib Figure (shown inline in a notebook)
+    res                                         # in a notebook: the accuracy table; res.to_pandas()
 
 Prompts use the layout of ``longctx.text.prompt`` (context prefix + question suffix). A cell's
 length is exact: the whole prompt, chat template included, has ``length`` tokens, except that
@@ -34,8 +36,10 @@ same hash exists.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
+import numbers
 import random
 import re
 import time
@@ -49,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import KVCache, token_hash
-from ..generate import generate, prefill
+from ..generate import check_int, generate, prefill
 from ..text.prompt import NOT_STATED, context_prefix, question_suffix
 from . import jsonl, needles
 
@@ -301,18 +305,19 @@ class Results:
         return {"threshold": threshold, "effective_length": effective, "effective_length_lower": surely,
                 "per_length": per_length, "cells": cells}
 
-    def heatmap(self, path, metric: str = "substring", title: str | None = None) -> Path:
-        """Write a depth × length PNG of accuracy (needs the ``plot`` extra: matplotlib)."""
+    def heatmap(self, path=None, metric: str = "substring", title: str | None = None):
+        """A depth × length heatmap of accuracy as a ``matplotlib.figure.Figure``, also written
+        to ``path`` (a PNG) when given. Built without pyplot, so matplotlib's backend and
+        pyplot's figure list stay as they were (a notebook shows the returned figure). Needs
+        the ``plot`` extra (matplotlib)."""
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("Results.heatmap needs matplotlib: pip install 'longctx[plot]'") from None
         lengths, depths, hits, n = self.grid(metric)
         acc = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+        fig = Figure(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+        ax = fig.subplots()
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -325,11 +330,64 @@ class Results:
         ax.set_title(title or f"needle retrieval ({metric} match)")
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def to_dict(self) -> dict:
+        """{"records": the cells (copies of the JSONL dicts), "effective_length": as
+        ``effective_length(0.9)``}."""
+        return {"records": [dict(r) for r in self.records], "effective_length": self.effective_length(0.9)}
+
+    def to_pandas(self):
+        """The cells as a pandas DataFrame, one row per cell (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Results.to_pandas needs pandas: pip install pandas") from None
+        return pd.DataFrame([dict(r) for r in self.records])
+
+    def _summary(self) -> str:
+        tasks = sorted({str(r.get("task")) for r in self.records if "task" in r})
+        lengths = sorted({r["length"] for r in self.records})
+        span = (length_label(lengths[0]) + (f"-{length_label(lengths[-1])}" if len(lengths) > 1 else "")
+                if lengths else "none")
+        hits = sum(bool(r.get("substring")) for r in self.records)
+        acc = f", substring {hits}/{len(self.records)}" if self.records else ""
+        return f"task {', '.join(tasks) or '?'}, {len(self.records)} cells, lengths {span}{acc}"
+
+    def __repr__(self) -> str:
+        return f"Results({self._summary()})"
+
+    def _repr_html_(self) -> str:
+        lengths, depths, hits, n = self.grid("substring") if self.records else ([], [], None, None)
+        head = "".join(f"<th>{length_label(L)}</th>" for L in lengths)
+        rows = "".join(
+            f"<tr><th>{d:.0%}</th>" + "".join(
+                f"<td>{hits[i, j] / n[i, j]:.0%}</td>" if n[i, j] else "<td>-</td>" for j in range(len(lengths)))
+            + "</tr>" for i, d in enumerate(depths))
+        return (f"<p>NIAH results: {html.escape(self._summary())} (substring accuracy, depth × length)</p>"
+                f"<table><tr><th>depth</th>{head}</tr>{rows}</table>")
+
+
+def parse_length(s) -> int:
+    """A length in tokens: an int, or text as ``length_label`` writes it: "32k" -> 32768,
+    "1m" -> 1048576, "1.5k" -> 1536, "500" -> 500. ValueError for anything else or < 1."""
+    if isinstance(s, numbers.Integral) and not isinstance(s, bool):
+        n = int(s)
+    elif isinstance(s, str):
+        t = s.strip().lower()
+        try:
+            n = int(float(t.rstrip("km")) * {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1))
+        except ValueError:
+            raise ValueError(f"not a length: {s!r} (examples: 4096, 32k, 1m)") from None
+    else:
+        raise TypeError(f"a length must be an int or a string like '32k', got {type(s).__name__} {s!r}")
+    if n < 1:
+        raise ValueError(f"a length must be >= 1 token, got {s!r}")
+    return n
 
 
 def length_label(n: int) -> str:
@@ -358,6 +416,29 @@ def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dic
 def _hash(rec: dict) -> str:
     """A result's identity in the journal: its cell's content hash."""
     return rec["hash"]
+
+
+def _grid_axes(lengths, depths) -> tuple[list[int], list[float]]:
+    """``run``'s lengths (ints or "32k" strings) and depths (fractions in [0, 1]) as lists,
+    or TypeError / ValueError naming the argument."""
+    if isinstance(lengths, (str, int)) or not hasattr(lengths, "__iter__"):
+        raise TypeError(f"lengths must be a list of lengths (e.g. [1024, '32k']), got {type(lengths).__name__} "
+                        f"{lengths!r}")
+    try:
+        lengths = [parse_length(x) for x in lengths]
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"lengths: {e}") from None
+    if isinstance(depths, (str, int, float)) or not hasattr(depths, "__iter__"):
+        raise TypeError(f"depths must be a list of fractions in [0, 1] (e.g. [0, 0.5, 1]), got "
+                        f"{type(depths).__name__} {depths!r}")
+    depths = list(depths)
+    if not all(isinstance(d, numbers.Real) and not isinstance(d, bool) for d in depths):
+        raise TypeError(f"depths must be numbers (fractions in [0, 1]), got {depths!r}")
+    if not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be fractions in [0, 1] (50 % is 0.5), got {depths!r}")
+    if not lengths or not depths:
+        raise ValueError(f"lengths and depths must be non-empty, got {lengths!r} and {depths!r}")
+    return lengths, [float(d) for d in depths]
 
 
 def prefix_forks(model: Model, prompts: list[list[int]],
@@ -421,14 +502,22 @@ def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depth
         max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
 
-    out: a JSONL path; finished cells there with a matching hash are skipped, new cells are
-    appended as they finish. Returns every cell of the grid (loaded or computed).
+    lengths: a list of token counts, ints or strings like "32k" (``parse_length``); depths: a
+    list of fractions of the context in [0, 1]; samples >= 1. out: a JSONL path; finished
+    cells there with a matching hash are skipped, new cells are appended as they finish.
+    Returns every cell of the grid (loaded or computed). Arguments are checked before any
+    work (TypeError / ValueError naming the argument).
     """
+    if task not in TASKS:
+        raise ValueError(f"task: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    lengths, depths = _grid_axes(lengths, depths)
+    check_int("samples", samples, 1)
+    check_int("seed", seed, 0)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("chunk_size", chunk_size, 1)
     tok = model.tokenizer
     if tok is None:
         raise ValueError("model has no tokenizer (load it from a folder with tokenizer.model)")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     out = Path(out) if out is not None else None
     done = {e.key: e.record for e in jsonl.read(out, _hash, repair=True)} if out else {}
     fh = None

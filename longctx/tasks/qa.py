@@ -1,8 +1,10 @@
 """Cross-document QA: prefill a corpus once, ask many questions, cite the documents used.
 
     session = Session(model, ingest(["reports/"]))      # packs and prefills once
-    a = session.ask("Which report mentions the merger?")
+    a = session.ask("What is the special magic number for quiet-otter?")
     a.text, a.citations[0].title, a.citations[0].share
+    for piece in session.ask("Which document mentions ...?", stream=True):   # text as decoded
+        print(piece, end="", flush=True)
 
 Each ``ask`` appends the question to a *fork* of the corpus cache (sealed KV segments are
 shared, not copied) and drops the fork afterwards, so questions never re-prefill the corpus
@@ -16,10 +18,12 @@ Batch jobs over many corpora and questions: ``longctx.tasks.batch.run_batch``.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,16 +31,15 @@ import numpy as np
 import torch
 
 from ..cache import KVCache, OffloadPolicy, atomic_folder, token_hash
-from ..generate import decode, prefill
-from ..text.ingest import BudgetError
+from ..generate import TextStream, check_int, check_sampling, decode_steps, prefill
+from ..text.ingest import BudgetError, Corpus
 from ..text.prompt import context_prefix, question_suffix
 
 if TYPE_CHECKING:
     from ..model import Model
-    from ..text.ingest import Corpus
     from ..text.tokenizer import Tokenizer
 
-__all__ = ["Answer", "Citation", "QAError", "Session"]
+__all__ = ["Answer", "AnswerStream", "Citation", "QAError", "Session"]
 
 SESSION_FORMAT = "longctx-session-1"
 
@@ -72,10 +75,60 @@ class Answer:
     prefill_s: float
     decode_s: float
     stopped: str = "stop"  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
+    question: str = ""
 
     @property
     def seconds(self) -> float:
         return self.prefill_s + self.decode_s
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready fields: question, text, citations (all, best first), other_share,
+        token counts, seconds, stopped."""
+        return dataclasses.asdict(self)
+
+    def __repr__(self) -> str:
+        top = f", top: {self.citations[0].title[:60]!r} {self.citations[0].share:.0%}" if self.citations else ""
+        return (f"Answer({_clip(self.text, 300)!r}, {len(self.citations)} citations{top}, "
+                f"{self.question_tokens}+{self.answer_tokens} tokens, {self.seconds:.3f} s)")
+
+    def _repr_html_(self) -> str:
+        rows = [(f"{c.share:.1%}", c.title, c.page or "", c.source or "in memory") for c in self.citations[:5]]
+        more = len(self.citations) - len(rows)
+        return (f"<p><b>{html.escape(_clip(self.question, 500))}</b><br>{html.escape(_clip(self.text, 2000))}</p>"
+                + _html_table(("share", "document", "page", "source"), rows,
+                              f"{more} more documents" if more > 0 else None)
+                + f"<p>{self.question_tokens} question + {self.answer_tokens} answer tokens, "
+                f"{self.seconds:.3f} s, stopped: {self.stopped}; {self.other_share:.1%} of the attention "
+                "outside the documents</p>")
+
+
+def _clip(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters (with an ellipsis when cut)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _html_table(header, rows, footer: str | None = None) -> str:
+    """A small HTML table (cells escaped); ``footer``: a last row spanning the table."""
+    cell = lambda tag, v: f"<{tag}>{html.escape(str(v))}</{tag}>"  # noqa: E731
+    body = "".join("<tr>" + "".join(cell("td", v) for v in r) + "</tr>" for r in rows)
+    tail = f'<tr><td colspan="{len(header)}">{html.escape(footer)}</td></tr>' if footer else ""
+    return f"<table><tr>{''.join(cell('th', h) for h in header)}</tr>{body}{tail}</table>"
+
+
+class AnswerStream:
+    """``Session.ask(..., stream=True)``: iterate for the answer's text pieces as they are
+    decoded (joined, they equal ``answer.text``); ``answer`` holds the ``Answer`` once the
+    iteration has ended (None before)."""
+
+    def __init__(self, steps: Generator[str, None, Answer]):
+        self._steps = steps
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.answer = yield from self._steps
+
+    def __repr__(self) -> str:
+        return f"AnswerStream({'done' if self.answer else 'not consumed'})"
 
 
 @dataclass
@@ -94,6 +147,7 @@ class _Prefilled:
     documents: list[dict]
     cache: KVCache
     prefill_s: float
+    dropped: list[dict] = field(default_factory=list)  # {"title", "source"} of documents left out
 
 
 def _tokenizer(model: Model) -> Tokenizer:
@@ -102,8 +156,23 @@ def _tokenizer(model: Model) -> Tokenizer:
     return model.tokenizer
 
 
+def _check_corpus(corpus) -> None:
+    """TypeError unless ``corpus`` is a ``Corpus`` (paths must go through ``ingest`` first);
+    QAError if it has no documents."""
+    if isinstance(corpus, (str, os.PathLike)):
+        raise TypeError(f"corpus must be a Corpus, got the path {os.fspath(corpus)!r}: read it first with "
+                        "longctx.ingest([path])")
+    if not isinstance(corpus, Corpus):
+        raise TypeError(f"corpus must be a Corpus (longctx.ingest makes one), got {type(corpus).__name__}")
+    if len(corpus) == 0:
+        skipped = f" ({len(corpus.skipped)} inputs skipped, e.g. {corpus.skipped[0].path}: " \
+                  f"{corpus.skipped[0].reason})" if corpus.skipped else ""
+        raise QAError(f"corpus has no documents{skipped}: nothing to answer from")
+
+
 def _pack_and_prefill(model: Model, corpus: Corpus, offload: OffloadPolicy | None, chunk_size: int,
-                      max_context: int | None, budget: int | None, progress: bool | None) -> _Prefilled:
+                      max_context: int | None, budget: int | None, progress: bool | None,
+                      overflow: str = "error") -> _Prefilled:
     """Pack ``corpus`` behind the prompt header (QAError, before any prefill, if it does not
     fit) and prefill it into a new cache."""
     tok, cfg = _tokenizer(model), model.config
@@ -111,17 +180,18 @@ def _pack_and_prefill(model: Model, corpus: Corpus, offload: OffloadPolicy | Non
     head = np.asarray(context_prefix(tok, []), dtype=np.int64)  # the prompt header
     try:
         packed = corpus.pack(tok, budget=limit - len(head) if budget is None else budget, progress=bool(progress),
-                             chunk=cfg.attention_chunk_size if cfg.chunk_markers else None, offset=len(head))
+                             chunk=cfg.attention_chunk_size if cfg.chunk_markers else None, offset=len(head),
+                             overflow=overflow)
     except BudgetError as e:
         raise QAError(f"the corpus does not fit the context of {limit} tokens ({len(head)} of them are the prompt "
-                      f"header): {e}") from e
+                      f"header): {e} (command line: --overflow drop|truncate)") from e
     prefix = np.concatenate([head, np.asarray(packed.ids, dtype=np.int64)])  # = context_prefix(tok, packed.ids)
     cache = model.new_cache(offload=offload)
     t0 = time.perf_counter()
     prefill(model, torch.from_numpy(prefix)[None], cache, chunk_size, progress)
     return _Prefilled(prefix, len(head), [dataclasses.asdict(s) for s in packed.spans],
                       [{"title": d.title, "source": d.source, "sha256": d.sha256} for d in corpus.documents],
-                      cache, time.perf_counter() - t0)
+                      cache, time.perf_counter() - t0, [{"title": d.title, "source": d.source} for d in packed.dropped])
 
 
 class Session:
@@ -130,22 +200,34 @@ class Session:
     offload: where global-layer KV goes (``OffloadPolicy``); chunk_size: prefill chunk in
     tokens; max_context: the most tokens corpus + question + answer may take (default: the
     model's ``max_position_embeddings``); budget: token budget for the packed corpus (default:
-    what fits in max_context). A corpus that does not fit raises ``QAError`` before any prefill.
+    what fits in max_context); overflow: what to do with a corpus over the budget, as in
+    ``Corpus.pack``: "error" (``QAError``, before any prefill), "drop" (leave out whole
+    documents from the end) or "truncate" (also cut the first one that does not fit);
+    ``dropped`` lists the documents left out. Arguments are checked before any packing:
+    ``corpus`` must be a non-empty ``Corpus`` (``longctx.ingest`` makes one).
     ``_prefilled`` is ``Session.load``'s way in: a saved corpus and its loaded cache, used as
     they are (``corpus`` is then None, and nothing is packed or prefilled).
     """
 
     def __init__(self, model: Model, corpus: Corpus | None, *, offload: OffloadPolicy | None = None,
                  chunk_size: int = 2048, max_context: int | None = None, budget: int | None = None,
-                 progress: bool | None = None, _prefilled: _Prefilled | None = None):
+                 progress: bool | None = None, overflow: str = "error", _prefilled: _Prefilled | None = None):
+        check_int("chunk_size", chunk_size, 1)
+        if max_context is not None:
+            check_int("max_context", max_context, 1)
         if _prefilled is None:
-            if corpus is None:
-                raise QAError("a Session needs a corpus (or use Session.load for a saved one)")
-            _prefilled = _pack_and_prefill(model, corpus, offload, chunk_size, max_context, budget, progress)
+            _check_corpus(corpus)
+            if budget is not None:
+                check_int("budget", budget, 1)
+            if overflow not in ("error", "drop", "truncate"):
+                raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
+            _tokenizer(model)
+            _prefilled = _pack_and_prefill(model, corpus, offload, chunk_size, max_context, budget, progress,
+                                           overflow)
         self.model, self.chunk_size, self.max_context = model, chunk_size, max_context
         p = _prefilled
         self.prefix, self.offset, self.spans, self.documents = p.prefix, p.offset, p.spans, p.documents
-        self.cache, self.prefill_s = p.cache, p.prefill_s
+        self.cache, self.prefill_s, self.dropped = p.cache, p.prefill_s, p.dropped
 
     @property
     def n_tokens(self) -> int:
@@ -154,25 +236,66 @@ class Session:
         return len(self.prefix)
 
     def __repr__(self) -> str:
-        return f"Session({len(self.documents)} documents, {self.n_tokens} tokens)"
+        dropped = f", {len(self.dropped)} dropped" if self.dropped else ""
+        return (f"Session({len(self.documents)} documents, {self.n_tokens} tokens{dropped}, "
+                f"prefill {self.prefill_s:.1f} s)")
 
-    @torch.inference_mode()
+    def to_dict(self) -> dict:
+        """Plain fields: documents ({"title", "source", "sha256"}), dropped, n_tokens, prefill_s,
+        chunk_size, max_context."""
+        return {"documents": [dict(d) for d in self.documents], "dropped": [dict(d) for d in self.dropped],
+                "n_tokens": self.n_tokens, "prefill_s": self.prefill_s, "chunk_size": self.chunk_size,
+                "max_context": self.max_context}
+
+    def _repr_html_(self) -> str:
+        rows = [(i, d["title"], d["source"] or "in memory") for i, d in enumerate(self.documents[:20])]
+        more = len(self.documents) - len(rows)
+        return (f"<p>Session: {len(self.documents)} documents, {self.n_tokens:,} tokens prefilled in "
+                f"{self.prefill_s:.2f} s" + (f", {len(self.dropped)} dropped by the budget" if self.dropped else "")
+                + "</p>" + _html_table(("id", "document", "source"), rows, f"{more} more" if more > 0 else None))
+
     def ask(self, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             generator: torch.Generator | None = None, max_context: int | None = None,
-            on_token: Callable[[int, list[int | None]], None] | None = None) -> Answer:
+            on_token: Callable[[int, list[int | None]], None] | None = None,
+            on_text: Callable[[str], None] | None = None, stream: bool = False) -> Answer | AnswerStream:
         """Answer ``question`` from the corpus (greedy at temperature 0; else sampled with
         ``generator``). Stops at <|eot|>/<|eom|> or the config's eos ids, or after
         ``max_new_tokens``. Raises ``QAError`` if corpus + question + answer would not fit in
         ``max_context`` tokens (default: the session's, else max_position_embeddings).
-        ``on_token(step, [id or None])`` sees each answer token as it is decoded (``decode``)."""
-        if not isinstance(question, str) or not question.strip():
-            raise QAError(f"a question must be a non-empty string, got {question!r}")
+        ``on_token(step, [id or None])`` sees each answer token as it is decoded (``decode``);
+        ``on_text(piece)`` each piece of the answer's text as it is decoded (``TextStream``).
+        ``stream=True`` returns an ``AnswerStream`` instead: iterate it for the text pieces, then
+        read its ``answer``. Arguments are checked here, before any prefill (TypeError /
+        ValueError naming the argument; an empty question is a ``QAError``)."""
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        if not question.strip():
+            raise QAError(f"question must be a non-empty string, got {question!r}")
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_sampling(temperature, top_p)
+        if max_context is not None:
+            check_int("max_context", max_context, 1)
         model, tok = self.model, _tokenizer(self.model)
         suffix = question_suffix(tok, question, at=self.n_tokens, chunk=model.config.local_chunk)
         limit = max_context or self.max_context or model.config.max_position_embeddings
         if self.n_tokens + len(suffix) + max_new_tokens > limit:
             raise QAError(f"question of {len(suffix)} tokens + {max_new_tokens} answer tokens does not fit: "
                           f"the corpus holds {self.n_tokens} of {limit} tokens")
+        steps = self._answer(question, suffix, max_new_tokens, temperature, top_p, generator, on_token)
+        if stream:
+            return AnswerStream(steps)
+        run = AnswerStream(steps)
+        for piece in run:
+            if on_text is not None:
+                on_text(piece)
+        return run.answer
+
+    @torch.inference_mode()
+    def _answer(self, question: str, suffix: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                generator, on_token) -> Generator[str, None, Answer]:
+        """``ask``'s work once its arguments are checked: yields the answer's text pieces,
+        returns the ``Answer``."""
+        model, tok = self.model, self.model.tokenizer
         cache = self.cache.fork()  # dropped on return: the session's cache never sees the question
         t0 = time.perf_counter()
         if len(suffix) > 1:
@@ -182,14 +305,29 @@ class Session:
         cache.record_attention()
         logits = model(torch.tensor([suffix[-1:]], device=model.device), cache)[:, -1].float()
         t1 = time.perf_counter()
-        gen = decode(model, cache, logits, max_new_tokens=max_new_tokens,
-                     stop_ids=set(model.config.stop_ids) | {tok.eot_id, tok.eom_id}, temperature=temperature,
-                     top_p=top_p, generator=generator, on_token=on_token)
+        steps = decode_steps(model, cache, logits, max_new_tokens=max_new_tokens,
+                             stop_ids=set(model.config.stop_ids) | {tok.eot_id, tok.eom_id},
+                             temperature=temperature, top_p=top_p, generator=generator)
+        text = TextStream(tok.token_bytes)
+        step = 0
+        while True:
+            try:
+                new = next(steps)
+            except StopIteration as end:
+                gen = end.value
+                break
+            if on_token is not None:
+                on_token(step, new)
+            step += 1
+            if new[0] is not None and (piece := text.push(new[0])):
+                yield piece
+        if piece := text.close():
+            yield piece
         out = gen.tokens[0]
         citations, other = self._cite(cache.attention_mass()[0])
         t2 = time.perf_counter()
         return Answer(tok.decode(out).strip(), citations, other, len(suffix), len(out), t1 - t0, t2 - t1,
-                      gen.stopped[0])
+                      gen.stopped[0], question)
 
     def _cite(self, mass: torch.Tensor) -> tuple[list[Citation], float]:
         """Attention mass per position (L,) -> documents ranked by their share, and the rest."""
@@ -216,7 +354,7 @@ class Session:
         with atomic_folder(folder) as tmp:
             self.cache.save(tmp / "cache")
             np.save(tmp / "prefix.npy", np.asarray(self.prefix, dtype=np.int64))
-            meta = {"format": SESSION_FORMAT, "spans": self.spans, "documents": self.documents,
+            meta = {"format": SESSION_FORMAT, "spans": self.spans, "documents": self.documents, "dropped": self.dropped,
                     "offset": self.offset, "chunk_size": self.chunk_size, "max_context": self.max_context,
                     "prefix_sha256": token_hash(self.prefix[None])[0]}
             (tmp / "session.json").write_text(json.dumps(meta))
@@ -247,4 +385,5 @@ class Session:
         _tokenizer(model)
         cache = KVCache.load(folder / "cache", model, tokens=torch.from_numpy(prefix)[None], offload=offload)
         return cls(model, None, chunk_size=meta["chunk_size"], max_context=meta.get("max_context"),
-                   _prefilled=_Prefilled(prefix, meta["offset"], meta["spans"], meta["documents"], cache, 0.0))
+                   _prefilled=_Prefilled(prefix, meta["offset"], meta["spans"], meta["documents"], cache, 0.0,
+                                         meta.get("dropped", [])))

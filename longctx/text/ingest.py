@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import html
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .document import (
@@ -82,37 +83,36 @@ def _matches(rel: str, pattern: str) -> bool:
     return pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:])
 
 
-def _walk(folder: Path, glob: str | None, label: str) -> tuple[list[tuple[Path, str]], list[Skipped]]:
-    """Files under `folder` as (path, label) in a stable order, plus unreadable folders."""
-    files: list[tuple[Path, str]] = []
-    problems: list[Skipped] = []
+def _walk(folder: Path, glob: str | None, label: str) -> Iterator[tuple[Path, str] | Skipped]:
+    """Files under `folder` as (path, label) in a stable order, and a Skipped for each folder
+    that can't be listed, yielded as found: memory holds one folder's names per level of
+    depth, never the whole tree's file list (a folder of 100,000 files streams)."""
     seen: set[str] = set()  # real paths of visited folders: a symlink loop is entered once
 
-    def visit(d: Path, rel: str) -> None:
+    def visit(d: Path, rel: str) -> Iterator[tuple[Path, str] | Skipped]:
         real = os.path.realpath(d)
         if real in seen:
             return
         seen.add(real)
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            with os.scandir(d) as it:
+                names = sorted(entry.name for entry in it if not entry.name.startswith("."))
         except OSError as e:
-            problems.append(Skipped(_join(label, rel), f"cannot list folder ({e.strerror or e})"))
+            yield Skipped(_join(label, rel), f"cannot list folder ({e.strerror or e})")
             return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            sub = f"{rel}/{entry.name}" if rel else entry.name
+        for name in names:
+            sub = f"{rel}/{name}" if rel else name
+            path = d / name
             try:
-                is_dir = entry.is_dir()  # follows symlinks
-            except OSError:
+                is_dir = path.is_dir()  # follows symlinks
+            except OSError:  # over-long names, ...: read_file reports them for the file
                 is_dir = False
             if is_dir:
-                visit(Path(entry.path), sub)
+                yield from visit(path, sub)
             elif glob is None or _matches(sub, glob):
-                files.append((Path(entry.path), _join(label, sub)))
+                yield path, _join(label, sub)
 
-    visit(folder, "")
-    return files, problems
+    yield from visit(folder, "")
 
 
 def _join(folder_label: str, rel: str) -> str:
@@ -160,6 +160,33 @@ class Corpus:
             f"{len(self.skipped)} skipped, {len(self.duplicates)} duplicates)"
         )
 
+    def to_dict(self) -> dict:
+        """Plain fields (no texts): documents ({"id", "title", "source", "format", "chars",
+        "pages", "sha256"}), skipped ({"path", "reason"}), duplicates ({"kept_id", "path"})."""
+        return {
+            "documents": [
+                {"id": d.id, "title": d.title, "source": d.source, "format": d.format, "chars": len(d.text),
+                 "pages": d.n_pages, "sha256": d.sha256}
+                for d in self.documents
+            ],
+            "skipped": [s._asdict() for s in self.skipped],
+            "duplicates": [d._asdict() for d in self.duplicates],
+        }
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{d.id}</td><td>{html.escape(d.title)}</td><td>{d.format}</td><td>{len(d.text):,}</td>"
+            f"<td>{html.escape(d.source or 'in memory')}</td></tr>"
+            for d in self.documents[:20]
+        )
+        more = len(self.documents) - 20
+        tail = f'<tr><td colspan="5">{more} more documents</td></tr>' if more > 0 else ""
+        skipped = "".join(f"<li>skipped {html.escape(s.path)}: {html.escape(s.reason)}</li>" for s in self.skipped[:10])
+        return (
+            f"<p>{html.escape(repr(self))}</p><table><tr><th>id</th><th>title</th><th>format</th><th>chars</th>"
+            f"<th>source</th></tr>{rows}{tail}</table>" + (f"<ul>{skipped}</ul>" if skipped else "")
+        )
+
     def pack(self, tokenizer, **options) -> Packed:
         """The documents as token ids with delimiters and exact spans: `longctx.text.pack.pack`
         with this corpus. Options (keyword-only): budget, template, overflow ("error", "drop",
@@ -173,6 +200,7 @@ def ingest(
     glob: str | None = None,
     errors: str = "raise",
     progress: bool | None = None,
+    max_bytes: int | None = None,
 ) -> Corpus:
     """Read files, folders and in-memory texts into a Corpus (see the module docstring).
 
@@ -184,10 +212,14 @@ def ingest(
         folder (e.g. "2024/**/*.md") applied to files found in folders.
     errors: "raise" (the first unreadable input raises IngestError) or "skip" (it is recorded
         in `corpus.skipped` and the rest is read).
-    progress: a tqdm bar over files (None: only for 100+ files on a terminal).
+    progress: a tqdm bar over files (None: only for 100+ files, or any folder, on a terminal).
+    max_bytes: refuse (or, under errors="skip", skip) each file larger than this many bytes,
+        decided from its size before any of it is read; None: no limit.
     """
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be an int >= 0 or None, got {max_bytes!r}")
     if isinstance(paths_or_texts, (str, os.PathLike)):
         paths_or_texts = [paths_or_texts]
     elif not isinstance(paths_or_texts, Iterable):
@@ -200,22 +232,36 @@ def ingest(
             raise IngestError(path, reason)
         skipped.append(Skipped(path, reason))
 
-    # 1. Expand the inputs into work items, in order: ("file", Path, label) or ("text", ...).
-    items: list[tuple] = []
+    # 1. Expand the inputs into work items, in order: ("file", Path, label), ("text", ...) or
+    # ("fail", label, reason). Folders are walked lazily, as their files are read.
+    def walked(path: Path, label: str) -> Iterator[tuple]:
+        found = False
+        for entry in _walk(path, glob, Path(label).as_posix()):
+            if isinstance(entry, Skipped):
+                yield ("fail", *entry)
+            else:
+                found = True
+                yield ("file", *entry)
+        if not found:
+            yield ("fail", label, "folder has no files" + (f" matching {glob!r}" if glob else ""))
+
+    items: list = []  # work items and folder walks (iterators of work items)
     n_texts = 0
+    n_files: int | None = 0  # None once a folder is given: its count is known only at the end
     for item in paths_or_texts:
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
             label = os.fspath(item)
-            if path.is_dir():
-                files, problems = _walk(path, glob, Path(label).as_posix())
-                for p in problems:
-                    fail(p.path, p.reason)
-                if not files:
-                    fail(label, "folder has no files" + (f" matching {glob!r}" if glob else ""))
-                items += [("file", p, lab) for p, lab in files]
+            try:
+                is_dir = path.is_dir()
+            except (OSError, ValueError):  # a name too long, ...: read_file names the reason
+                is_dir = False
+            if is_dir:
+                items.append(walked(path, label))
+                n_files = None
             else:
                 items.append(("file", path, label))
+                n_files = None if n_files is None else n_files + 1
         elif isinstance(item, tuple) and len(item) == 2:
             items.append(("text", item, f"<text {n_texts}>", n_texts))
             n_texts += 1
@@ -228,12 +274,18 @@ def ingest(
     documents: list[Document] = []
     duplicates: list[Duplicate] = []
     by_hash: dict[str, int] = {}
-    n_files = sum(1 for it in items if it[0] == "file")
     bar = progress_bar(progress, n_files, _PROGRESS_MIN_FILES, "reading", "file")
-    for it in items:
+    for it in (it for group in items for it in (group if not isinstance(group, tuple) else (group,))):
+        if it[0] == "fail":
+            try:
+                fail(it[1], it[2])
+            except IngestError:
+                bar.close()
+                raise
+            continue
         try:
             if it[0] == "file":
-                doc = read_file(it[1], it[2])
+                doc = read_file(it[1], it[2], max_bytes)
                 bar.update(1)
             else:
                 doc = _from_memory(*it[1:])

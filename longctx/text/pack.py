@@ -13,6 +13,7 @@ for the header/footer text of one document.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import html
 import os
 import re
@@ -95,6 +96,11 @@ def pack(
     with `chunk`, [header][text][marker][text][marker]...[footer], and a page is split into
     one span per piece between markers.
     """
+    if not hasattr(tokenizer, "encode_batch") or not hasattr(tokenizer, "decode_bytes"):
+        raise TypeError(
+            f"tokenizer must be a longctx Tokenizer (or have encode_batch and decode_bytes), got "
+            f"{type(tokenizer).__name__}: e.g. corpus.pack(model.tokenizer) or corpus.pack(Tokenizer.default())"
+        )
     if overflow not in ("error", "drop", "truncate"):
         raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
     if budget is not None and (not isinstance(budget, int) or budget < 0):
@@ -385,6 +391,32 @@ class Packed:
 
     def __repr__(self) -> str:
         return f"Packed({len(self.ids)} tokens, {len(self.documents)} documents, {len(self.spans)} spans, {len(self.dropped)} dropped)"
+
+    def to_dict(self) -> dict:
+        """Plain fields without the ids (``ids`` itself is the array): n_tokens, spans (dicts),
+        documents and dropped (document ids), template, budget, tokenizer_fingerprint."""
+        return {
+            "n_tokens": len(self.ids),
+            "spans": [dataclasses.asdict(s) for s in self.spans],
+            "documents": [d.id for d in self.documents],
+            "dropped": [d.id for d in self.dropped],
+            "template": self.template,
+            "budget": self.budget,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+        }
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{s.doc_id}</td><td>{html.escape(s.title)}</td><td>{s.page or ''}</td><td>{s.start:,}</td>"
+            f"<td>{s.end:,}</td><td>{'yes' if s.truncated else ''}</td></tr>"
+            for s in self.spans[:20]
+        )
+        more = len(self.spans) - 20
+        tail = f'<tr><td colspan="6">{more} more spans</td></tr>' if more > 0 else ""
+        return (
+            f"<p>{html.escape(repr(self))}</p><table><tr><th>document</th><th>title</th><th>page</th><th>start</th>"
+            f"<th>end</th><th>truncated</th></tr>{rows}{tail}</table>"
+        )
 
     def span_at(self, index: int) -> DocumentSpan | None:
         """The span holding token `index` (negative counts from the end), or None for a

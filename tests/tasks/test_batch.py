@@ -16,7 +16,7 @@ import pytest
 from conftest import text_model
 
 from longctx.checkpoint import save_model
-from longctx.tasks.batch import run_batch
+from longctx.tasks.batch import count_answers, run_batch
 from longctx.tasks.qa import Session
 from longctx.text.tokenizer import Tokenizer
 
@@ -187,7 +187,8 @@ def free_port() -> int:
 
 def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
     """`torchrun -m longctx.cli batch` on 2 gloo ranks writes the file one process writes;
-    sampled answers too, since each question has its own seed whatever rank answers it."""
+    sampled answers too, since each question has its own seed whatever rank answers it. The
+    jobs file has failing lines: exit status 1 and one summary line, from rank 0 only."""
     jobs = jobs_file(tmp_path)
     single = tmp_path / "single.jsonl"
     run_batch(model, jobs, single, max_new_tokens=4, max_context=3000, temperature=0.8, progress=False)
@@ -196,12 +197,15 @@ def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "longctx.cli", "batch",
                 str(jobs), "--out", str(multi), "--model", str(checkpoint), "--max-new-tokens", "4",
                 "--max-context", "3000", "--temperature", "0.8", "--no-progress"]
-    subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)
+    run = subprocess.run(torchrun, cwd=ROOT, env=ENV, timeout=300, capture_output=True, text=True)
+    answered, failed = count_answers(single)
+    assert failed > 0 and run.returncode == 1, run.stderr
+    assert run.stderr.count(f"longctx batch: {answered} answered, {failed} failed (see {multi})") == 1
     assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == ["multi.jsonl", "multi.jsonl.rank0",
                                                                      "multi.jsonl.rank1"]
     assert_same_answers(multi, single)
     before = multi.read_text()
-    subprocess.run(torchrun, cwd=ROOT, check=True, env=ENV, timeout=300)  # a rerun has nothing to do
+    assert subprocess.run(torchrun, cwd=ROOT, env=ENV, timeout=300).returncode == 1  # a rerun has nothing to do
     assert multi.read_text() == before
 
 

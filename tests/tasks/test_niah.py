@@ -202,8 +202,8 @@ def test_results_table_effective_length_and_heatmap(tmp_path):
     assert big["effective_length_lower"] == 1024 and big["per_length"][0]["ci95"][0] > 0.9
     assert [p["accuracy"] for p in eff["per_length"]] == [1.0, 0.75, 0.25]
     assert "1k" in res.table() and "100%" in res.table()
-    png = res.heatmap(tmp_path / "h.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = res.heatmap(tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.axes
 
 
 def test_corpus_haystack_records_provenance(tok, model):
