@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 # name -> (module, attribute); attribute None means the module itself.
 _LAZY = {
     "Session": ("tasks.qa", "Session"),
+    "AnswerStream": ("tasks.qa", "AnswerStream"),
     "Answer": ("tasks.qa", "Answer"),
     "Citation": ("tasks.qa", "Citation"),
     "QAError": ("tasks.qa", "QAError"),
