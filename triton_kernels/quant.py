@@ -22,6 +22,8 @@ against ``dequantize`` + matmul in the activation dtype.
 dequantization fused into the K loop; an error if it cannot run), "auto" (triton on CUDA tensors,
 or on CPU when TRITON_INTERPRET=1 asks for the interpreter; otherwise the CPU path: torch's
 packed-weight ops for 1-16 bf16 rows, where they are the fastest CPU path, else the reference).
+The CPU path's int4 packed layout is a second copy of the weights (``cpu_packed``): memory for
+decode speed; "reference" avoids it.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     ``32 // bits`` per word, element k at bits ``bits * (k % per_word)`` stored as ``q + 2**(bits-1)``."""
     per = 32 // bits
     K = q.shape[-1]
-    u = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    # In place on one int64 temporary: streaming loads quantize expert by expert, and each extra
+    # full-size temporary here is 8 bytes per weight of the host's peak.
+    u = q.to(torch.int64).add_(1 << (bits - 1)).bitwise_and_((1 << bits) - 1)
     pad = (-K) % per
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))
-    u = u.reshape(*q.shape[:-1], -1, per) << (bits * torch.arange(per, device=q.device))
+    u = u.reshape(*q.shape[:-1], -1, per).bitwise_left_shift_(bits * torch.arange(per, device=q.device))
     word = u.sum(-1)  # disjoint bit fields: the sum is the bitwise or
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
@@ -102,10 +106,12 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[t
     if G <= 0 or K % G:
         raise ValueError(f"group_size={group_size} must be a positive divisor of the input dim {K}")
     qmax = (1 << (bits - 1)) - 1
-    wf = weight.float().reshape(*weight.shape[:-1], K // G, G)
-    scale = (wf.abs().amax(-1) / qmax).to(weight.dtype)  # [..., N, K/G]
+    # The one fp32 temporary, contiguous even for a transposed view (so the grouping is a view).
+    wf = torch.empty(weight.shape, dtype=torch.float32, device=weight.device).copy_(weight)
+    wf = wf.view(*weight.shape[:-1], K // G, G)
+    scale = (torch.maximum(wf.amax(-1), wf.amin(-1).neg_()) / qmax).to(weight.dtype)  # absmax / qmax, [..., N, K/G]
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()[..., None]
-    q = torch.round(wf / safe).clamp(-qmax - 1, qmax).to(torch.int8).reshape(weight.shape)
+    q = wf.div_(safe).round_().clamp_(-qmax - 1, qmax).to(torch.int8).reshape(weight.shape)
     return (pack_int32(q, 4) if bits == 4 else q), scale
 
 
@@ -160,7 +166,13 @@ def _reference(x, w, scale, zero, counts):
 def cpu_packed(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, K: int):
     """Weights of one expert ``[N, ·]`` in the layout of torch's packed CPU op, or None where the op
     does not apply (int4: N % 16 == 0 and group 32-256; int8: per channel, no zero point).
-    Costs a second copy of the weight: callers cache it."""
+
+    int8: the weight itself (no copy; the scales as a bf16 vector). int4: torch's own nibble
+    order, a second copy of the weight (as many bytes, plus scales-and-zeros at twice the scale
+    bytes); callers cache it, so a model decoding on CPU holds its int4 weights about twice.
+    That is the price of the fast decode path: the packed op is tens of times faster at 1-16
+    rows than unpacking + matmul, on AVX2 CPUs too, so it is not limited to CPUs with native
+    bf16. ``impl="reference"`` (``longctx.quant.set_impl``) never builds it, and drops it."""
     N = w.shape[0]
     G = _group(K, scale)
     if bits_of(w) == 8:
