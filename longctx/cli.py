@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
 import time
@@ -249,36 +250,40 @@ def cmd_info(args) -> int:
         raw = {} if args.preset else json.loads((folder / "config.json").read_text())
         args.dtype = (raw.get("text_config") or {}).get("torch_dtype") or raw.get("torch_dtype") or "bfloat16"
         args.dtype = args.dtype if args.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
-    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
-    n = args.context
-    kv = cfg.kv_bytes_per_token(dtype_bytes)
-    n_chunked = cfg.layer_kinds.count("chunked")
-    weights = cfg.num_parameters() * dtype_bytes
-    global_kv = kv["global"] * n
-    chunked_kv = kv["per_layer"] * n_chunked * min(n, cfg.attention_chunk_size)
-    gib = 2**30
+    from .quant import memory_plan
+
+    gpu = args.gpu_memory
+    if gpu is None and torch.cuda.is_available():
+        gpu = torch.cuda.mem_get_info()[0]  # what is free on this GPU now
+    try:
+        plan = memory_plan(cfg, None if args.quantize == "none" else args.quantize, context=args.context,
+                           group_size=args.group_size, quantize_attention=args.quantize_attention,
+                           dtype=getattr(torch, args.dtype), gpu_bytes=gpu, cpu_bytes=args.cpu_memory)
+    except ValueError as e:
+        raise UsageError(f"--group-size: {e}") from None
     print(f"model: {name}")
-    print(f"  {cfg.num_hidden_layers} layers ({cfg.layer_kinds.count('global')} global NoPE, {n_chunked} chunked, "
-          f"chunk {cfg.attention_chunk_size}), hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
-          f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim}, {cfg.num_local_experts} experts top-"
-          f"{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}")
-    print(f"  parameters: {cfg.num_parameters():,}")
-    print(f"memory plan for {n:,} tokens in {args.dtype}:")
-    print(f"  weights           {_size(weights)}")
-    print(f"  global-layer KV   {_size(global_kv)}  ({kv['global']:,} B/token, offloadable by segment)")
-    print(f"  chunked-layer KV  {_size(chunked_kv)}  (bounded by one attention chunk)")
-    print(f"  total             {_size(weights + global_kv + chunked_kv)}")
-    if n > cfg.max_position_embeddings:
-        print(f"  NOTE: {n:,} tokens is past the model's max_position_embeddings ({cfg.max_position_embeddings:,})")
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        print(f"  GPU: {free / gib:.1f} of {total / gib:.1f} GiB free")
-        room = free - weights - chunked_kv
-        if room < global_kv:
-            on_gpu = max(0, room) // max(1, kv["global"])
-            print(f"  the global KV does not fit next to the weights: keep ~{on_gpu:,} tokens on the GPU "
-                  "(OffloadPolicy.device_bytes) and offload the rest to CPU / disk")
+    print(f"  {cfg.num_hidden_layers} layers ({cfg.layer_kinds.count('global')} global NoPE, "
+          f"{cfg.layer_kinds.count('chunked')} chunked, chunk {cfg.attention_chunk_size}), hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads x {cfg.head_dim}, "
+          f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}")
+    print("\n".join(plan.lines()))
+    if args.context > cfg.max_position_embeddings:
+        print(f"  NOTE: {args.context:,} tokens is past the model's max_position_embeddings "
+              f"({cfg.max_position_embeddings:,})")
     return 0
+
+
+def parse_bytes(s: str) -> int:
+    """A memory size: "80GiB", "80GB", "512MiB", "1.5TB" or a plain number of bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", s)
+    if m is None or m[2].lower() not in units:
+        raise argparse.ArgumentTypeError(f"not a memory size: {s!r} (examples: 80GiB, 80GB, 512MiB)")
+    n = int(float(m[1]) * units[m[2].lower()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a memory size must be > 0, got {s!r}")
+    return n
 
 
 def add_niah_arguments(p: argparse.ArgumentParser) -> None:
@@ -405,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context length in tokens, e.g. 128k, 1m (default: 128k)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: the checkpoint's dtype (bfloat16 for a preset)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the experts (and attention with --quantize-attention)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim (default: 128)")
+    p.add_argument("--quantize-attention", action="store_true", help="quantize attention projections too")
+    p.add_argument("--gpu-memory", type=parse_bytes, default=None, metavar="SIZE",
+                   help="GPU budget, e.g. 80GiB (default: what is free on this machine's GPU; none without one)")
+    p.add_argument("--cpu-memory", type=parse_bytes, default=None, metavar="SIZE",
+                   help="CPU budget for offloaded KV, e.g. 256GiB (default: unbounded; the rest goes to disk)")
     p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     p.set_defaults(fn=cmd_info)
     return ap

@@ -37,7 +37,9 @@ def test_info_memory_plan_for_scout(capsys):
     assert main(["info", "--preset", "scout", "--context", "1m"]) == 0
     out = capsys.readouterr().out
     assert "107,769,861,120" in out
-    assert "48.00 GiB" in out  # 12 global layers x 8 KV heads x 128 x 2 (K, V) x 2 B x 2^20 tokens
+    # 12 global layers x 8 KV heads x 128 x 2 (K, V) x 2 B = 48 KiB a token: 48 GiB at 2^20 tokens,
+    # plus 36 chunked layers x 8,192 tokens x 4 KiB = 1.125 GiB.
+    assert "KV per token         48.00 KiB" in out and "KV at context        49.12 GiB" in out
 
 
 def test_ask_prints_answer_and_citations(ckpt, tmp_path, capsys):
@@ -69,7 +71,9 @@ def test_batch_command(ckpt, tmp_path):
 def test_info_units_and_missing_default(capsys, monkeypatch, tmp_path):
     assert main(["info", "--preset", "tiny", "--context", "32k"]) == 0
     out = capsys.readouterr().out
-    assert "4.00 MiB" in out  # 1 global layer x 2 KV heads x 16 x 2 (K, V) x 2 B x 32768 tokens
+    # 1 global layer x 2 KV heads x 16 x 2 (K, V) x 2 B x 32768 tokens = 4 MiB, plus 3 chunked
+    # layers x 32 tokens x 128 B = 12 KiB.
+    assert "KV per token             128 B" in out and "KV at context         4.01 MiB" in out
     monkeypatch.setattr("longctx.checkpoint.DEFAULT_MODEL", tmp_path / "absent")
     assert main(["info"]) == 2
     assert "--preset" in capsys.readouterr().err
@@ -283,3 +287,22 @@ def test_threads_auto_is_one_for_a_small_model_and_a_number_is_kept(ckpt, tmp_pa
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setattr(gen_module, "SMALL_MODEL_PARAMETERS", 10**9)
     assert default_threads(model) is None  # the user's OMP_NUM_THREADS is kept
+
+
+def test_info_prints_the_quantized_memory_plan(capsys):
+    """`longctx info` prints quant.memory_plan (whose figures test_memory_plan checks against the
+    config): Scout int4 is the 58.8 GiB the issue states; an 80 GiB card keeps ~417K tokens."""
+    assert main(["info", "--preset", "scout", "--quantize", "int4", "--context", "10m", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "weights              58.79 GiB" in out and "int4 (group 128)" in out
+    assert "KV per token         48.00 KiB  in 12 global layers" in out
+    assert "-> 416,838 tokens of KV" in out
+    assert main(["info", "--preset", "scout"]) == 0
+    assert "(107,769,861,120 parameters)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", ["8XB", "-1GiB", "0"])
+def test_info_refuses_a_bad_memory_size(capsys, size):
+    assert main(["info", "--preset", "tiny", "--gpu-memory", size]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longctx info: argument --gpu-memory:") and "\n" not in err
