@@ -20,8 +20,10 @@ Because sealed segments never change, ``fork()`` is cheap: a fork shares them an
 the small open parts, so a QA session can append a question to a fork and drop it.
 
 Saved caches (``save`` / ``KVCache.load``) record the model fingerprint and a SHA-256 of each
-row's token ids; loading refuses another model or another text. Writes are atomic: the folder
-is built under a temporary name and renamed into place.
+row's token ids; loading refuses another model or another text. Every saved file is listed in
+``manifest.json`` with its size and SHA-256 (the manifest carries a digest of itself), and is
+verified before it is first read, so damage is a ``CacheError`` naming the file, never a
+wrong answer. Writes are atomic even against a kill at any instant (``atomic_folder``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +47,10 @@ from .offload import TIERS, CacheError, OffloadPolicy, Placer, Segment, stage
 if TYPE_CHECKING:
     from .model import Model
 
-FORMAT = "longctx-kvcache-1"
+# 2: files checksummed in manifest.json, tensor names listed per layer (format 1 had neither).
+FORMAT = "longctx-kvcache-2"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "longctx-manifest-1"
 
 
 class AttentionMass:
@@ -128,6 +134,14 @@ class ChunkedCache:
     def meta(self) -> dict:
         return {"kind": "chunked", "start": self.start}
 
+    def expected(self, meta: dict, length: int, seg: int) -> dict[str, int]:
+        """{tensor name: tokens} that a saved layer with ``meta`` holds (k, v (B, H, n, D)), after
+        ``length`` tokens: k and v exist, possibly empty, once anything was appended."""
+        n = length - meta["start"]
+        if not 0 <= n < self.chunk or meta["start"] % self.chunk:
+            raise CacheError(f"chunked layer start {meta['start']} does not fit length {length}, chunk {self.chunk}")
+        return {"k": n, "v": n} if length else {}
+
 
 class GlobalCache:
     """Every key of a global layer, as sealed segments on tiers plus an open tail on device."""
@@ -198,23 +212,115 @@ class GlobalCache:
     def meta(self) -> dict:
         return {"kind": "global", "starts": [s for _, s, _ in self.sealed], "tail_start": self.tail_start}
 
+    def expected(self, meta: dict, length: int, seg: int) -> dict[str, int]:
+        """{tensor name: tokens} that a saved layer with ``meta`` holds (segments and the open tail,
+        (2, B, H, n, D)), after ``length`` tokens: the tail exists, possibly empty, once anything
+        was appended."""
+        starts, tail_start = list(meta["starts"]), meta["tail_start"]
+        if (starts != [i * seg for i in range(len(starts))] or tail_start != len(starts) * seg
+                or not 0 <= length - tail_start < seg):
+            raise CacheError(f"global layer segments {starts[:4]} and tail at {tail_start} do not tile length {length}")
+        out = {f"seg{i}": seg for i in range(len(starts))}
+        if length:
+            out["tail"] = length - tail_start
+        return out
+
+
+# ---- atomic, checksummed folders ---------------------------------------------------------------
+
+def _step(name: str) -> None:
+    """Called after each write, sync and rename of ``atomic_folder`` and ``KVCache.save``; does
+    nothing. Tests replace it to kill the process at that instant."""
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (a folder: its names, i.e. renames)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _leftovers(folder: Path) -> Iterator[tuple[str, Path]]:
+    """("tmp" | "old", path) of every sibling that an ``atomic_folder`` save of ``folder`` left
+    behind and whose process is gone (names carry the writer's pid: a save still running in
+    another process is never touched)."""
+    try:
+        entries = list(os.scandir(folder.parent))
+    except OSError:  # no parent yet: nothing to clean
+        return
+    for entry in entries:
+        for kind in ("tmp", "old"):
+            prefix = f".{folder.name}.{kind}-"
+            if entry.name.startswith(prefix):
+                pid = entry.name[len(prefix):].split("-")[0]
+                if not pid.isdigit() or not _alive(int(pid)):
+                    yield kind, Path(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover(folder: str | os.PathLike) -> None:
+    """Undo or finish a save of ``folder`` by ``atomic_folder`` that was killed part way.
+
+    A kill leaves at most: a ``.NAME.tmp-PID-*`` folder (the new copy, maybe incomplete) and a
+    ``.NAME.old-PID-*`` folder (the old copy, complete, moved aside). If ``folder`` itself is
+    gone the kill came between the two renames: the old copy is put back. Then every leftover
+    is removed. Called by ``atomic_folder`` and ``KVCache.load``; cheap when there is nothing to
+    do (one listing of the parent folder)."""
+    folder = Path(folder)
+    found = list(_leftovers(folder))
+    if not found:
+        return
+    olds = sorted((p for kind, p in found if kind == "old"), key=lambda p: p.stat().st_mtime)
+    if olds and not folder.exists():
+        olds.pop().rename(folder)
+    for _, path in found:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+    _fsync(folder.parent)
+
 
 @contextlib.contextmanager
 def atomic_folder(folder: Path):
     """Yield an empty folder beside ``folder``; when the block finishes, put it at ``folder``.
 
-    An existing ``folder`` is moved aside first and removed only after the rename, so a reader
-    sees the old or the new folder, never half of one; if the block raises, the new folder is
-    removed and the old one stays as it was."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    Survives a kill at any instant: the new folder is written under ``.NAME.tmp-PID-*`` and
+    every file in it fsynced; an existing ``folder`` is renamed to ``.NAME.old-PID-*``, the new
+    one renamed into place, the parent folder fsynced (the renames are then on disk), and only
+    then the old copy removed. A reader therefore finds the old or the new folder, complete;
+    ``recover`` (run by the next save or load) cleans what a kill left. If the block raises,
+    the new folder is removed and the old one stays as it was."""
+    folder = Path(folder)
+    recover(folder)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = folder.with_name(f".{folder.name}.tmp-{tag}")
     tmp.mkdir(parents=True)
     old = None
     try:
         yield tmp
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                _fsync(Path(root) / name)
+            _fsync(Path(root))
+        _step("synced")
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            old = folder.with_name(f".{folder.name}.old-{tag}")
             folder.rename(old)
+            _step("moved old")
         tmp.rename(folder)
+        _step("renamed new")
+        _fsync(folder.parent)
+        _step("synced parent")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not folder.exists():
@@ -222,6 +328,66 @@ def atomic_folder(folder: Path):
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+        _step("removed old")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(files: dict) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder/manifest.json``: the size and SHA-256 of every other file in ``folder``
+    (not its subfolders, which carry their own), and a SHA-256 of that list, so that damage
+    to the manifest itself is found too. Write it after the last file."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    body = {"format": MANIFEST_FORMAT, "files": files, "sha256": _digest(files)}
+    (folder / MANIFEST).write_text(json.dumps(body, separators=(",", ":")))
+
+
+class Manifest:
+    """The verified ``manifest.json`` of a saved folder; ``check(name)`` verifies one file.
+
+    Raises ``CacheError`` naming the file: manifest missing, unreadable or not matching its own
+    digest; a file not listed, missing, of another size or another SHA-256."""
+
+    def __init__(self, folder: Path):
+        path = folder / MANIFEST
+        try:
+            body = json.loads(path.read_bytes())
+            files = body["files"]
+            ok = body["format"] == MANIFEST_FORMAT and body["sha256"] == _digest(files)
+        except FileNotFoundError:
+            raise CacheError(f"{path}: missing (not a saved folder, or saved by a longctx without checksums)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON or UTF-8 decoding
+            raise CacheError(f"{path}: unreadable or damaged ({type(e).__name__}: {e})") from None
+        if not ok or not isinstance(files, dict):
+            raise CacheError(f"{path}: damaged (does not match its own checksum)")
+        self.folder, self.files = folder, files
+
+    def check(self, name: str) -> Path:
+        """Verify ``name`` against the manifest (a full read of the file); returns its path."""
+        path = self.folder / name
+        want = self.files.get(name)
+        if not isinstance(want, dict):
+            raise CacheError(f"{path}: not listed in {MANIFEST} (cache incomplete or altered)")
+        try:
+            ok = path.stat().st_size == want.get("bytes") and _sha256_file(path) == want.get("sha256")
+        except FileNotFoundError:
+            raise CacheError(f"{path}: missing (cache incomplete)") from None
+        except OSError as e:
+            raise CacheError(f"{path}: cannot read ({e.strerror or e})") from None
+        if not ok:
+            raise CacheError(f"{path}: damaged (size or SHA-256 differs from {MANIFEST})")
+        return path
 
 
 def token_hash(tokens) -> list[str]:
@@ -270,6 +436,13 @@ class KVCache:
                 out["device"] += layer.nbytes
         return out
 
+    def check_room(self, new_tokens: int, bytes_per_token: int) -> None:
+        """Refuse, before a prefill starts, ``new_tokens`` more tokens whose global-layer KV
+        (``bytes_per_token`` per sequence, e.g. ``config.kv_bytes_per_token(2)["global"]``)
+        would not fit the device/CPU budgets plus the free space of the disk tier's folder.
+        Raises ``CacheError`` naming the folder, the bytes needed and the bytes free."""
+        self.placer.check_room(new_tokens * self.batch * bytes_per_token)
+
     def fork(self) -> KVCache:
         """A cache that shares this one's sealed segments; appending to it leaves this one as is."""
         new = KVCache(self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload)
@@ -299,21 +472,46 @@ class KVCache:
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the cache to ``folder`` atomically (built beside it, then renamed into place)."""
+        """Write the cache to ``folder`` atomically (``atomic_folder``): one safetensors file per
+        layer, ``cache.json``, then ``manifest.json`` with the SHA-256 of each (one extra read
+        of what was just written, usually from the page cache).
+
+        Raises ``CacheError`` naming the folder, the bytes the save needs and the bytes free when
+        the disk is too full (checked first) or a write fails (ENOSPC, EFBIG, ...); the old copy
+        at ``folder``, if any, is then intact and no temporary file is left."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        with atomic_folder(folder) as tmp:
-            metas = []
-            for i, layer in enumerate(self.layers):
-                tensors = {n: t.detach().cpu().contiguous() for n, t in layer.tensors().items()}
-                save_file(tensors, str(tmp / f"layer{i:03d}.safetensors"))
-                metas.append(layer.meta())
-            meta = {"format": FORMAT, "fingerprint": self.fingerprint, "token_sha256": self.token_hash(),
-                    "length": self.length, "batch": self.batch, "chunk": self.chunk,
-                    "layer_kinds": self.layer_kinds, "segment_tokens": self.offload.segment_tokens,
-                    "layers": metas}
-            (tmp / "cache.json").write_text(json.dumps(meta, indent=1))
+        layers = [{n: t.detach().cpu().contiguous() for n, t in layer.tensors().items()} for layer in self.layers]
+        # Tensor bytes plus each file's header (names, shapes, offsets): a bound, not the exact size.
+        needed = sum(t.numel() * t.element_size() + 256 for ts in layers for t in ts.values())
+        needed += 4096 * (len(layers) + 2)
+
+        def refuse(why: str) -> CacheError:
+            try:
+                free = f"{shutil.disk_usage(_existing(folder)).free} B free"
+            except OSError:
+                free = "free space unknown"
+            return CacheError(f"{folder}: cannot save the KV cache ({why}); it needs about {needed} B, {free}")
+
+        try:
+            if shutil.disk_usage(_existing(folder)).free < needed:
+                raise refuse("not enough free space")
+            with atomic_folder(folder) as tmp:
+                for i, tensors in enumerate(layers):
+                    save_file(tensors, str(tmp / f"layer{i:03d}.safetensors"))
+                    _step(f"wrote layer{i:03d}")
+                meta = {"format": FORMAT, "fingerprint": self.fingerprint, "token_sha256": self.token_hash(),
+                        "length": self.length, "batch": self.batch, "chunk": self.chunk,
+                        "layer_kinds": self.layer_kinds, "segment_tokens": self.offload.segment_tokens,
+                        "layers": [layer.meta() for layer in self.layers]}
+                (tmp / "cache.json").write_text(json.dumps(meta, indent=1))
+                _step("wrote cache.json")
+                write_manifest(tmp)
+                _step("wrote manifest")
+        except (OSError, SafetensorError) as e:
+            raise refuse(f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
         return folder
 
     @classmethod
@@ -322,17 +520,36 @@ class KVCache:
         """Load a saved cache for ``model``. Refuses a cache of another model, and, when the
         token ids it was built from are given (``tokens`` (B, T)), a cache of another text.
 
-        Segments are placed by ``offload`` (default: all on the model's device) and read one
-        tensor at a time."""
-        from safetensors import safe_open
+        First recovers a save of ``folder`` that was killed part way (``recover``). Each file is
+        verified against ``manifest.json`` just before it is first read: one extra sequential
+        read of the file, at SHA-256 speed (about 1 GB/s per core), i.e. about a second per GB
+        of saved cache, usually served from the page cache by the read that follows. Segments
+        are then placed by ``offload`` (default: all on the model's device), one tensor at a
+        time; segments placed on the disk tier are copied from verified files.
 
+        Raises only ``CacheError``, naming the file: missing, damaged (any changed byte),
+        a tensor missing or of the wrong shape, or metadata that does not fit the model."""
         folder = Path(folder)
         try:
-            meta = json.loads((folder / "cache.json").read_text())
-        except FileNotFoundError:
-            raise CacheError(f"{folder}: not a saved cache (no cache.json)") from None
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{folder}/cache.json: corrupt ({e})") from None
+            recover(folder)
+        except OSError as e:
+            raise CacheError(f"{folder}: cannot recover an interrupted save ({e.strerror or e})") from None
+        if not (folder / "cache.json").exists():
+            raise CacheError(f"{folder}: not a saved cache (no cache.json)")
+        manifest = Manifest(folder)
+        meta_path = manifest.check("cache.json")
+        try:
+            meta = json.loads(meta_path.read_bytes())
+            return cls._load(folder, manifest, meta, model, tokens, offload)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            # Only a file written to match its checksum gets here (a forgery or a bug): name it.
+            raise CacheError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _load(cls, folder: Path, manifest: Manifest, meta: dict, model: Model, tokens,
+              offload: OffloadPolicy | None) -> KVCache:
+        from safetensors import SafetensorError, safe_open
+
         if meta.get("format") != FORMAT:
             raise CacheError(f"{folder}: unknown cache format {meta.get('format')!r}")
         if meta["fingerprint"] != model.fingerprint:
@@ -346,15 +563,38 @@ class KVCache:
             raise CacheError(f"{folder}: saved with segment_tokens={meta['segment_tokens']}, "
                              f"policy asks {policy.segment_tokens}")
         cache = model.new_cache(batch=meta["batch"], offload=policy)
+        length, batch, cfg = meta["length"], meta["batch"], model.config
+        if (cache.layer_kinds != meta["layer_kinds"] or len(meta["layers"]) != len(cache.layers)
+                or len(meta["token_sha256"]) != batch):
+            raise CacheError(f"{folder}/cache.json: layers or batch do not fit the model")
         for i, (layer, lmeta) in enumerate(zip(cache.layers, meta["layers"])):
-            path = folder / f"layer{i:03d}.safetensors"
-            if not path.exists():
-                raise CacheError(f"{path}: missing (cache incomplete)")
-            with safe_open(str(path), framework="pt") as f:
-                layer.restore(_LazyTensors(f), lmeta, cache.placer)
-        cache.length = meta["length"]
+            path = manifest.check(f"layer{i:03d}.safetensors")
+            want = layer.expected(lmeta, length, policy.segment_tokens)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    names = set(f.keys())
+                    if names != set(want):
+                        raise CacheError(f"{path}: holds tensors {sorted(names)}, cache.json needs {sorted(want)}")
+                    for name, n in want.items():
+                        shape = [batch, cfg.num_key_value_heads, n, cfg.head_dim]
+                        shape = shape if isinstance(layer, ChunkedCache) else [2, *shape]
+                        if list(f.get_slice(name).get_shape()) != shape:
+                            raise CacheError(f"{path}: tensor {name} has shape {f.get_slice(name).get_shape()}, "
+                                             f"expected {shape}")
+                    layer.restore(_LazyTensors(f), lmeta, cache.placer)
+            except SafetensorError as e:
+                raise CacheError(f"{path}: unreadable safetensors file ({e})") from None
+        cache.length = length
         cache._hash = [_FrozenHash(h) for h in meta["token_sha256"]]
         return cache
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (for ``shutil.disk_usage`` before it is created)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 class _LazyTensors:

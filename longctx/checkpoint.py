@@ -81,8 +81,8 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
     tokenizer_file = _tokenizer_file(folder)
+    cfg = ModelConfig.from_file(cfg_path)  # validated: types, ranges, finiteness (ConfigError)
     raw = json.loads(cfg_path.read_text())
-    cfg = ModelConfig.from_file(cfg_path)
     ct = compressed_tensors.read_config(raw, cfg_path)
     if ct is not None and quantize is not None:
         raise CheckpointError(f"{folder}: the checkpoint is already quantized (compressed-tensors); "
@@ -95,10 +95,12 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
     keys: dict[str, str] = {}  # checkpoint key -> file (headers only)
+    stored_dtypes: set[str] = set()
     try:
         for fname, listed in files.items():
             with safe_open(str(folder / fname), framework="pt", device="cpu") as f:
                 present = set(f.keys())
+                stored_dtypes.update(f.get_slice(k).get_dtype() for k in present)
             absent = [k for k in (listed or []) if k not in present]
             if absent:
                 raise CheckpointError(f"{folder / fname}: tensors listed in the index are missing: "
@@ -107,6 +109,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     except SafetensorError as e:
         raise CheckpointError(f"{folder}: unreadable safetensors file ({e})") from None
 
+    check_weight_bytes(cfg, folder, list(files), 0.5 if ct is not None else _min_itemsize(stored_dtypes))
     with torch.device("meta"):
         model = Model(cfg)
     expected_extra: set[str] = set()
@@ -138,7 +141,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
                         t = f.get_tensor(key)
                         if dtype is None and t.is_floating_point():
                             dtype = t.dtype
-                        _assign(model, name, t.to(device=device, dtype=dtype))
+                        # copy=True: safetensors hands out views of its memory map; a kept view
+                        # would pin the whole shard in memory for the model's lifetime.
+                        _assign(model, name, t.to(device=device, dtype=dtype, copy=True))
                     elif name in expected_extra and ct is None:  # quantize while streaming
                         t = f.get_tensor(key)
                         if dtype is None:
@@ -174,6 +179,35 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         model.lm_head.weight = model.embed_tokens.weight
     model.tokenizer = None if tokenizer_file is None else Tokenizer.from_file(tokenizer_file)
     return model.eval()
+
+
+# Bytes per element of the safetensors dtypes that can hold weights.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1}
+# A checkpoint whose config implies more weight bytes than this many times what its files hold is
+# refused before the model is built. Every parameter is stored at least at the smallest element
+# size found in the files (0.5 B for packed int4), so a valid checkpoint implies at most its file
+# sizes; the 25 % margin absorbs layouts whose parameter count our formula slightly overstates.
+WEIGHT_BYTES_TOLERANCE = 1.25
+
+
+def _min_itemsize(dtypes: set[str]) -> float:
+    sizes = [_DTYPE_BYTES[d] for d in dtypes if d in _DTYPE_BYTES]
+    return min(sizes) if sizes else 1.0
+
+
+def check_weight_bytes(cfg: ModelConfig, folder: Path, files: list[str], bytes_per_param: float) -> None:
+    """Refuse a config that implies far more weights than the files hold, before anything is
+    allocated: ``cfg.num_parameters() * bytes_per_param`` against the sum of the weight files'
+    sizes (times ``WEIGHT_BYTES_TOLERANCE``, plus 1 MiB for headers). Raises CheckpointError."""
+    held = sum((folder / f).stat().st_size for f in files)
+    implied = cfg.num_parameters() * bytes_per_param
+    if implied > WEIGHT_BYTES_TOLERANCE * held + (1 << 20):
+        raise CheckpointError(
+            f"{folder / 'config.json'}: describes {cfg.num_parameters():,} parameters (≥ {implied:,.0f} B at "
+            f"{bytes_per_param} B each) but the weight files hold {held:,} B; the config does not match the weights "
+            f"(num_hidden_layers={cfg.num_hidden_layers}, hidden_size={cfg.hidden_size}, head_dim={cfg.head_dim}, "
+            f"num_local_experts={cfg.num_local_experts}, vocab_size={cfg.vocab_size})")
 
 
 def _tokenizer_file(folder: Path) -> Path | None:

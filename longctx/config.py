@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,35 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration that can't describe a valid model (names the field and the reason)."""
+
+
+# Sizes that must be positive ints. Checked before anything is derived or allocated: a config
+# is untrusted input (a downloaded config.json), and a zero, negative, fractional or string
+# size otherwise fails deep inside torch, or not at all.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "intermediate_size_mlp", "num_local_experts",
+                  "num_experts_per_tok", "interleave_moe_layer_step", "no_rope_layer_interval", "floor_scale",
+                  "max_position_embeddings")
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
+_BOOLS = ("use_qk_norm", "tie_word_embeddings", "chunk_markers")
+# Per-layer lists are built from num_hidden_layers before the weights are seen: bound it so that
+# a forged count cannot hang the process (Scout has 48 layers; published decoders, a few hundred).
+MAX_LAYERS = 10_000
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    """No NaN or infinity anywhere in v (numbers, nested lists and dicts)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    return True
 
 
 def _scout_rope_scaling() -> dict:
@@ -70,6 +100,7 @@ class ModelConfig:
     chunk_markers: bool = False
 
     def __post_init__(self) -> None:
+        self._validate_scalars()
         L = self.num_hidden_layers
         if not self.no_rope_layers:  # HF: an empty list means "derive from the interval"
             self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0) for i in range(L)]
@@ -80,6 +111,61 @@ class ModelConfig:
         self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
         self.no_rope_layers = [int(x) for x in self.no_rope_layers]
         self._validate()
+
+    def _validate_scalars(self) -> None:
+        """Types, ranges and finiteness of every field, before anything is derived from them."""
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"ModelConfig.{name}: {why}, got {getattr(self, name)!r:.80}")
+
+        for f in dataclasses.fields(self):
+            if not _finite(getattr(self, f.name)):
+                raise bad(f.name, "must be finite (no NaN or infinity)")
+        for name in _POSITIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise bad(name, "must be a positive int")
+        for name in _POSITIVE_FLOATS:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise bad(name, "must be a positive finite number")
+        if not isinstance(self.attn_scale, (int, float)) or isinstance(self.attn_scale, bool):
+            raise bad("attn_scale", "must be a number")
+        if self.attention_chunk_size is not None and (not _is_int(self.attention_chunk_size)
+                                                      or self.attention_chunk_size < 1):
+            raise bad("attention_chunk_size", "must be a positive int (or None when no layer is chunked)")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise bad("num_hidden_layers", f"is over {MAX_LAYERS}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if not isinstance(self.attn_temperature_tuning, (bool, int)):
+            raise bad("attn_temperature_tuning", "must be a flag (true/false or a number)")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                raise bad(name, "must be a token id (an int >= 0)")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        if not eos or not all(_is_int(e) and e >= 0 for e in eos):
+            raise bad("eos_token_id", "must be a token id or a non-empty list of them")
+        # hidden_size need not equal num_attention_heads * head_dim (the projections map between
+        # them), so it is not required to be divisible: HF's Llama 4 accepts such configs.
+        for name in ("no_rope_layers", "moe_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (list, tuple)) or not all(_is_int(x) for x in v)):
+                raise bad(name, "must be a list of ints")
+        if any(x not in (0, 1) for x in self.no_rope_layers):
+            raise bad("no_rope_layers", "entries must be 0 (NoPE, global) or 1 (RoPE, chunked)")
+        if self.moe_layers is not None and len(set(self.moe_layers)) != len(self.moe_layers):
+            raise bad("moe_layers", "lists a layer twice")
+        rs = self.rope_scaling
+        if rs is not None:
+            if not isinstance(rs, dict):
+                raise bad("rope_scaling", "must be a dict or null")
+            if rs.get("rope_type", rs.get("type")) == "llama3":
+                for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    v = rs.get(key)
+                    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                        raise bad("rope_scaling", f"{key} must be a positive number")
 
     def _validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -163,10 +249,15 @@ class ModelConfig:
         RoPE may be ``rope_theta`` + ``rope_scaling`` (published Scout configs) or
         ``rope_parameters`` (transformers 5); unknown keys are ignored.
         """
-        if "text_config" in cfg:
+        if isinstance(cfg, dict) and "text_config" in cfg:
             cfg = cfg["text_config"]
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(cfg).__name__}")
         cfg = dict(cfg)
         rp = cfg.pop("rope_parameters", None)
+        for key, v in (("rope_parameters", rp), ("rope_scaling", cfg.get("rope_scaling"))):
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"ModelConfig.{key}: must be a dict or null, got {v!r:.80}")
         if rp:
             rp = dict(rp)
             cfg.setdefault("rope_theta", rp.pop("rope_theta", 500000.0))
@@ -180,8 +271,9 @@ class ModelConfig:
             cfg["no_rope_layers"] = []
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in names}
-        if kwargs.get("head_dim") is None and "hidden_size" in kwargs and "num_attention_heads" in kwargs:
-            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        hidden, heads = kwargs.get("hidden_size"), kwargs.get("num_attention_heads")
+        if kwargs.get("head_dim") is None and _is_int(hidden) and _is_int(heads) and heads > 0:
+            kwargs["head_dim"] = hidden // heads  # else the validator names the bad field
         return cls(**kwargs)
 
     def to_hf(self) -> dict[str, Any]:
@@ -197,8 +289,14 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         try:
-            return cls.from_hf(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
+            raw = json.loads(path.read_bytes())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except TypeError as e:
+        try:
+            return cls.from_hf(raw)
+        except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except (TypeError, ValueError, KeyError) as e:  # shapes the validator does not foresee
+            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None

@@ -13,7 +13,9 @@ absolute position of their first key.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
 import weakref
 from collections.abc import Iterator, Sequence
@@ -83,6 +85,21 @@ class Placer:
                 "and OffloadPolicy.disk_dir is not set; give a folder for the disk tier or raise a budget")
         return "disk"
 
+    def check_room(self, nbytes: int) -> None:
+        """Refuse, before any work, ``nbytes`` more of sealed KV that would not fit: the part of
+        it beyond the device and CPU budgets goes to the disk tier, whose folder must have that
+        much free (``shutil.disk_usage``). Callers that know the total of a prefill (tokens ×
+        bytes per token of the global layers) call this before it starts, so that a long
+        prefill does not fail at its end. Raises ``CacheError`` naming the folder, the bytes
+        needed and the bytes free."""
+        pol, left = self.policy, nbytes
+        for tier, budget in (("device", pol.device_bytes), ("cpu", pol.cpu_bytes)):
+            left = 0 if budget is None else max(0, left - max(0, budget - self.used[tier]))
+        if left and pol.disk_dir is None:
+            self.tier_for(nbytes)  # raises: no disk tier
+        if left:
+            check_disk(Path(pol.disk_dir), left)
+
     def place(self, kv: torch.Tensor) -> tuple[torch.Tensor, str]:
         """Store kv (2, B, H, n, D) on the next tier with room; returns (stored copy, tier)."""
         nbytes = kv.numel() * kv.element_size()
@@ -98,13 +115,45 @@ class Placer:
         return out, tier
 
 
+def check_disk(folder: Path, nbytes: int) -> None:
+    """Raise ``CacheError`` unless ``folder`` (or its nearest existing parent) has ``nbytes`` free."""
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as e:
+        raise CacheError(f"{folder}: cannot use as the KV disk tier ({e.strerror or e})") from None
+    if free < nbytes:
+        raise CacheError(f"{folder}: not enough free space for the KV disk tier: needs {nbytes} B, {free} B free")
+
+
 def disk_tensor(folder: Path, t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` in a new memory-mapped file in ``folder``; the file is deleted with the
-    tensor's storage, or at interpreter exit (a killed process leaves its ``kv-*.bin`` files)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    tensor's storage, or at interpreter exit (a killed process leaves its ``kv-*.bin`` files).
+
+    The file's blocks are allocated before it is mapped (``posix_fallocate``): a full disk is
+    then a ``CacheError`` naming the folder and the bytes, where writing through the mapping
+    of a sparse file would kill the process with SIGBUS."""
+    nbytes = t.numel() * t.element_size()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"{folder}: cannot use as the KV disk tier ({e.strerror or e})") from None
+    check_disk(folder, nbytes)
     path = folder / f"kv-{uuid.uuid4().hex}.bin"
-    with open(path, "wb") as f:
-        f.truncate(t.numel() * t.element_size())
+    try:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+            if nbytes and hasattr(os, "posix_fallocate"):  # not on macOS: sparse there
+                try:
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it: sparse
+                        raise
+    except OSError as e:
+        _unlink(str(path))
+        raise CacheError(f"{folder}: cannot write a {nbytes} B KV segment file ({e.strerror or e})") from None
     out = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
     out.copy_(t)
     weakref.finalize(out.untyped_storage(), _unlink, str(path))

@@ -185,7 +185,7 @@ def test_save_is_atomic(model, tokens, tmp_path, monkeypatch):
     real = safetensors.torch.save_file
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     prefill(model, tokens[:, 12:20], cache, None)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CacheError, match=r"c: cannot save the KV cache \(OSError: disk full\); it needs about \d+ B"):
         cache.save(tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary left behind
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before

@@ -191,6 +191,83 @@ def test_config_errors_name_the_field():
         tiny_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("hidden_size", 0, "must be a positive int"),
+    ("hidden_size", -64, "must be a positive int"),
+    ("hidden_size", 64.5, "must be a positive int"),
+    ("hidden_size", "64", "must be a positive int"),
+    ("num_hidden_layers", 1e5, "must be a positive int"),  # JSON 1e5 is a float
+    ("num_hidden_layers", 10**9, "is over 10000"),
+    ("num_attention_heads", True, "must be a positive int"),
+    ("head_dim", 0, "must be a positive int"),
+    ("head_dim", 15, "must be even"),
+    ("vocab_size", 0, "must be a positive int"),
+    ("num_local_experts", 0, "must be a positive int"),
+    ("num_experts_per_tok", 5, "with 4 experts"),
+    ("attention_chunk_size", 0, "must be a positive int"),
+    ("interleave_moe_layer_step", 0, "must be a positive int"),
+    ("rope_theta", NAN, "finite"),
+    ("rope_theta", -1.0, "positive finite number"),
+    ("rms_norm_eps", NAN, "finite"),
+    ("rms_norm_eps", INF, "finite"),
+    ("rms_norm_eps", 0.0, "positive finite number"),
+    ("attn_scale", NAN, "finite"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": NAN, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8}, "finite"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 0}, "factor must be a positive number"),
+    ("rope_scaling", "llama3", "must be a dict or null"),
+    ("moe_layers", [0, 9], "out of range"),
+    ("moe_layers", [1, 1], "lists a layer twice"),
+    ("moe_layers", ["1"], "list of ints"),
+    ("no_rope_layers", [1, 1, 2, 0], "entries must be 0"),
+    ("no_rope_layers", [1, 0], "has 2 entries for 4 layers"),
+    ("eos_token_id", [], "non-empty list"),
+    ("bos_token_id", -1, "token id"),
+    ("tie_word_embeddings", "yes", "true or false"),
+])
+def test_untrusted_config_values_are_refused_naming_the_field(tmp_path, field, value, why):
+    """A config.json is untrusted input: every bad type, range or non-finite value is a
+    ConfigError naming the field, raised before anything is derived or allocated."""
+    cfg = ModelConfig.preset("tiny").to_hf()
+    cfg[field] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))  # NaN and Infinity as Python's json writes (and reads) them
+    with pytest.raises(ConfigError, match=rf"{path}: ModelConfig\.{field}: .*{why}"):
+        ModelConfig.from_file(path)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\udcff"])
+def test_a_config_that_is_not_a_json_object_is_a_config_error(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError, match=str(path)):
+        ModelConfig.from_file(path)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 5000), ("head_dim", 10**9),
+                                          ("num_local_experts", 100_000), ("vocab_size", 10**8)])
+def test_a_config_implying_more_weights_than_the_files_hold_is_refused_before_allocation(tmp_path, field, value):
+    save_model(random_model(tiny_config()), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update({field: value, "no_rope_layers": [], "moe_layers": None})  # per-layer lists derived anew
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: describes [\d,]+ parameters .* but the weight files "
+                                              rf"hold [\d,]+ B.*{field}={value}"):
+        load_model(tmp_path)
+
+
+def test_a_nan_norm_epsilon_in_a_checkpoint_is_a_config_error(tmp_path):
+    save_model(random_model(tiny_config()), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rms_norm_eps"] = NAN
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"rms_norm_eps: must be finite"):
+        load_model(tmp_path)
+
+
 def test_key_mapping_round_trip():
     model = random_model(tiny_config(interleave_moe_layer_step=2))
     for name in model.state_dict():

@@ -68,8 +68,9 @@ class Document:
     size: bytes of the source file (UTF-8 bytes of the text for in-memory documents).
     format: "text", "markdown", "html", "pdf" or "memory".
     encoding: the text encoding the file was decoded with (None for PDFs and in-memory texts).
-    warnings: problems the reader worked around (pypdf's repairs of a damaged PDF, which can
-        mean missing text); each is also logged on the "longctx.text.readers" logger.
+    warnings: problems the reader worked around, each also logged on the "longctx.text.readers"
+        logger: pypdf's repairs of a damaged PDF (which can mean missing text), damaged bytes of
+        a UTF-8 file decoded as U+FFFD, an unterminated HTML comment dropped to the end.
     """
 
     id: int
@@ -162,12 +163,12 @@ def make_document(title: str, source: str | None, body: str | list[str], size: i
     return Document(-1, title, source, text, offsets, digest, size, fmt, encoding)
 
 
-def progress_bar(progress: bool | None, total: int, big: int, desc: str, unit: str):
+def progress_bar(progress: bool | None, total: int | None, big: int, desc: str, unit: str):
     """A tqdm bar (reading files, tokenizing characters): progress=False never, True always,
-    None on a terminal when total >= big."""
+    None on a terminal when total >= big or the total is not known in advance (None)."""
     from tqdm.auto import tqdm
 
-    if progress is False or (progress is None and total < big):
+    if progress is False or (progress is None and total is not None and total < big):
         disable = True
     else:
         disable = None if progress is None else False  # None: tqdm shows it only on a tty

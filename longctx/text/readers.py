@@ -2,18 +2,23 @@
 (case-insensitive):
 
 - `.txt` `.text` `.md` `.markdown`: UTF-8 (with or without a byte order mark), or UTF-16 /
-  UTF-32 with a byte order mark. Otherwise the bytes are tried as Windows-1252 (cp1252), and
-  accepted only if they decode without error and look like Western text (see `_decode_text`);
-  anything else is refused as "not UTF-8 text". Line breaks are normalised to "\\n".
+  UTF-32 with a byte order mark. A UTF-8 file with a few damaged bytes (at most 1 % of its
+  bytes) is decoded with U+FFFD replacement characters and a warning on the `Document`.
+  Otherwise the bytes are tried as Windows-1252 (cp1252), and accepted only if they decode
+  without error and look like Western text (see `_decode_text`); anything else is refused as
+  "not UTF-8 text". Line breaks are normalised to "\\n".
 - `.html` `.htm`: the standard library's `html.parser`; script, style, noscript and template
   contents are dropped, entities decoded, whitespace collapsed as a browser would, and block
   elements (p, div, li, h1-h6, tr, br, ...) become line breaks. The <title> becomes the title.
+  An unterminated `<!--` comments out the rest of the page, as in browsers (HTML standard),
+  with a warning on the `Document` saying how much was dropped.
 - `.pdf`: pypdf, page by page. The document text is the page texts joined by a form feed
   ("\\f"); `Document.page_offsets` holds where each page starts. A blank page inside a PDF is
   kept as an empty page; a PDF with no text on any page (a scan) is refused. Repairs pypdf
   makes to a damaged file are kept in `Document.warnings` (and logged with the file name).
 
-A file that cannot be read raises `IngestError` naming the file and the reason.
+A file that cannot be read raises `IngestError` naming the file and the reason; so does a file
+over `max_bytes` (decided from its size before any byte is read).
 """
 
 from __future__ import annotations
@@ -63,16 +68,26 @@ _MAX_CONTROL_RATIO = 0.005
 _MAX_HIGH_RATIO = 0.2
 _HIGH_RUN = re.compile(rb"[\x80-\xff]{4,}")
 _NON_SPACE = re.compile(r"\S")
+# A UTF-8 file is decoded with replacement characters when at most this share of its bytes
+# are damaged (and, unless cp1252 cannot read it, when it holds at least as many valid UTF-8
+# multi-byte characters as damaged ones, i.e. it is UTF-8 text, not Western text in cp1252).
+# Why 1 %: a stray byte or a few (a cut transfer, two files concatenated, one pasted symbol)
+# then leaves at most one replacement in about a hundred characters, the text still readable;
+# more damage means another encoding or binary data, better refused than read as noise.
+_MAX_BAD_UTF8_RATIO = 0.01
 
 
-def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[str, str]:
-    """Bytes of a text file -> (text with "\\n" line breaks, encoding name). Raises IngestError.
+def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[str, str, tuple[str, ...]]:
+    """Bytes of a text file -> (text with "\\n" line breaks, encoding name, warnings).
+    Raises IngestError.
 
-    Order: a byte order mark decides (UTF-8/16/32); a `declared` charset (HTML meta) is used
-    next; NUL bytes or many control bytes mean binary; then UTF-8; then cp1252 if the bytes
-    decode cleanly and look like Western text (at most 20 % bytes >= 0x80, no run of 4 or more
-    of them). NOTE: latin-1 is never used as a fallback: it decodes any bytes, so it would turn
-    any binary or foreign-encoded file into garbage text without complaint.
+    Order: a byte order mark decides (UTF-8/16/32); a `declared` charset (HTML meta) other than
+    UTF-8 is used next; NUL bytes or many control bytes mean binary; then UTF-8; then UTF-8 with
+    replacement characters if it is UTF-8 nearly everywhere (`_MAX_BAD_UTF8_RATIO`); then cp1252
+    if the bytes decode cleanly and look like Western text (at most 20 % bytes >= 0x80, no run
+    of 4 or more of them); then UTF-8 with replacements if at most 1 % of the bytes are bad.
+    NOTE: latin-1 is never used as a fallback: it decodes any bytes, so it would turn any
+    binary or foreign-encoded file into garbage text without complaint.
     """
     if not data:
         raise IngestError(path, "empty file (0 bytes)")
@@ -84,25 +99,36 @@ def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[s
                 raise IngestError(path, f"not valid {codec.upper()} text despite its byte order mark ({e.reason} at byte {e.start})") from None
             name = "utf-8" if codec == "utf-8-sig" else codec
             _check_control(text.encode("utf-8"), path)
-            return _normalise_newlines(text), name
+            return _normalise_newlines(text), name, ()
     if b"\x00" in data:
         raise IngestError(path, "binary data, not text (contains NUL bytes; UTF-16/32 text needs a byte order mark)")
     _check_control(data, path)
-    if declared is not None:
+    if declared is not None and declared != "utf-8":  # a declared UTF-8 is sniffed as undeclared text
         try:
-            return _normalise_newlines(data.decode(declared)), declared
+            return _normalise_newlines(data.decode(declared)), declared, ()
         except UnicodeDecodeError as e:
             raise IngestError(path, f"not valid {declared} text as its charset declares ({e.reason} at byte {e.start})") from None
     try:
-        return _normalise_newlines(data.decode("utf-8")), "utf-8"
+        return _normalise_newlines(data.decode("utf-8")), "utf-8", ()
     except UnicodeDecodeError as e:
         utf8_error = f"{e.reason} at byte {e.start}"
+    text = data.decode("utf-8", "replace")
+    legit = data.count("\ufffd".encode())  # replacement characters already in the file
+    bad = text.count("\ufffd") - legit  # one per damaged byte sequence
+    multibyte = len(text) - len(text.encode("ascii", "ignore")) - bad  # valid non-ASCII characters
+    nearly_utf8 = bad <= _MAX_BAD_UTF8_RATIO * len(data)
+    note = (f"not valid UTF-8 in {bad} place(s) (first: {utf8_error}); decoded as UTF-8 with "
+            f"{bad} U+FFFD replacement character(s)")
+    if nearly_utf8 and multibyte >= bad:
+        return _normalise_newlines(text), "utf-8", (note,)
     high = len(data) - len(data.translate(None, bytes(range(0x80, 0x100))))
     if high <= _MAX_HIGH_RATIO * len(data) and not _HIGH_RUN.search(data):
         try:
-            return _normalise_newlines(data.decode("cp1252")), "cp1252"
+            return _normalise_newlines(data.decode("cp1252")), "cp1252", ()
         except UnicodeDecodeError:
             pass
+    if nearly_utf8:
+        return _normalise_newlines(text), "utf-8", (note,)
     raise IngestError(path, f"not UTF-8 text ({utf8_error}) and not plausible Windows-1252; re-save it as UTF-8")
 
 
@@ -129,8 +155,8 @@ def require_text(text: str, path: str, what: str = "no text (only whitespace)") 
 # ============================================================================================
 
 
-def _read_text(data: bytes, path: str, markdown: bool) -> tuple[str | None, str, str]:
-    text, encoding = _decode_text(data, path)
+def _read_text(data: bytes, path: str, markdown: bool) -> tuple[str | None, str, str, tuple[str, ...]]:
+    text, encoding, notes = _decode_text(data, path)
     require_text(text, path)
     title = None
     if markdown:
@@ -138,7 +164,7 @@ def _read_text(data: bytes, path: str, markdown: bool) -> tuple[str | None, str,
         m = re.match(r"\s*# +(.+?)[ \t#]*(?:\n|$)", text)
         if m:
             title = m.group(1).strip() or None
-    return title, text, encoding
+    return title, text, encoding, notes
 
 
 # Elements whose content is not visible text.
@@ -234,7 +260,7 @@ class _HTMLText(HTMLParser):
         return text.strip("\n").rstrip()
 
 
-def _read_html(data: bytes, path: str) -> tuple[str | None, str, str]:
+def _read_html(data: bytes, path: str) -> tuple[str | None, str, str, tuple[str, ...]]:
     declared = None
     m = _META_CHARSET.search(data[:4096])
     if m:
@@ -248,17 +274,23 @@ def _read_html(data: bytes, path: str) -> tuple[str | None, str, str]:
         if name in ("latin-1", "iso8859-1", "ascii"):
             name = "cp1252"
         declared = name if name and not name.startswith("utf-16") else None
-    source, encoding = _decode_text(data, path, declared)
+    source, encoding, notes = _decode_text(data, path, declared)
     parser = _HTMLText()
     try:
         parser.feed(source)
+        if parser.rawdata.startswith("<!--"):
+            # An unterminated comment: html.parser would emit it and the rest of the page as
+            # text; browsers (HTML standard) treat it as a comment to the end of the input.
+            notes += (f"unterminated <!-- comment: its {len(parser.rawdata)} characters to the end "
+                      "of the page were dropped, as browsers do",)
+            parser.rawdata = ""
         parser.close()
     except Exception as e:  # html.parser is lenient; anything it raises means unusable markup
         raise IngestError(path, f"malformed HTML ({type(e).__name__}: {e})") from None
     text = parser.text()
     require_text(text, path, "no visible text in HTML")
     title = _WS_RUN.sub(" ", "".join(parser.title_parts)).strip() or None
-    return title, text, encoding
+    return title, text, encoding, notes
 
 
 _pypdf_lock = threading.Lock()
@@ -354,35 +386,46 @@ def _format_of(path: Path) -> str | None:
     return None
 
 
-def read_file(path: Path, label: str) -> Document:
+def read_file(path: Path, label: str, max_bytes: int | None = None) -> Document:
     """The file `path` -> Document (id -1: set by ingest); `label` names it in errors and
-    becomes its source. Raises IngestError."""
+    becomes its source. A file over `max_bytes` bytes is refused from its size (`stat`) before
+    any byte is read; at most max_bytes + 1 bytes are ever read (a file growing meanwhile).
+    Raises IngestError, for every file system error too (its strerror: "File name too long", ...)."""
     try:
         st = path.stat()
     except FileNotFoundError:
         raise IngestError(label, "no such file or folder") from None
-    except OSError as e:
-        raise IngestError(label, f"cannot access ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise IngestError(label, f"cannot access ({getattr(e, 'strerror', None) or e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise IngestError(label, "not a regular file")
     fmt = _format_of(path)
     if fmt is None:
         ext = path.suffix or "(none)"
         raise IngestError(label, f"unsupported extension {ext} (supported: {' '.join(SUPPORTED_EXTENSIONS)})")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise IngestError(label, f"too large: {st.st_size} bytes, over max_bytes={max_bytes}")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as e:
         raise IngestError(label, f"cannot read ({e.strerror or e})") from None
-    notes: tuple[str, ...] = ()
+    except MemoryError:
+        raise IngestError(label, f"too large to read into memory ({st.st_size} bytes); set max_bytes") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise IngestError(label, f"too large: grew past max_bytes={max_bytes} while being read")
     if fmt == "pdf":
         title, pages, notes = _read_pdf(data, label)
         encoding = None
     elif fmt == "html":
-        title, pages, encoding = _read_html(data, label)
+        title, pages, encoding, notes = _read_html(data, label)
     else:
-        title, pages, encoding = _read_text(data, label, markdown=fmt == "markdown")
+        title, pages, encoding, notes = _read_text(data, label, markdown=fmt == "markdown")
+    for note in notes if fmt != "pdf" else ():  # pypdf's notes are logged by _read_pdf
+        _log.warning("%s: %s", label, note)
     source = Path(label).as_posix()
     # Plain UTF-8 files already hold the text's UTF-8 bytes: hash them, skip re-encoding.
-    same_bytes = fmt in ("text", "markdown") and encoding == "utf-8" and not data.startswith(codecs.BOM_UTF8) and b"\r" not in data
+    same_bytes = (fmt in ("text", "markdown") and encoding == "utf-8" and not notes
+                  and not data.startswith(codecs.BOM_UTF8) and b"\r" not in data)
     doc = make_document(title or path.stem, source, pages, len(data), fmt, encoding, utf8=data if same_bytes else None)
     return dataclasses.replace(doc, warnings=notes) if notes else doc

@@ -153,3 +153,77 @@ def test_pdf_repair_warnings_kept(tmp_path, caplog):
     assert any(str(f) in r.getMessage() and "pypdf" in r.getMessage() for r in caplog.records)
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs: damaged UTF-8, unterminated comments, huge files, over-long names
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, text, bad", [
+    ("café au lait\n".encode() * 20 + b"\x80", "café au lait\n" * 20 + "\ufffd", 1),  # one stray byte
+    (b"plain ascii " * 30 + b"\x81 end", "plain ascii " * 30 + "\ufffd end", 1),  # cp1252 can't read 0x81
+    ("naïve\n".encode() * 100 + b"\xc3(" + b"\xff", "naïve\n" * 100 + "\ufffd(\ufffd", 2),
+])
+def test_utf8_with_a_few_bad_bytes_decodes_with_replacements_and_a_warning(tmp_path, caplog, raw, text, bad):
+    f = tmp_path / "damaged.txt"
+    f.write_bytes(raw)
+    (doc,) = ingest(f)
+    assert doc.text == text and doc.encoding == "utf-8"
+    assert len(doc.warnings) == 1 and f"not valid UTF-8 in {bad} place(s)" in doc.warnings[0]
+    assert f"{f}: not valid UTF-8" in caplog.text
+
+
+def test_cp1252_is_kept_for_text_that_is_not_utf8_nearly_everywhere(tmp_path):
+    f = tmp_path / "w.txt"
+    line = "The café served crème brûlée for 10 € each.\n"
+    f.write_bytes(line.encode("cp1252") * 5)
+    (doc,) = ingest(f)
+    assert doc.encoding == "cp1252" and doc.text == line * 5 and doc.warnings == ()
+    f.write_bytes("naïve ".encode() * 10 + b"\x81" * 5)  # 5 bad bytes in 75: over 1 %, and not cp1252
+    with pytest.raises(IngestError, match="not UTF-8 text"):
+        ingest(f)
+
+
+def test_unterminated_html_comment_drops_the_rest_with_a_warning(tmp_path):
+    f = tmp_path / "page.html"
+    f.write_text("<p>Visible text.</p><!-- a comment never closed <p>Hidden</p> and more")
+    (doc,) = ingest(f)
+    assert doc.text == "Visible text."
+    assert len(doc.warnings) == 1 and "unterminated <!-- comment" in doc.warnings[0]
+    f.write_text("<p>Visible text.<!-- closed --></p>")
+    (doc,) = ingest(f)
+    assert doc.text == "Visible text." and doc.warnings == ()
+
+
+def test_a_huge_sparse_file_over_max_bytes_is_refused_without_being_read(tmp_path, monkeypatch):
+    import time
+
+    from longctx.text import readers
+
+    big = tmp_path / "docs" / "big.txt"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # 3 GB, sparse: takes no disk
+    (tmp_path / "docs" / "small.txt").write_text("a small note")
+    opened = []
+    real_open = open
+    monkeypatch.setattr(readers, "open", lambda p, *a: opened.append(p) or real_open(p, *a), raising=False)
+    t0 = time.perf_counter()
+    corpus = ingest(tmp_path / "docs", max_bytes=1 << 20, errors="skip")
+    assert time.perf_counter() - t0 < 5
+    assert [d.title for d in corpus] == ["small"] and opened == [tmp_path / "docs" / "small.txt"]
+    assert corpus.skipped == [(f"{tmp_path}/docs/big.txt", f"too large: {3 << 30} bytes, over max_bytes={1 << 20}")]
+    with pytest.raises(IngestError, match="too large"):
+        ingest(big, max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="max_bytes"):
+        ingest(big, max_bytes=-1)
+
+
+def test_an_over_long_file_name_is_an_ingest_error(tmp_path):
+    long = tmp_path / ("n" * 300 + ".txt")
+    with pytest.raises(IngestError, match="File name too long") as e:
+        ingest(long)
+    assert e.value.path == str(long)
+    corpus = ingest([long, ("ok", "kept")], errors="skip")
+    assert [d.title for d in corpus] == ["ok"] and corpus.skipped[0].path == str(long)
