@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 UPPER = ("text", "tasks")  # the floors above the model core
 # Floor 1 (the model core); the optional modules are checked once they exist.
-CORE = ["config", "model", "moe", "rope", "attention", "cache", "offload", "generate", "checkpoint"]
+CORE = ["config", "model", "moe", "rope", "attention", "cache", "offload", "storage", "generate", "checkpoint", "hub",
+        "compressed_tensors"]
 OPTIONAL_CORE = ["quant", "sparse", "distributed", "monitor"]
 MAX_LINES = 500
 

@@ -20,9 +20,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx import cache as cache_mod
+from longctx import storage
 from longctx import offload
-from longctx.cache import MANIFEST, CacheError, KVCache, OffloadPolicy, recover, write_manifest
+from longctx.cache import CacheError, KVCache, OffloadPolicy
+from longctx.storage import MANIFEST, recover, write_manifest
 from longctx.generate import prefill
 
 from conftest import random_model, tiny_config
@@ -140,7 +141,7 @@ def test_a_save_killed_at_every_step_leaves_old_or_new_and_no_strays(model, toke
                 if len(steps) == k:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            cache_mod._step = step
+            storage.step = step
             new.save(target)
             return 0
 
