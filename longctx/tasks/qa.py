@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..cache import KVCache, OffloadPolicy, atomic_folder, token_hash
+from ..cache import CacheError, KVCache, OffloadPolicy, token_hash
+from ..storage import Manifest, atomic_folder, recover, write_manifest
 from ..generate import TextStream, check_int, check_sampling, decode_steps, prefill
 from ..text.ingest import BudgetError, Corpus
 from ..text.prompt import context_prefix, question_suffix
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Answer", "AnswerStream", "Citation", "QAError", "Session"]
 
-SESSION_FORMAT = "longctx-session-1"
+SESSION_FORMAT = "longctx-session-2"  # 2: session files listed with SHA-256 in manifest.json
 
 
 class QAError(ValueError):
@@ -358,6 +359,7 @@ class Session:
                     "offset": self.offset, "chunk_size": self.chunk_size, "max_context": self.max_context,
                     "prefix_sha256": token_hash(self.prefix[None])[0]}
             (tmp / "session.json").write_text(json.dumps(meta))
+            write_manifest(tmp)  # session.json and prefix.npy; cache/ carries its own
         return folder
 
     @classmethod
@@ -366,13 +368,20 @@ class Session:
         """Load a saved session. Refuses another model (``CacheError``); with ``corpus``, also
         refuses it (``QAError``) if its documents are not the ones the session was built from."""
         folder = Path(folder)
+        if not (folder / "session.json").is_file():
+            raise QAError(f"{folder}: not a saved session (session.json missing)")
         try:
-            meta = json.loads((folder / "session.json").read_text())
-            prefix = np.load(folder / "prefix.npy").astype(np.int64)
-        except FileNotFoundError as e:
-            raise QAError(f"{folder}: not a saved session ({Path(e.filename).name} missing)") from None
-        if meta.get("format") != SESSION_FORMAT:
-            raise QAError(f"{folder}: unknown session format {meta.get('format')!r}")
+            recover(folder)  # a save killed part way: put the complete copy back first
+            manifest = Manifest(folder)
+            meta = json.loads(manifest.check("session.json").read_text())
+            prefix = np.load(manifest.check("prefix.npy"), allow_pickle=False).astype(np.int64)
+        except CacheError as e:  # the files are checked before they are read
+            raise QAError(f"saved session: {e}") from None
+        except (OSError, ValueError) as e:  # verified bytes that still don't parse: another writer
+            raise QAError(f"{folder}: unreadable session ({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != SESSION_FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise QAError(f"{folder}: unknown session format {got!r} (this longctx writes {SESSION_FORMAT})")
         if corpus is not None:
             saved = [d["sha256"] for d in meta["documents"]]
             have = [d.sha256 for d in corpus.documents]

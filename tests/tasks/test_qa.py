@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import text_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from longctx.cache import OffloadPolicy
+from longctx.cache import CacheError, OffloadPolicy
 from longctx.generate import generate
 from longctx.tasks.qa import QAError, Session
 from longctx.text.ingest import ingest
@@ -166,3 +173,31 @@ def test_session_save_load_round_trip_and_refusals(model, corpus, tok, tmp_path)
     with pytest.raises(QAError, match="not a saved session"):
         Session.load(model, tmp_path / "nothing-here")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary folders left
+
+
+@pytest.fixture(scope="module")
+def saved_session(model, corpus, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("session") / "s"
+    Session(model, corpus).save(folder)
+    return folder
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pick=st.integers(0, 10**6), offset=st.integers(0, 10**9), bit=st.integers(0, 7))
+def test_a_bit_flip_in_any_session_file_is_a_typed_error_naming_it(model, corpus, saved_session, pick, offset, bit):
+    """Every file of a saved session (session.json, prefix.npy, the manifest, the cache's files)
+    is checked before it is read: a flipped bit never changes an answer or a citation."""
+    files = sorted(p.relative_to(saved_session) for p in saved_session.rglob("*") if p.is_file())
+    rel = files[pick % len(files)]
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / "s"
+        shutil.copytree(saved_session, copy)
+        data = bytearray((copy / rel).read_bytes())
+        data[offset % len(data)] ^= 1 << bit
+        (copy / rel).write_bytes(bytes(data))
+        with pytest.raises((QAError, CacheError), match=re.escape(rel.name)):
+            Session.load(model, copy, corpus)
+
+
+def test_an_undamaged_session_still_loads(model, corpus, saved_session):
+    assert Session.load(model, saved_session, corpus).ask("Which document is about rivers?", max_new_tokens=3).text
