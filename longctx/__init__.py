@@ -34,6 +34,8 @@ _LAZY = {
     "QAError": ("tasks.qa", "QAError"),
     "run_batch": ("tasks.batch", "run_batch"),
     "niah": ("tasks.niah", None),
+    "Monitor": ("monitor", "Monitor"),
+    "RoutingCollapse": ("monitor", "RoutingCollapse"),
 }
 
 

@@ -15,7 +15,7 @@ UPPER = ("text", "tasks")  # the floors above the model core
 # Floor 1 (the model core); the optional modules are checked once they exist.
 CORE = ["config", "model", "moe", "rope", "attention", "cache", "offload", "storage", "generate", "checkpoint", "hub",
         "compressed_tensors"]
-OPTIONAL_CORE = ["quant", "sparse", "distributed", "monitor"]
+OPTIONAL_CORE = ["quant", "sparse", "distributed", "monitor", "monitor_report"]
 MAX_LINES = 500
 
 
