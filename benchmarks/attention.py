@@ -87,7 +87,7 @@ def pin_blocks(shape: tuple[int, int, int, int] | None) -> None:
     A tuning aid only: it swaps the table function of the loaded kernel module for this run."""
     from longctx.kernels import attention as attn
 
-    mod = attn._triton_backend()
+    mod = attn._kernels.get()
     table = getattr(mod, "_blocks_table", mod._blocks)
     mod._blocks_table = table
     mod._blocks = table if shape is None else (lambda head_dim, m_rows, dtype, device: shape)
@@ -196,7 +196,7 @@ def main(argv=None):
             v = torch.randn(k.shape, device=device, dtype=dtype, generator=g)
             chunk = args.chunk if mode == "chunk" else None
 
-            def ours():
+            def ours(q=q, k=k, v=v, chunk=chunk):  # bound now: the loop rebinds them
                 return flash_attention(q, k, v, q_start=0, k_start=0, causal=True, chunk=chunk,
                                        impl=impl)[0]
 

@@ -25,6 +25,8 @@ if not torch.cuda.is_available():
         else:
             os.environ["TRITON_INTERPRET"] = _saved
 
+import importlib.util
+
 from longctx.config import ModelConfig
 from longctx.model import Model
 
@@ -78,3 +80,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded tokenizer (shared, read-only)."""
+    from longctx.text.tokenizer import Tokenizer
+
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A random tiny model over the embedded tokenizer (``text_model``); a test module that needs
+    another model defines its own ``model`` fixture, which takes precedence."""
+    return text_model(tok)
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """Device on which a Triton kernel runs: CUDA, else CPU via TRITON_INTERPRET=1."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"

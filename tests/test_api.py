@@ -12,25 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import text_model
 from longctx.generate import generate
 from longctx.tasks import niah
 from longctx.tasks.batch import run_batch
 from longctx.tasks.qa import Answer, Citation, QAError, Session
 from longctx.text.ingest import ingest
-from longctx.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return text_model(tok)
 
 
 @pytest.fixture(scope="module")

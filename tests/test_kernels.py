@@ -36,17 +36,6 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 
 
-@pytest.fixture
-def triton_device(monkeypatch):
-    """Device on which the Triton kernel runs: CUDA, else CPU via TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    if HAS_CUDA:
-        return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return "cpu"
-
-
 # ----------------------------------------------------------------------------- oracle
 
 
@@ -203,7 +192,7 @@ try:
 except ImportError:
     sys.exit(3)  # this triton has no ahead-of-time compile API
 from longctx.kernels import attention as attn_mod
-mod = attn_mod._triton_backend()
+mod = attn_mod._kernels.get()
 assert not mod.INTERPRET
 dtype, D, rows, G = getattr(torch, sys.argv[1]), *map(int, sys.argv[2:])
 class Dev:
@@ -461,7 +450,9 @@ def test_torch_impl_refusals(monkeypatch):
 def test_reference_runs_without_triton(monkeypatch):
     """With triton unimportable, auto falls back to PyTorch (fused CPU kernel) and forcing
     triton fails."""
-    monkeypatch.setattr(attn_mod, "triton_available", lambda: False)
+    from longctx.kernels import _env
+
+    monkeypatch.setattr(_env, "triton_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = make_qkv(1, 2, 1, 5, 9, 16, torch.float32)
     out, lse = flash_attention(q, k, v, q_start=4, k_start=0)

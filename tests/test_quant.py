@@ -34,17 +34,6 @@ def loop_pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)
 
 
-@pytest.fixture
-def triton_device(monkeypatch):
-    """Device on which the Triton kernel runs: CUDA, else CPU via TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    if HAS_CUDA:
-        return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return "cpu"
-
-
 # ----------------------------------------------------------------------------- packing
 
 

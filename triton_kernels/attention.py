@@ -20,13 +20,12 @@ tensors when TRITON_INTERPRET=1 asks for triton's interpreter; else "torch" for
 
 from __future__ import annotations
 
-import importlib
 import operator
 from collections.abc import Sequence
 
 import torch
 
-from ._env import interpret_requested, triton_available
+from ._env import KernelModule, device_blocker, use_triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _IMPLS = ("auto", "triton", "torch", "reference")
@@ -40,7 +39,7 @@ _REF_SCORE_BUDGET = 1 << 25
 _REF_MIN_KEY_BLOCK = 256
 _INT32_MAX = 2**31 - 1  # the Triton kernel's in-slice key offsets are int32
 
-_triton_mod = None
+_kernels = KernelModule(f"{__package__}._attention_triton")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -139,42 +138,12 @@ def _empty_result(q, out_dtype=None):
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _triton_backend():
-    """The Triton module, (re)imported for the current TRITON_INTERPRET mode.
-
-    NOTE: triton fixes interpreter-or-compiled when @triton.jit runs (module import), so a
-    module imported under the other mode is reloaded; the tests turn the interpreter on only
-    around their own kernel calls."""
-    global _triton_mod
-    want = interpret_requested()
-    if _triton_mod is None:
-        _triton_mod = importlib.import_module("._attention_triton", __package__)
-    if _triton_mod.INTERPRET != want:
-        _triton_mod = importlib.reload(_triton_mod)
-    return _triton_mod
-
-
 def _use_triton(impl: str, q: torch.Tensor) -> bool:
     """Decide the implementation; raise when "triton" is forced but cannot run."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl in ("reference", "torch"):
-        return False
-    D = q.shape[-1]
-    why = None
-    if not triton_available():
-        why = "triton is not installed"
-    elif q.device.type != "cuda" and not interpret_requested():
-        why = f"tensors are on {q.device.type} (set TRITON_INTERPRET=1 to use the interpreter)"
-    elif q.device.type not in ("cuda", "cpu"):
-        why = f"tensors are on {q.device.type}"
-    elif D not in _TRITON_HEAD_DIMS:
-        why = f"head dim {D} is not one of {_TRITON_HEAD_DIMS}"
-    if why is None:
-        return True
-    if impl == "triton":
-        raise RuntimeError(f"impl='triton' cannot run: {why}")
-    return False
+    why = device_blocker(q.device.type)
+    if why is None and q.shape[-1] not in _TRITON_HEAD_DIMS:
+        why = f"head dim {q.shape[-1]} is not one of {_TRITON_HEAD_DIMS}"
+    return use_triton(impl, _IMPLS, why)
 
 
 def _launch(q, k, v, **kw):
@@ -186,7 +155,7 @@ def _launch(q, k, v, **kw):
     (exact) and callers cast the result back; compiled GPU kernels take bf16 directly.
     NOTE: the kernel addresses keys with int32 offsets inside one (batch, head) slice; longer
     key ranges are cut into pieces below that limit and merged by LSE (exact)."""
-    mod = _triton_backend()
+    mod = _kernels.get()
     if mod.INTERPRET and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     # The kernel takes any strides but needs a unit-stride head dim (contiguous rows).

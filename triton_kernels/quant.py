@@ -28,16 +28,15 @@ decode speed; "reference" avoids it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 
-from ._env import interpret_requested, triton_available
+from ._env import KernelModule, device_blocker, use_triton
 
 _IMPLS = ("auto", "triton", "reference")
 _PACKED_MAX_ROWS = 16  # beyond this, dequantize + bf16 matmul beats torch's packed CPU ops
-_triton_mod = None
+_kernels = KernelModule(f"{__package__}._quant_triton")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -215,35 +214,8 @@ def _cpu(x, w, scale, zero, counts, cache):
     return out
 
 
-def _triton_backend():
-    """The Triton module, (re)imported for the current TRITON_INTERPRET mode (see
-    ``attention._triton_backend``: triton fixes the mode when @triton.jit runs)."""
-    global _triton_mod
-    want = interpret_requested()
-    if _triton_mod is None:
-        _triton_mod = importlib.import_module("._quant_triton", __package__)
-    if _triton_mod.INTERPRET != want:
-        _triton_mod = importlib.reload(_triton_mod)
-    return _triton_mod
-
-
-def _use_triton(impl: str, x: torch.Tensor) -> bool:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "reference":
-        return False
-    why = None
-    if not triton_available():
-        why = "triton is not installed"
-    elif x.device.type != "cuda" and not interpret_requested():
-        why = f"x is on {x.device.type} (the kernel needs CUDA, or TRITON_INTERPRET=1 on CPU)"
-    if why and impl == "triton":
-        raise RuntimeError(f"impl='triton' cannot run: {why}")
-    return why is None
-
-
 def _triton(x, w, scale, zero, counts):
-    mod = _triton_backend()
+    mod = _kernels.get()
     out_dtype = x.dtype
     if mod.INTERPRET and x.dtype == torch.bfloat16:
         x = x.float()  # the interpreter's tl.dot is wrong on bfloat16
@@ -265,7 +237,7 @@ def moe_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torc
     counts = _check(x, w, scale, zero, counts)
     if x.shape[0] == 0:
         return x.new_empty(0, w.shape[1])
-    if _use_triton(impl, x):
+    if use_triton(impl, _IMPLS, device_blocker(x.device.type)):
         return _triton(x, w, scale, zero, counts)
     if impl == "auto" and x.device.type == "cpu":
         return _cpu(x, w, scale, zero, counts, cpu_cache)

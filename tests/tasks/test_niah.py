@@ -10,25 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import text_model
 
 from longctx import niah
 from longctx.cache import token_hash
 from longctx.text.ingest import ingest
 from longctx.text.prompt import NOT_STATED
-from longctx.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return text_model(tok)
 
 
 @pytest.mark.parametrize("task", niah.TASKS)

@@ -18,19 +18,8 @@ from longctx.generate import generate
 from longctx.tasks.qa import QAError, Session
 from longctx.text.ingest import ingest
 from longctx.text.prompt import context_prefix, question_suffix
-from longctx.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return text_model(tok)
 
 
 @pytest.fixture(scope="module")
