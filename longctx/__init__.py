@@ -21,6 +21,7 @@ from .text.ingest import BudgetError, Corpus, Document, DocumentSpan, IngestErro
 from .generate import Generation, generate, prefill, sample
 from .model import Model
 from .quant import quantize
+from .sparse import SparseDecode
 from .text.tokenizer import Tokenizer, TokenizerError
 
 __version__ = "0.1.0"
@@ -49,7 +50,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BudgetError", "CacheError", "CheckpointError", "ConfigError", "Corpus", "Document", "DocumentSpan",
-    "Generation", "IngestError", "KVCache", "Model", "ModelConfig", "OffloadPolicy", "Tokenizer",
+    "Generation", "IngestError", "KVCache", "Model", "ModelConfig", "OffloadPolicy", "SparseDecode", "Tokenizer",
     "TokenizerError", "generate", "ingest", "load_model", "prefill", "quantize", "sample", "save_model",
     *_LAZY,
 ]

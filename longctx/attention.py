@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sparse
 from .cache import ChunkedCache, GlobalCache
 from .config import ModelConfig
 from .kernels import decode_attention, flash_attention, merge_attention
@@ -86,9 +87,12 @@ class Attention(nn.Module):
         else:
             segments = kv.segments() + [(k, v, start)]
             kv.append(k, v, start)
-            out, lse = attend(q, segments, start, chunk, scale)
-            if kv.stats is not None:
-                kv.stats.record(q, start, segments, lse, scale)
+            if T == 1 and kv.pages is not None:  # sparse decode: only the selected pages are read
+                out, lse = sparse.attend(q, kv, start, scale)  # records citations itself
+            else:
+                out, lse = attend(q, segments, start, chunk, scale)
+                if kv.stats is not None:
+                    kv.stats.record(q, start, segments, lse, scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

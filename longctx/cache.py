@@ -16,6 +16,9 @@ Statistics: a layer cache's ``stats`` is ``None`` or a recorder that the attenti
 each call over the cache (``AttentionMass.record``); ``KVCache.record_attention`` installs one
 in every global layer and ``KVCache.attention_mass`` sums them (citations).
 
+Sparse decode (``longctx.sparse``): with ``sparse=SparseDecode(...)`` each global layer keeps a
+``PageIndex`` (key bounds per page, on the device), saved, loaded and forked with the cache.
+
 Because sealed segments never change, ``fork()`` is cheap: a fork shares them and copies only
 the small open parts, so a QA session can append a question to a fork and drop it.
 
@@ -38,9 +41,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from . import storage
+
 # CacheError and OffloadPolicy are also imported from here by callers (the public API).
 from .offload import TIERS, CacheError, OffloadPolicy, Placer, Segment, stage
-from . import storage
+from .sparse import PageIndex, SparseDecode
+from .sparse import load as load_pages
+from .sparse import save as save_pages
 from .storage import Manifest, atomic_folder, recover, write_manifest
 
 if TYPE_CHECKING:
@@ -62,6 +69,12 @@ class AttentionMass:
     def copy(self) -> AttentionMass:
         return AttentionMass(self.mass.clone())
 
+    def reserve(self, end: int) -> None:
+        """Make room for key positions < ``end``; geometrically: a decode step adds one key, not one O(L) copy."""
+        if self.mass.shape[1] < end:
+            grow = max(end, 2 * self.mass.shape[1]) - self.mass.shape[1]
+            self.mass = torch.cat([self.mass, self.mass.new_zeros(self.mass.shape[0], grow)], 1)
+
     def record(self, q: torch.Tensor, q_start: int, segments: list[Segment], lse: torch.Tensor,
                scale: float) -> None:
         """Add the mass that queries q (B, Hq, M, D) at positions q_start.. put on the keys of
@@ -69,9 +82,7 @@ class AttentionMass:
         log-normaliser lse (B, Hq, M) fp32 from the attention and its score scale."""
         B, Hq, M, D = q.shape
         end = q_start + M
-        if self.mass.shape[1] < end:  # grow geometrically: a decode step adds one key, not one O(L) copy
-            grow = max(end, 2 * self.mass.shape[1]) - self.mass.shape[1]
-            self.mass = torch.cat([self.mass, self.mass.new_zeros(B, grow)], 1)
+        self.reserve(end)
         G = Hq // segments[0][0].shape[1]  # query heads per KV head
         qf = q.float().unflatten(1, (-1, G))  # (B, Hkv, G, M, D)
         lse = lse.unflatten(1, (-1, G))[..., None]  # (B, Hkv, G, M, 1)
@@ -90,6 +101,7 @@ class ChunkedCache:
 
     # Chunked layers keep no statistics: citations use the global layers, which see every key.
     stats: AttentionMass | None = None
+    pages: PageIndex | None = None  # and decode them exactly (sparse decode reads global layers only)
 
     def __init__(self, chunk: int):
         self.chunk = chunk
@@ -149,6 +161,7 @@ class GlobalCache:
         self.tail: torch.Tensor | None = None  # (2, B, H, n, D) on the device
         self.tail_start = 0
         self.stats: AttentionMass | None = None  # set while recording attention
+        self.pages: PageIndex | None = None  # key bounds per page, for sparse decode (``longctx.sparse``)
 
     @property
     def seg(self) -> int:
@@ -161,6 +174,8 @@ class GlobalCache:
         return segs
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        if self.pages is not None:  # first: it checks pos, and the keys are at hand (no second pass)
+            self.pages.add(k, pos)
         kv = torch.stack([k, v])  # (2, B, H, T, D)
         if self.tail is None:
             self.tail, self.tail_start = kv, pos
@@ -190,6 +205,7 @@ class GlobalCache:
         g = GlobalCache(placer)
         g.sealed, g.tail, g.tail_start = list(self.sealed), self.tail, self.tail_start
         g.stats = None if self.stats is None else self.stats.copy()
+        g.pages = None if self.pages is None else self.pages.fork()
         return g
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -233,11 +249,14 @@ class KVCache:
     """Per-layer caches of one model for a batch of B sequences; see the module docstring."""
 
     def __init__(self, layer_kinds: list[str], chunk: int, batch: int, device: torch.device | str,
-                 fingerprint: str, offload: OffloadPolicy | None = None):
-        self.offload = offload or OffloadPolicy()
+                 fingerprint: str, offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None):
+        self.offload, self.sparse = offload or OffloadPolicy(), sparse
         self.placer = Placer(self.offload, device)
         self.layer_kinds, self.chunk, self.batch, self.fingerprint = list(layer_kinds), chunk, batch, fingerprint
         self.layers = [ChunkedCache(chunk) if kind == "chunked" else GlobalCache(self.placer) for kind in layer_kinds]
+        for layer in self.layers:
+            if sparse is not None and isinstance(layer, GlobalCache):
+                layer.pages = PageIndex(sparse, device)
         self.length = 0
         self._hash = [hashlib.sha256() for _ in range(batch)]
 
@@ -278,7 +297,8 @@ class KVCache:
 
     def fork(self) -> KVCache:
         """A cache that shares this one's sealed segments; appending to it leaves this one as is."""
-        new = KVCache(self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload)
+        new = KVCache(self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload,
+                      self.sparse)
         new.placer = self.placer.copy()
         new.layers = [layer.fork(new.placer) if isinstance(layer, GlobalCache) else layer.fork()
                       for layer in self.layers]
@@ -338,7 +358,7 @@ class KVCache:
                 meta = {"format": FORMAT, "fingerprint": self.fingerprint, "token_sha256": self.token_hash(),
                         "length": self.length, "batch": self.batch, "chunk": self.chunk,
                         "layer_kinds": self.layer_kinds, "segment_tokens": self.offload.segment_tokens,
-                        "layers": [layer.meta() for layer in self.layers]}
+                        "layers": [layer.meta() for layer in self.layers], **save_pages(self, tmp)}
                 (tmp / "cache.json").write_text(json.dumps(meta, indent=1))
                 storage.step("wrote cache.json")
                 write_manifest(tmp)
@@ -349,8 +369,9 @@ class KVCache:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model: Model, *, tokens=None,
-             offload: OffloadPolicy | None = None) -> KVCache:
-        """Load a saved cache for ``model``. Refuses a cache of another model, and, when the
+             offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None) -> KVCache:
+        """Load a saved cache for ``model`` (with ``sparse``: and its page summaries, which must
+        have been saved with the same ``page_tokens``). Refuses a cache of another model, and, when the
         token ids it was built from are given (``tokens`` (B, T)), a cache of another text.
 
         First recovers a save of ``folder`` that was killed part way (``recover``). Each file is
@@ -373,14 +394,14 @@ class KVCache:
         meta_path = manifest.check("cache.json")
         try:
             meta = json.loads(meta_path.read_bytes())
-            return cls._load(folder, manifest, meta, model, tokens, offload)
+            return cls._load(folder, manifest, meta, model, tokens, offload, sparse)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             # Only a file written to match its checksum gets here (a forgery or a bug): name it.
             raise CacheError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
 
     @classmethod
     def _load(cls, folder: Path, manifest: Manifest, meta: dict, model: Model, tokens,
-              offload: OffloadPolicy | None) -> KVCache:
+              offload: OffloadPolicy | None, sparse: SparseDecode | None) -> KVCache:
         from safetensors import SafetensorError, safe_open
 
         if meta.get("format") != FORMAT:
@@ -395,7 +416,7 @@ class KVCache:
         if policy.segment_tokens != meta["segment_tokens"]:
             raise CacheError(f"{folder}: saved with segment_tokens={meta['segment_tokens']}, "
                              f"policy asks {policy.segment_tokens}")
-        cache = model.new_cache(batch=meta["batch"], offload=policy)
+        cache = model.new_cache(batch=meta["batch"], offload=policy, sparse=sparse)
         length, batch, cfg = meta["length"], meta["batch"], model.config
         if (cache.layer_kinds != meta["layer_kinds"] or len(meta["layers"]) != len(cache.layers)
                 or len(meta["token_sha256"]) != batch):
@@ -417,6 +438,8 @@ class KVCache:
                     layer.restore(_LazyTensors(f), lmeta, cache.placer)
             except SafetensorError as e:
                 raise CacheError(f"{path}: unreadable safetensors file ({e})") from None
+        if sparse is not None:
+            load_pages(cache, folder, manifest, meta)
         cache.length = length
         cache._hash = [_FrozenHash(h) for h in meta["token_sha256"]]
         return cache

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .moe import MLP, MoE
 from .offload import OffloadPolicy
 from .rope import inv_frequencies, rope_angles
+from .sparse import SparseDecode
 
 
 class RMSNorm(nn.Module):
@@ -87,11 +88,14 @@ class Model(nn.Module):
             cache.advance(tokens)
         return self.norm(x)
 
-    def new_cache(self, batch: int = 1, offload: OffloadPolicy | None = None) -> KVCache:
-        """An empty KV cache for ``batch`` sequences; ``offload`` places global-layer segments."""
+    def new_cache(self, batch: int = 1, offload: OffloadPolicy | None = None,
+                  sparse: SparseDecode | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences; ``offload`` places global-layer segments;
+        ``sparse`` keeps page summaries and makes one-token decode steps read only the selected
+        pages (``longctx.sparse``; default: exact attention)."""
         device = self.embed_tokens.weight.device
         return KVCache(self.config.layer_kinds, self.config.attention_chunk_size, batch, device,
-                       self.fingerprint, offload)
+                       self.fingerprint, offload, sparse)
 
     @property
     def fingerprint(self) -> str:

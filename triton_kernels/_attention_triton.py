@@ -7,7 +7,7 @@ NOTE (TRITON_INTERPRET): triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` 
 function (3.4+: through ``triton.knobs.runtime.interpret``; earlier: ``os.environ``), not when
 the kernel is launched. A kernel decorated in compiled mode cannot run on CPU tensors and vice
 versa. ``INTERPRET`` below records the mode this module was built in; the dispatcher re-imports
-the module when the environment asks for the other mode (see ``attention._triton_backend``).
+the module when the environment asks for the other mode (see ``_env.KernelModule``).
 
 One kernel serves both uses:
 

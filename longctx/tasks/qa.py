@@ -33,6 +33,7 @@ import torch
 from ..cache import CacheError, KVCache, OffloadPolicy, token_hash
 from ..storage import Manifest, atomic_folder, recover, write_manifest
 from ..generate import TextStream, check_int, check_sampling, decode_steps, prefill
+from ..sparse import SparseDecode, read_share, reset_reads
 from ..text.ingest import BudgetError, Corpus
 from ..text.prompt import context_prefix, question_suffix
 
@@ -65,7 +66,9 @@ class Answer:
     other_share: attention share on non-document tokens (prompt header, document delimiters,
     question, answer); ``sum(c.share for c in citations) + other_share == 1``.
     prefill_s: the question's own prefill (the corpus is already in the cache); decode_s: the
-    answer's tokens (including the citation bookkeeping).
+    answer's tokens (including the citation bookkeeping). kv_read: the share of global-layer KV
+    that the answer's decode steps read (1.0 with exact attention; under sparse decode the
+    citations count the attention mass of the pages read, unread pages as zero).
     """
 
     text: str
@@ -77,6 +80,7 @@ class Answer:
     decode_s: float
     stopped: str = "stop"  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
     question: str = ""
+    kv_read: float = 1.0
 
     @property
     def seconds(self) -> float:
@@ -173,7 +177,7 @@ def _check_corpus(corpus) -> None:
 
 def _pack_and_prefill(model: Model, corpus: Corpus, offload: OffloadPolicy | None, chunk_size: int,
                       max_context: int | None, budget: int | None, progress: bool | None,
-                      overflow: str = "error") -> _Prefilled:
+                      overflow: str = "error", sparse: SparseDecode | None = None) -> _Prefilled:
     """Pack ``corpus`` behind the prompt header (QAError, before any prefill, if it does not
     fit) and prefill it into a new cache."""
     tok, cfg = _tokenizer(model), model.config
@@ -187,7 +191,7 @@ def _pack_and_prefill(model: Model, corpus: Corpus, offload: OffloadPolicy | Non
         raise QAError(f"the corpus does not fit the context of {limit} tokens ({len(head)} of them are the prompt "
                       f"header): {e} (command line: --overflow drop|truncate)") from e
     prefix = np.concatenate([head, np.asarray(packed.ids, dtype=np.int64)])  # = context_prefix(tok, packed.ids)
-    cache = model.new_cache(offload=offload)
+    cache = model.new_cache(offload=offload, sparse=sparse)
     t0 = time.perf_counter()
     prefill(model, torch.from_numpy(prefix)[None], cache, chunk_size, progress)
     return _Prefilled(prefix, len(head), [dataclasses.asdict(s) for s in packed.spans],
@@ -204,7 +208,8 @@ class Session:
     what fits in max_context); overflow: what to do with a corpus over the budget, as in
     ``Corpus.pack``: "error" (``QAError``, before any prefill), "drop" (leave out whole
     documents from the end) or "truncate" (also cut the first one that does not fit);
-    ``dropped`` lists the documents left out. Arguments are checked before any packing:
+    ``dropped`` lists the documents left out. sparse: a ``longctx.sparse.SparseDecode`` for
+    answers that read only the KV pages their queries select (default: exact). Arguments are checked before any packing:
     ``corpus`` must be a non-empty ``Corpus`` (``longctx.ingest`` makes one).
     ``_prefilled`` is ``Session.load``'s way in: a saved corpus and its loaded cache, used as
     they are (``corpus`` is then None, and nothing is packed or prefilled).
@@ -212,7 +217,8 @@ class Session:
 
     def __init__(self, model: Model, corpus: Corpus | None, *, offload: OffloadPolicy | None = None,
                  chunk_size: int = 2048, max_context: int | None = None, budget: int | None = None,
-                 progress: bool | None = None, overflow: str = "error", _prefilled: _Prefilled | None = None):
+                 progress: bool | None = None, overflow: str = "error", sparse: SparseDecode | None = None,
+                 _prefilled: _Prefilled | None = None):
         check_int("chunk_size", chunk_size, 1)
         if max_context is not None:
             check_int("max_context", max_context, 1)
@@ -224,7 +230,7 @@ class Session:
                 raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
             _tokenizer(model)
             _prefilled = _pack_and_prefill(model, corpus, offload, chunk_size, max_context, budget, progress,
-                                           overflow)
+                                           overflow, sparse)
         self.model, self.chunk_size, self.max_context = model, chunk_size, max_context
         p = _prefilled
         self.prefix, self.offset, self.spans, self.documents = p.prefix, p.offset, p.spans, p.documents
@@ -304,6 +310,7 @@ class Session:
         # Record from the query that predicts the first answer token on: those are the queries
         # whose attention produced the answer.
         cache.record_attention()
+        reset_reads(cache)
         logits = model(torch.tensor([suffix[-1:]], device=model.device), cache)[:, -1].float()
         t1 = time.perf_counter()
         steps = decode_steps(model, cache, logits, max_new_tokens=max_new_tokens,
@@ -328,7 +335,7 @@ class Session:
         citations, other = self._cite(cache.attention_mass()[0])
         t2 = time.perf_counter()
         return Answer(tok.decode(out).strip(), citations, other, len(suffix), len(out), t1 - t0, t2 - t1,
-                      gen.stopped[0], question)
+                      gen.stopped[0], question, read_share(cache))
 
     def _cite(self, mass: torch.Tensor) -> tuple[list[Citation], float]:
         """Attention mass per position (L,) -> documents ranked by their share, and the rest."""
@@ -364,8 +371,9 @@ class Session:
 
     @classmethod
     def load(cls, model: Model, folder, corpus: Corpus | None = None, *,
-             offload: OffloadPolicy | None = None) -> Session:
-        """Load a saved session. Refuses another model (``CacheError``); with ``corpus``, also
+             offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None) -> Session:
+        """Load a saved session (``sparse``: see ``Session``; the cache must have been saved
+        with its page summaries). Refuses another model (``CacheError``); with ``corpus``, also
         refuses it (``QAError``) if its documents are not the ones the session was built from."""
         folder = Path(folder)
         if not (folder / "session.json").is_file():
@@ -392,7 +400,8 @@ class Session:
         if token_hash(prefix[None])[0] != meta["prefix_sha256"]:
             raise QAError(f"{folder}: prefix.npy does not match session.json")
         _tokenizer(model)
-        cache = KVCache.load(folder / "cache", model, tokens=torch.from_numpy(prefix)[None], offload=offload)
+        cache = KVCache.load(folder / "cache", model, tokens=torch.from_numpy(prefix)[None], offload=offload,
+                             sparse=sparse)
         return cls(model, None, chunk_size=meta["chunk_size"], max_context=meta.get("max_context"),
                    _prefilled=_Prefilled(prefix, meta["offset"], meta["spans"], meta["documents"], cache, 0.0,
                                          meta.get("dropped", [])))
