@@ -3,6 +3,7 @@
     longctx ask docs/ report.pdf -q "Which document mentions the special magic number for quiet-otter?"
     longctx batch jobs.jsonl --out answers.jsonl          (also under torchrun)
     longctx niah --task single --lengths 1k,8k             (the needle-in-a-haystack benchmark)
+    longctx compare --quantize none,int8,int4 --tasks single --lengths 1k,4k   (variants side by side)
     longctx info --context 1m                              (model summary and memory plan)
 """
 
@@ -353,8 +354,36 @@ def cmd_niah(args) -> int:
     return 0
 
 
+def _names(allowed: tuple[str, ...], s: str) -> list[str]:
+    """An argparse type (through a lambda): a comma-separated list of names from ``allowed``."""
+    if [x for x in s.split(",") if x not in allowed]:
+        raise argparse.ArgumentTypeError(f"{s!r}: not a list of {', '.join(allowed)}")
+    return s.split(",")
+
+
+def cmd_compare(args) -> int:
+    from .checkpoint import CheckpointError
+    from .tasks.compare import compare, load_variants
+
+    try:
+        variants = load_variants(args.model or [None], args.quantize, args.group_size, _device(args.device))
+    except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError
+        raise UsageError(f"{'--group-size' if 'group_size' in str(e) else '--model'}: {e}") from None
+    set_threads(args.threads, next(iter(variants.values())))
+    cmp = compare(variants, tasks=args.tasks, lengths=args.lengths, depths=args.depths, samples=args.samples,
+                  seed=args.seed, out=args.out, data=args.qa)
+    print(cmp.to_markdown())
+    try:
+        cmp.plot(args.out / "compare.png")
+        print(f"wrote {args.out}/<variant>/<task>.jsonl and {args.out / 'compare.png'}")
+    except ImportError as e:
+        print(f"wrote {args.out}/<variant>/<task>.jsonl; no plot: {e}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .tasks import niah, ruler
 
     ap = _Parser(prog="longctx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"longctx {__version__}")
@@ -402,6 +431,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(resumable) and <out>/<task>.png.")
     add_niah_arguments(p)
     p.set_defaults(fn=cmd_niah)
+    p = sub.add_parser("compare", help="models x quantizations side by side: a table and <out>/compare.png")
+    p.add_argument("--model", action="append", help="checkpoint folder; repeat for several (default: embedded)")
+    p.add_argument("--quantize", type=lambda s: _names(("none", "int8", "int4"), s), default="none",
+                   help="e.g. none,int8,int4")
+    p.add_argument("--group-size", type=_count(1), default=64, help="int4 group size (default: 64)")
+    p.add_argument("--tasks", type=lambda s: _names(niah.TASKS + ruler.TASKS, s), default="single,multi_key",
+                   help="comma-separated: " + ", ".join(niah.TASKS + ruler.TASKS))
+    p.add_argument("--qa", type=_existing, default=None, help="SQuAD/HotpotQA-style JSON(L) file for task qa")
+    p.add_argument("--lengths", type=parse_lengths, default="1k", help="comma-separated, e.g. 1k,4k (default: 1k)")
+    p.add_argument("--depths", type=parse_depths, default="0.25,0.75", help="as for niah (default: 0.25,0.75)")
+    p.add_argument("--samples", type=_count(1), default=4, help="samples per cell (default: 4)")
+    p.add_argument("--seed", type=_count(0), default=0, help="seed of the cells (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
+    p.add_argument("--out", type=Path, default=Path("compare_results"), help="folder (default: compare_results)")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("info", help="model summary and memory plan for a context length",
                        description="Model summary and memory plan (weights and KV cache) for a context length.")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")

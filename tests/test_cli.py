@@ -193,7 +193,7 @@ def test_every_option_of_every_command_has_help_and_threads():
     from longctx.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert sorted(commands) == ["ask", "batch", "info", "niah"]
+    assert sorted(commands) == ["ask", "batch", "compare", "info", "niah"]
     for name, p in commands.items():
         options = {o for a in p._actions for o in a.option_strings}
         assert "--threads" in options, name

@@ -17,7 +17,8 @@ goes in at a sentence boundary at the requested depth of the context (0 = first 
 Tasks (``TASKS``): ``single`` (one needle), ``multi_key`` (the needle plus 3 distractor needles
 with other keys), ``multi_value`` (one key, 3 needles with different values, all expected),
 ``multi_query`` (two needles, both asked), ``none`` (no needle for the key asked: the right
-answer is "not stated").
+answer is "not stated"). RULER's families (``longctx.tasks.ruler.TASKS``: other key and value
+types, needle haystacks, variable tracking, aggregation, document QA) are tasks of ``run`` too.
 
 Every cell of one sample draws on one haystack stream, so prompts share prefixes: the cells
 before their first needle, and cells whose needles sit at the same token (depth 0 at every
@@ -52,9 +53,10 @@ from tqdm.auto import tqdm
 
 from ..cache import KVCache, token_hash
 from ..generate import check_int, generate, prefill
+from ..sparse import SparseDecode, read_share
 from ..text.prompt import NOT_STATED, context_prefix, question_suffix
 from . import jsonl, needles
-from .results import Results, length_label, parse_length, record_key, score, wilson
+from .results import Results, length_label, parse_length, recall, record_key, score, wilson
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -79,6 +81,9 @@ class Cell:
     needles: list[dict]  # {"text", "token_index", "doc", "page"}
     haystack_sha256: str = ""  # of the haystack tokens this cell uses (its first `room` tokens)
     hash: str = ""
+    ordered: bool = True  # an exact answer lists ``expected`` in this order
+    any_of: bool = False  # ``expected`` are alternatives (document QA's gold answers): one suffices
+    haystack: str = ""  # the name of the haystack the cell was cut from
 
 
 @dataclass
@@ -89,6 +94,23 @@ class Haystack:
     ids: np.ndarray  # int32 token ids
     bounds: np.ndarray  # sorted sentence-start indices into ids (0 included)
     packed: Packed | None = None  # the packed corpus, for provenance (document, page)
+    labels: list[str] | None = None  # per unit (sentence) what it stands for: aggregation counts these
+    whole: bool = False  # cut only between units; a cell's leftover tokens become newlines
+
+
+@dataclass
+class Spec:
+    """What a task puts into one cell (``_task_spec``, ``longctx.tasks.ruler.spec``)."""
+
+    question: str
+    needles: list[str]  # sentences to hide; the first at the requested depth
+    expected: list[str] | None  # None: the ``top`` most frequent labels of the units the cell uses
+    ordered: bool = True
+    any_of: bool = False
+    chained: bool = False  # needles stay in order, all at or after the depth (a chain of assignments)
+    haystack: Haystack | None = None  # the task's own haystack, instead of the run's
+    sep: str = " "  # what precedes each needle's text when it is encoded
+    top: int = 0
 
 
 def make_haystack(tokenizer: Tokenizer, source="english", min_tokens: int = 0, seed: int = 0) -> Haystack:
@@ -142,51 +164,69 @@ def _corpus_haystack(tokenizer: Tokenizer, corpus) -> Haystack:
     return Haystack("corpus", ids, bounds, packed)
 
 
-def _task_needles(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]], list[str]]:
-    """(question, [(key, value) needles, the first one placed at the depth], expected answers)."""
+def _task_spec(task: str, rng: random.Random) -> Spec:
+    """The needles, question and expected answers of one of ``TASKS``."""
     keys = needles.make_keys(rng, 4, "eval")
     vals = [needles.make_value(rng) for _ in range(4)]
+    say = lambda pairs: [needles.NEEDLE.format(key=k, value=v) for k, v in pairs]  # noqa: E731
     if task == "single":
-        return needles.QUESTION.format(key=keys[0]), [(keys[0], vals[0])], [vals[0]]
+        return Spec(needles.QUESTION.format(key=keys[0]), say([(keys[0], vals[0])]), [vals[0]])
     if task == "multi_key":
-        return needles.QUESTION.format(key=keys[0]), list(zip(keys, vals)), [vals[0]]
+        return Spec(needles.QUESTION.format(key=keys[0]), say(zip(keys, vals)), [vals[0]])
     if task == "multi_value":
-        return needles.QUESTION.format(key=keys[0]), [(keys[0], v) for v in vals[:3]], vals[:3]
+        return Spec(needles.QUESTION.format(key=keys[0]), say((keys[0], v) for v in vals[:3]), vals[:3], ordered=False)
     if task == "multi_query":
-        return (needles.QUESTION_MULTI.format(keys=f"{keys[0]} and {keys[1]}"),
-                [(keys[0], vals[0]), (keys[1], vals[1])], vals[:2])
+        return Spec(needles.QUESTION_MULTI.format(keys=f"{keys[0]} and {keys[1]}"),
+                    say([(keys[0], vals[0]), (keys[1], vals[1])]), vals[:2])
     if task == "none":
-        return needles.QUESTION.format(key=keys[0]), [], [NOT_STATED]
+        return Spec(needles.QUESTION.format(key=keys[0]), [], [NOT_STATED])
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
 def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack,
-              chunk: int | None = None) -> Cell:
+              chunk: int | None = None, data=None) -> Cell:
     """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
-    the haystack on (seed, sample) only, so all cells of a sample share it.
+    the haystack on (seed, sample) only (a task with its own haystack: on (seed, task,
+    sample)), so all cells of a sample share it.
 
     The prompt has ``length`` tokens; with ``chunk`` (the model's ``config.local_chunk``) a
     question that would cross a local-attention chunk start is moved to the next one by a few
-    newlines (``question_suffix``), so up to one question's length more."""
+    newlines (``question_suffix``), so up to one question's length more. ``task`` is one of
+    ``TASKS`` or ``longctx.tasks.ruler.TASKS``; data: the ``ruler.QASet`` of task "qa"."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{seed}/{task}/{sample}")
-    question, pairs, expected = _task_needles(task, rng)
+    if task in TASKS:
+        spec = _task_spec(task, rng)
+    else:
+        from . import ruler
+
+        spec = ruler.spec(tokenizer, task, rng, seed, sample, length, data)
+    hay = spec.haystack or hay
+    question = spec.question
     head = context_prefix(tokenizer, [])
     suffix = question_suffix(tokenizer, question)
-    needle_ids = [tokenizer.encode(" " + needles.NEEDLE.format(key=k, value=v)) for k, v in pairs]
+    needle_ids = [tokenizer.encode(spec.sep + t) for t in spec.needles]
     room = length - len(head) - len(suffix) - sum(map(len, needle_ids))
     if room < 1:
         raise ValueError(f"length {length} is too short for task {task!r} (needs more than {length - room})")
     if room > len(hay.ids):
         raise ValueError(f"the {hay.name} haystack has {len(hay.ids)} tokens; length {length} needs {room} "
                          "(use shorter lengths, or a bigger corpus)")
-    bounds = hay.bounds[hay.bounds <= room]
+    end = room  # haystack tokens used; a whole-unit haystack stops at the last unit that fits
+    if hay.whole:
+        edges = np.append(hay.bounds, len(hay.ids))
+        end = int(edges[edges <= room].max())
+    bounds = hay.bounds[hay.bounds <= end]
     if hay.packed is not None and len(bounds) == 0:
         raise ValueError(f"length {length}: no sentence boundary inside a document in the first {room} corpus tokens")
-    # The first needle at the sentence boundary nearest the depth; others at seeded boundaries.
-    spots = [int(bounds[np.abs(bounds - depth * room).argmin()])]
-    spots += [int(rng.choice(bounds)) for _ in needle_ids[1:]]
+    # The first needle at the sentence boundary nearest the depth; others at seeded boundaries
+    # (after it and in order for a chain).
+    spots = [int(bounds[np.abs(bounds - depth * end).argmin()])] if needle_ids else []
+    if spec.chained:
+        spots += sorted(int(rng.choice(bounds[bounds >= spots[0]])) for _ in needle_ids[1:])
+    else:
+        spots += [int(rng.choice(bounds)) for _ in needle_ids[1:]]
     order = sorted(range(len(needle_ids)), key=lambda j: (spots[j], j))
     context: list[int] = []
     placed, last = [], 0
@@ -195,9 +235,19 @@ def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample
         placed.append((j, len(head) + len(context), spots[j]))
         context += needle_ids[j]
         last = spots[j]
-    context += hay.ids[last:room].tolist()
+    context += hay.ids[last:end].tolist()
+    if end < room:
+        pad = tokenizer.encode("\n")
+        if len(pad) != 1:
+            raise ValueError(f"the tokenizer encodes a newline as {len(pad)} tokens; whole-unit haystacks need 1")
+        context += pad * (room - end)
     assert len(head) + len(context) + len(suffix) == length
     prompt = head + context + question_suffix(tokenizer, question, at=len(head) + len(context), chunk=chunk)
+    expected = spec.expected
+    if expected is None:
+        from .ruler import top_labels
+
+        expected = top_labels(hay.labels[: int((hay.bounds < end).sum())], spec.top, length)
     info = [None] * len(needle_ids)
     for j, index, at in placed:
         doc = page = None
@@ -205,10 +255,10 @@ def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample
             where = hay.packed.locate(at)  # `at` is a boundary inside a document's text
             if where is not None:
                 doc, page = where[0].title, where[1]
-        info[j] = {"text": needles.NEEDLE.format(key=pairs[j][0], value=pairs[j][1]), "token_index": index,
-                   "doc": doc, "page": page}
+        info[j] = {"text": spec.needles[j], "token_index": index, "doc": doc, "page": page}
     used = hashlib.sha256(hay.ids[:room].astype("<i4").tobytes()).hexdigest()
-    return Cell(task, length, depth, sample, prompt, question, expected, info, used)
+    return Cell(task, length, depth, sample, prompt, question, expected, info, used, ordered=spec.ordered,
+                any_of=spec.any_of, haystack=hay.name)
 
 
 def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dict) -> str:
@@ -249,8 +299,8 @@ def _grid_axes(lengths, depths) -> tuple[list[int], list[float]]:
     return lengths, [float(d) for d in depths]
 
 
-def prefix_forks(model: Model, prompts: list[list[int]],
-                 chunk_size: int = 1024) -> Iterator[tuple[int, KVCache, list[int], int, float]]:
+def prefix_forks(model: Model, prompts: list[list[int]], chunk_size: int = 1024,
+                 sparse: SparseDecode | None = None) -> Iterator[tuple[int, KVCache, list[int], int, float]]:
     """Caches for many prompts, each shared prefix prefilled once: a depth-first walk of the
     prompts' prefix tree that forks the cache at every branch.
 
@@ -302,12 +352,13 @@ def prefix_forks(model: Model, prompts: list[list[int]],
             yield from walk(cache.fork(), end, sub)
 
     if order:
-        yield from walk(model.new_cache(), 0, order)
+        yield from walk(model.new_cache(sparse=sparse), 0, order)
 
 
 def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
         samples: int = 1, seed: int = 0, haystack="english", out=None, reuse_prefix: bool = True,
-        max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True) -> Results:
+        max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True, data=None,
+        sparse: SparseDecode | None = None) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
 
     lengths: a list of token counts, ints or strings like "32k" (``parse_length``); depths: a
@@ -315,9 +366,18 @@ def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depth
     cells there with a matching hash are skipped, new cells are appended as they finish.
     Returns every cell of the grid (loaded or computed). Arguments are checked before any
     work (TypeError / ValueError naming the argument).
+
+    task: one of ``TASKS`` or of RULER's families (``longctx.tasks.ruler.TASKS``; "qa" needs
+    ``data``, a SQuAD- or HotpotQA-style JSON(L) path or a loaded ``ruler.QASet``).
+    sparse: decode with ``longctx.sparse.SparseDecode`` (part of each cell's hash; each record's
+    ``kv_read`` is the share of global-layer KV its decode steps read).
     """
-    if task not in TASKS:
-        raise ValueError(f"task: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    from . import ruler
+
+    if task not in TASKS + ruler.TASKS:
+        raise ValueError(f"task: unknown task {task!r}; tasks: {', '.join(TASKS + ruler.TASKS)}")
+    if task == "qa":
+        data = ruler.load_qa(data) if not isinstance(data, ruler.QASet) else data
     lengths, depths = _grid_axes(lengths, depths)
     check_int("samples", samples, 1)
     check_int("seed", seed, 0)
@@ -333,6 +393,8 @@ def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depth
         out.parent.mkdir(parents=True, exist_ok=True)
         fh = open(out, "a", encoding="utf-8")
     settings = {"max_new_tokens": max_new_tokens, "greedy": True}
+    if sparse is not None:  # only then: exact cells keep their hashes
+        settings["sparse"] = dict(vars(sparse))
     fingerprint = (model.fingerprint, tok.fingerprint)
     records = []
     bar = tqdm(total=len(lengths) * len(depths) * samples, desc=f"niah {task}", unit="cell", disable=not progress)
@@ -343,30 +405,31 @@ def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depth
             cells = []
             for L in lengths:
                 for d in depths:
-                    c = make_cell(tok, task, L, float(d), sample, seed, hay, model.config.local_chunk)
+                    c = make_cell(tok, task, L, float(d), sample, seed, hay, model.config.local_chunk, data)
                     c.hash = cell_hash(c, fingerprint, seed, settings)
                     cells.append(c)
             todo = [c for c in cells if c.hash not in done]
             records += [done[c.hash] for c in cells if c.hash in done]
             bar.update(len(cells) - len(todo))
             if reuse_prefix:
-                runs = prefix_forks(model, [c.prompt for c in todo], chunk_size)
+                runs = prefix_forks(model, [c.prompt for c in todo], chunk_size, sparse)
             else:
-                runs = ((i, model.new_cache(), c.prompt, 0, 0.0) for i, c in enumerate(todo))
+                runs = ((i, model.new_cache(sparse=sparse), c.prompt, 0, 0.0) for i, c in enumerate(todo))
             for i, cache, rest, grown, base_s in runs:
                 c = todo[i]
                 gen = generate(model, torch.tensor([rest]), cache=cache, max_new_tokens=max_new_tokens,
                                chunk_size=chunk_size, progress=False)
                 answer = tok.decode(gen.tokens[0]).strip()
-                exact, sub = score(answer, c.expected, ordered=task != "multi_value")
+                exact, sub = score(answer, c.expected, ordered=c.ordered, any_of=c.any_of)
                 rec = {"hash": c.hash, "task": task, "length": c.length, "depth": c.depth, "sample": c.sample,
-                       "seed": seed, "haystack": hay.name, "haystack_sha256": c.haystack_sha256,
+                       "seed": seed, "haystack": c.haystack, "haystack_sha256": c.haystack_sha256,
                        "prompt_sha256": token_hash([c.prompt])[0],
                        "question": c.question, "expected": c.expected, "needles": c.needles, "answer": answer,
-                       "exact": exact, "substring": sub, "prefill_s": round(base_s + gen.prefill_s, 4),
+                       "exact": exact, "substring": sub, "ruler": recall(answer, c.expected, any_of=c.any_of),
+                       "any_of": c.any_of, "prefill_s": round(base_s + gen.prefill_s, 4),
                        "decode_s": round(gen.decode_s, 4), "new_prefill_tokens": len(rest),
                        "base_prefill_tokens": grown,
-                       "kv_bytes": cache.nbytes, "model": fingerprint[0][:16]}
+                       "kv_bytes": cache.nbytes, "kv_read": round(read_share(cache), 6), "model": fingerprint[0][:16]}
                 records.append(rec)
                 if fh:
                     jsonl.append(fh, rec)

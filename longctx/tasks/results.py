@@ -1,6 +1,6 @@
 """Scoring and the results grid shared by the evaluation tasks: exact and normalised-substring
-match, Wilson intervals, ``Results`` (table, effective length, heatmap, notebook views) and the
-length notation ("32k", "1m") used in tables, file names and the CLI."""
+match, RULER's recall score, Wilson intervals, ``Results`` (table, effective length, heatmap,
+notebook views) and the length notation ("32k", "1m") used in tables, file names and the CLI."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _words(s: str) -> str:
     return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", s.lower()).split()) + " "
 
 
-def score(answer: str, expected: list[str], *, ordered: bool = True) -> tuple[bool, bool]:
+def score(answer: str, expected: list[str], *, ordered: bool = True, any_of: bool = False) -> tuple[bool, bool]:
     """(exact, normalised-substring) match of an answer against the expected strings.
 
     exact: the answer, stripped of spaces and a final full stop, is the expected values joined
@@ -35,14 +35,38 @@ def score(answer: str, expected: list[str], *, ordered: bool = True) -> tuple[bo
     substring: every expected string appears as whole words in the answer once lower-cased
     with punctuation dropped, so "The number is 1234567." counts, extra words are fine, but
     "12345678" is not a hit for 1234567.
+    any_of: the expected strings are alternatives (document QA's gold answers): exact when the
+    answer is one of them, substring when one of them appears.
     """
     text = answer.strip().rstrip(".").strip()
+    words = _words(answer)
+    found = [_words(e) in words for e in expected]
+    if any_of:
+        return any(text.lower() == e.strip().lower() for e in expected), any(found)
     if ordered:
         exact = text == ", ".join(expected)
     else:
         exact = sorted(p.strip() for p in text.split(",")) == sorted(expected)
-    words = _words(answer)
-    return exact, all(_words(e) in words for e in expected)
+    return exact, all(found)
+
+
+def recall(answer: str, expected: list[str], *, any_of: bool = False) -> float:
+    """RULER's score of one answer, in [0, 1]: the share of expected strings found in it
+    (case-insensitive substring), or with ``any_of`` (alternative gold answers) 1.0 when one
+    of them is found."""
+    low = answer.lower()
+    found = [e.lower() in low for e in expected]
+    if not found:
+        return 0.0
+    return float(any(found)) if any_of else sum(found) / len(found)
+
+
+def metric_value(rec: dict, metric: str) -> float:
+    """A finished cell's score under ``metric`` ("exact", "substring" or "ruler"); a record
+    written before the "ruler" field existed gets it computed from its answer."""
+    if metric == "ruler" and metric not in rec:
+        return recall(rec["answer"], rec["expected"], any_of=rec.get("any_of", False))
+    return float(rec[metric])
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -76,7 +100,7 @@ class Results:
         n = np.zeros_like(hits)
         for r in self.records:
             i, j = depths.index(r["depth"]), lengths.index(r["length"])
-            hits[i, j] += bool(r[metric])
+            hits[i, j] += metric_value(r, metric)
             n[i, j] += 1
         return lengths, depths, hits, n
 
