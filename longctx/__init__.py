@@ -35,6 +35,8 @@ _LAZY = {
     "QAError": ("tasks.qa", "QAError"),
     "run_batch": ("tasks.batch", "run_batch"),
     "niah": ("tasks.niah", None),
+    "ruler": ("tasks.ruler", None),
+    "compare": ("tasks.compare", "compare"),
     "Monitor": ("monitor", "Monitor"),
     "RoutingCollapse": ("monitor", "RoutingCollapse"),
 }

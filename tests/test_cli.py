@@ -306,3 +306,16 @@ def test_info_refuses_a_bad_memory_size(capsys, size):
     assert main(["info", "--preset", "tiny", "--gpu-memory", size]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("longctx info: argument --gpu-memory:") and "\n" not in err
+
+
+def test_ask_sparse_pages_covering_every_page_answers_as_exact(ckpt, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("The river runs to the sea. " * 60)
+    args = ["ask", str(tmp_path / "a.txt"), "-q", "Where does the river run?", "--model", str(ckpt),
+            "--max-new-tokens", "6", "--json"]
+    assert main(args) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert main([*args, "--sparse-pages", "1000"]) == 0  # more pages than the context has: exact attention
+    sparse = json.loads(capsys.readouterr().out)
+    assert sparse["answer"] == exact["answer"] and sparse["citations"] == exact["citations"]
+    assert main([*args, "--sparse-pages", "0"]) == 2
+    assert "--sparse-pages" in capsys.readouterr().err
