@@ -215,7 +215,7 @@ def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
         for (b, _, _, q1, k1), (b2, _, _, q2, k2) in zip(rows[0::2].tolist(), rows[1::2].tolist()):
             assert b == b2 and q1 < q2 and k1 < q1 and k2 < q2  # needle side, then question side
             assert x[b, k1] == x[b, k2] and int(x[b, k1]) in key_ids
-    for b, _, _, q, k in local[local[:, 2] == 2].tolist():
+    for _b, _, _, q, k in local[local[:, 2] == 2].tolist():
         assert k == q - 1
 
 
