@@ -98,7 +98,9 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, chunk_size: int 
     """Feed tokens (B, T) into ``cache`` in pieces of ``chunk_size`` (None: all at once).
 
     Returns the last position's logits (B, V) in fp32. ``progress``: a tqdm bar in tokens
-    (None: shown only for prompts longer than 8 chunks).
+    (None: shown only for prompts longer than 8 chunks). Before any work, ``cache.check_room``
+    refuses (``CacheError``) a prompt whose global-layer KV (at the model's dtype) would not fit
+    the cache's budgets and its disk tier's free space.
     """
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"prefill needs tokens of shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
@@ -106,6 +108,7 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, chunk_size: int 
     step = T if chunk_size is None else int(chunk_size)
     if step < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    cache.check_room(T, model.config.kv_bytes_per_token(torch.empty(0, dtype=model.dtype).element_size())["global"])
     show = (T > 8 * step) if progress is None else progress
     logits = None
     with tqdm(total=T, unit="tok", desc="prefill", disable=not show, leave=False) as bar:

@@ -129,3 +129,32 @@ def test_default_threads_rule():
     assert sum(p.numel() for p in small.parameters()) < SMALL_MODEL_PARAMETERS
     assert default_threads(None) is None
     assert default_threads(small) in (1, None)  # None only when OMP_NUM_THREADS is set
+
+
+def test_prefill_refuses_a_disk_tier_too_small_before_any_work(model, prompt, tmp_path, monkeypatch):
+    """With no device or CPU budget every sealed KV byte goes to the disk tier: prefill checks
+    its free space first (cache.check_room), so a tier too small is a CacheError naming the
+    folder and the bytes before the model runs once; with room, the same prefill gives the
+    logits of an all-in-memory one (to rounding)."""
+    import shutil
+    from collections import namedtuple
+
+    from longctx.cache import CacheError
+    from longctx.offload import OffloadPolicy
+
+    policy = OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path / "kv", segment_tokens=4)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+        need = prompt.shape[0] * prompt.shape[1] * model.config.kv_bytes_per_token(4)["global"]
+        with pytest.raises(CacheError, match=rf"kv: not enough free space .* needs {need} B, 100 B free"):
+            prefill(model, prompt, model.new_cache(batch=2, offload=policy), chunk_size=4)
+        assert forwards == [] and not (tmp_path / "kv").exists()
+        monkeypatch.undo()
+        on_disk = prefill(model, prompt, model.new_cache(batch=2, offload=policy), chunk_size=4)
+    finally:
+        hook.remove()
+    in_memory = prefill(model, prompt, model.new_cache(batch=2), chunk_size=4)
+    assert forwards and torch.allclose(on_disk, in_memory, atol=1e-5)  # segments merge in another order

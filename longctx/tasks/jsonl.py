@@ -7,19 +7,25 @@ starts on a line of its own; a complete line that does not parse, or has no key,
 with a warning (its work is redone). Sharded writers (torchrun ranks) each append to their own
 ``<name>.rank<r>`` file (``rank_path``); ``merge`` folds lines into one file in a given key
 order, atomically. NIAH results and batch answers are both such journals.
+
+Input JSONL written by others (batch jobs) is read with ``lines`` (binary, line by line, each
+line's length bounded) and ``parse`` (one object per line, every way a line can be bad a
+ValueError naming the reason). ``locked`` holds an exclusive lock on a journal for one writer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
-__all__ = ["Entry", "append", "merge", "rank_files", "rank_path", "read"]
+__all__ = ["Entry", "LockedError", "append", "lines", "locked", "merge", "parse", "rank_files", "rank_path", "read"]
 
 
 class Entry(NamedTuple):
@@ -51,12 +57,76 @@ def read(path: str | os.PathLike, key: Callable[[dict], Hashable], *, repair: bo
     out = []
     for n, raw in enumerate(data.split(b"\n")[:-1], 1):
         try:
-            line = raw.decode("utf-8")
-            rec = json.loads(line)
-            out.append(Entry(key(rec), rec, line))
-        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            warnings.warn(f"{path}:{n}: unreadable line skipped (its work will be done again)", stacklevel=2)
+            rec = parse(raw)
+            out.append(Entry(key(rec), rec, raw.decode("utf-8")))
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"{path}:{n}: unreadable line skipped ({e}; its work will be done again)", stacklevel=2)
     return out
+
+
+def parse(raw: bytes) -> dict:
+    """One JSONL line (bytes, with or without its newline) as an object; ValueError naming the
+    reason: not UTF-8 (with the byte offset), not JSON, nested too deeply for the parser
+    (Python's recursion limit, about 1,000 levels), or not an object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a line must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def lines(path: str | os.PathLike, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number from 1, bytes without the newline) for each line of ``path``, read in
+    binary a line at a time; a line longer than ``max_bytes`` gives None instead and is
+    skipped without being held in memory (it is read in pieces of ``max_bytes``)."""
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            raw = f.readline(max_bytes + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # the rest of the long line
+                    raw = f.readline(max_bytes + 1)
+                yield n, None
+            else:
+                yield n, raw.rstrip(b"\r\n")
+
+
+class LockedError(OSError):
+    """Another process holds the journal's lock (``locked``)."""
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock for writing ``path``: ``flock`` on ``<path>.lock`` (created if
+    missing, left in place: removing it would let a waiting process lock a file nobody else
+    sees). The kernel drops the lock when the process exits or dies, so a crash never leaves
+    it held. ``LockedError`` at once, naming the file and the holder's pid, if another process
+    holds it. Yields the lock file's path."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise LockedError(f"{path}: another process (pid {holder}) is writing it (lock {lock}); "
+                              "wait for it to finish or write elsewhere") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def append(fh: IO[str], record: dict) -> None:
@@ -75,7 +145,7 @@ def rank_path(path: str | os.PathLike, rank: int) -> Path:
 def rank_files(path: str | os.PathLike) -> list[Path]:
     """The rank files of ``path`` that exist (of this run or an earlier one, any world size)."""
     path = Path(path)
-    return sorted(path.parent.glob(path.name + ".rank*"))
+    return sorted(p for p in path.parent.glob(path.name + ".rank*") if p.name[len(path.name) + 5:].isdigit())
 
 
 def merge(path: str | os.PathLike, key: Callable[[dict], Hashable], lines: Iterable[str], order: list) -> None:

@@ -8,12 +8,19 @@
 Each document is [header][text][footer] from a plain-text template, each piece encoded on its
 own so that spans are exact; see `pack` for the layout and the budget policies, `delimiters`
 for the header/footer text of one document.
+
+Document text can't forge the layout: text shaped like a delimiter (the start of a header, a
+footer or a chunk marker of the template and marker in use) gets an ESCAPE character (U+2060
+WORD JOINER: invisible, three byte tokens) after its first character before it is packed, so
+the packed ids hold exactly one header per packed document; `escape`/`unescape` say how, and
+`Packed.text` gives a document's text as packed (what its spans decode to).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import html
 import os
 import re
@@ -25,7 +32,7 @@ import numpy as np
 
 from .document import BudgetError, Document, DocumentSpan, progress_bar
 
-__all__ = ["DEFAULT_MARKER", "DEFAULT_TEMPLATE", "Packed", "delimiters", "pack"]
+__all__ = ["DEFAULT_MARKER", "DEFAULT_TEMPLATE", "ESCAPE", "Packed", "delimiters", "escape", "pack", "unescape"]
 
 # The default delimiter: one header line before each document and a closing tag after it,
 # plain text (no special tokens), so the model sees each document's id, title and source.
@@ -84,7 +91,8 @@ def pack(
         before the corpus, e.g. `len(longctx.text.prompt.context_prefix(tok, []))`), so that
         markers fall on the model's chunk starts. Only with `chunk`.
     marker: the marker line, formatted with {id}, {title}, {source} like the header; at
-        most chunk // 2 tokens.
+        most chunk // 2 tokens. Its look-alikes are escaped in the text with or without `chunk`
+        (a model trained on markers reads them either way).
     progress: a tqdm bar (None: only for big corpora on a terminal).
     num_threads: encoding threads (default: all cores).
 
@@ -92,7 +100,11 @@ def pack(
     each page of the text are encoded separately and concatenated, never merged across a
     boundary; so the tokens of each span decode to exactly that page's text (BPE merges
     across a page boundary are given up, which costs a token now and then), and `locate`
-    is exact. Spans are per page for paged documents (PDFs), one per document otherwise;
+    is exact. The text is packed escaped (`escape`): delimiter look-alikes of `template` and
+    `marker` in it get an ESCAPE, so a document can't forge another's header, footer or
+    marker; ValueError for a template or marker whose delimiters can't be told from text (one
+    that starts with a field, or has one character of fixed text). Spans index that text
+    (`Packed.text`). Spans are per page for paged documents (PDFs), one per document otherwise;
     with `chunk`, [header][text][marker][text][marker]...[footer], and a page is split into
     one span per piece between markers.
     """
@@ -116,16 +128,25 @@ def pack(
             marker_fmt, _ = _split_template(marker + "{text}")
         except ValueError as e:
             raise ValueError(f"bad marker {marker!r}: {e}") from None
+    lookalikes = _lookalikes(template, marker)
     threads = num_threads or os.cpu_count() or 1
 
-    # One entry per document: header, footer and page strings, and their char ranges.
-    plans = []
+    # One entry per document: header, footer and page strings, and their char ranges in the
+    # text as packed (delimiter look-alikes escaped; `texts` holds the texts that changed).
+    plans, texts = [], {}
     for doc in corpus.documents:
         ranges = doc.page_ranges()
+        text, grown = _rewrite(doc.text, lookalikes, +1)
+        if text is not doc.text and text != doc.text:
+            texts[doc.id] = text
+        if grown:  # page bounds move by what the characters before them grew
+            at, added = [i for i, _ in grown], np.cumsum([0] + [n for _, n in grown]).tolist()
+            ranges = [(page, a + added[bisect.bisect_left(at, a)], b + added[bisect.bisect_left(at, b)])
+                      for page, a, b in ranges]
         pieces = list(_render(doc, header_fmt, footer_fmt))
         if chunk:
             pieces.append(_render(doc, marker_fmt, "")[0])
-        pieces += [doc.text[a:b] for _, a, b in ranges]
+        pieces += [text[a:b] for _, a, b in ranges]
         plans.append((doc, ranges, pieces))
 
     # Tokenize, in document order, on all cores. Under "drop"/"truncate" we stop once the
@@ -182,7 +203,7 @@ def pack(
             n_keep += 1
         if overflow == "truncate":
             cut = _truncate(tokenizer, plans[n_keep][1], encoded[n_keep], budget - used, used, marks)
-    return Packed._build(plans, encoded, n_keep, cut, tokenizer, template, budget, marks)
+    return Packed._build(plans, encoded, n_keep, cut, tokenizer, template, budget, marks, texts, marker)
 
 
 def _encoded(tokenizer, texts: list[str], num_threads: int) -> Iterator[np.ndarray]:
@@ -249,6 +270,148 @@ def _attr(value: str) -> str:
     if _ATTR_SPECIAL.search(value) is None:
         return value  # the common case, checked first: 100K documents pack noticeably faster
     return _ATTR_BREAK.sub(" ", html.escape(value, quote=True))
+
+
+# Escaping delimiter look-alikes in document text (see `escape`).
+ESCAPE = "\u2060"  # WORD JOINER: zero-width
+# What a field of a delimiter looks like in text: an id is ASCII digits (unless formatted
+# with a spec), other fields anything on one line.
+_FIELD_TEXT = rf"[^\n{ESCAPE}]*?"
+
+
+def _fullwidth(c: str) -> str | None:
+    """The fullwidth form of a printable ASCII character ("[" -> "［"), else None."""
+    return chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else None
+
+
+def escape(text: str, template: str = DEFAULT_TEMPLATE, marker: str = DEFAULT_MARKER) -> str:
+    """`text` with every delimiter look-alike neutralised, as `pack` packs it; reversible:
+    ``unescape(escape(x, t, m), t, m) == x`` for every string x.
+
+    A look-alike is text that matches the fixed beginning of a delimiter of `template` (its
+    header, its footer) or of the chunk `marker`: the delimiter's first literal text (leading
+    whitespace dropped) and, when a field follows it, the field and the literal after it. For
+    the defaults: ``<document id="<digits>" title="``, ``</document>`` and ``[<digits> ``.
+
+    Escaping raises the *level* of a look-alike's first character by one. Level 0 is the
+    character itself, level 1 its fullwidth form (``[`` -> ``［``, ``<`` -> ``＜``), level 2
+    the character followed by ESCAPE (U+2060, zero-width), level 3 the fullwidth form
+    followed by ESCAPE, and so on (a character with no fullwidth form, i.e. not printable
+    ASCII, takes one ESCAPE per level). So ``</document>`` becomes ``＜/document>`` and
+    ``[3 Red Falcon]`` becomes ``［3 Red Falcon]``: readable, and with no delimiter token in it
+    (a model trained on these layouts keys on the ``[`` and ``<`` tokens: an ESCAPE after them
+    leaves the small embedded model misreading the text, the fullwidth form does not:
+    tests/test_forgery.py).
+    Look-alikes are found in the text with ESCAPEs taken out and the fullwidth forms of the
+    delimiters' first characters read as those characters, and `unescape` lowers the same
+    characters' levels: that is what makes it reversible for any text, escaped ones included,
+    and leaves no look-alike in the result. Text without look-alikes, ESCAPEs or such
+    fullwidth characters is returned as is; with only look-alikes, its length is unchanged.
+    """
+    return _rewrite(text, _lookalikes(template, marker), +1)[0]
+
+
+def unescape(text: str, template: str = DEFAULT_TEMPLATE, marker: str = DEFAULT_MARKER) -> str:
+    """The inverse of `escape` with the same `template` and `marker`: the level of the first
+    character of each look-alike lowered by one (found as `escape` finds them)."""
+    return _rewrite(text, _lookalikes(template, marker), -1)[0]
+
+
+class _Lookalikes(NamedTuple):
+    """The compiled look-alikes of a layout (`_lookalikes`)."""
+
+    search: re.Pattern  # the first look-alike (the common case: none)
+    sites: re.Pattern  # every start, overlapping ones included (a lookahead)
+    firsts: str  # the delimiters' first characters
+    wide: dict[str, str]  # fullwidth form -> character, for those of `firsts` that have one
+
+
+@functools.lru_cache(maxsize=16)
+def _lookalikes(template: str, marker: str) -> _Lookalikes | None:
+    """The look-alikes of a template's header and footer and of a marker, or None when there is
+    nothing to look for. ValueError for a delimiter that can't be told from text (see
+    `_signature`)."""
+    header, footer = _split_template(template)
+    try:
+        marker_fmt, _ = _split_template(marker + "{text}")
+    except ValueError as e:
+        raise ValueError(f"bad marker {marker!r}: {e}") from None
+    sigs = [sig for fmt, what in ((header, "header"), (footer, "footer"), (marker_fmt, "marker"))
+            if (sig := _signature(fmt, what, marker if what == "marker" else template))]
+    if not sigs:
+        return None
+    firsts = "".join(sorted({first for first, _ in sigs}))
+    alternatives = "|".join(re.escape(first) + rest for first, rest in sigs)
+    return _Lookalikes(re.compile(alternatives), re.compile(f"(?=(?:{alternatives}))"), firsts,
+                       {_fullwidth(c): c for c in firsts if _fullwidth(c)})
+
+
+def _signature(fmt: str, what: str, given: str) -> tuple[str, str] | None:
+    """`fmt`'s look-alikes (see `escape`): (first character, regex of the rest), or None for a delimiter of whitespace
+    only. ValueError if it starts with a field (no fixed text to recognise it by) or its fixed
+    text is one character (an ESCAPE after that character would not break it)."""
+    parts, literal = [], ""  # (literal before a field, field, spec, conversion); escaped braces split literals
+    for lit, field, spec, conv in string.Formatter().parse(fmt):
+        literal += lit
+        if field is not None:
+            parts.append((literal, field, spec, conv))
+            literal = ""
+    parts.append((literal, None, None, None))
+    first, field, spec, conv = parts[0]
+    first = first.lstrip()
+    if field is None:
+        first = first.rstrip()
+        if not first:
+            return None
+        pattern = after = ""
+    elif not first:
+        raise ValueError(f"the {what} of {given!r} starts with a field: it needs fixed text first (e.g. "
+                         f"'# {{title}}') so that pack can escape its look-alikes in document text")
+    else:
+        pattern = "[0-9]+" if field == "id" and not spec and not conv else _FIELD_TEXT
+        after = re.escape(parts[1][0].rstrip("\r\n"))  # a line break at the end may be the text's own
+    if ESCAPE in first + after:
+        raise ValueError(f"the {what} of {given!r} holds ESCAPE (U+2060), which pack uses to escape look-alikes")
+    if len(first) < 2 and not (pattern == "[0-9]+" or after):
+        raise ValueError(f"the {what} of {given!r} has one character of fixed text ({first!r}): too short "
+                         "to tell from document text; make it longer")
+    return first[0], re.escape(first[1:]) + pattern + after
+
+
+def _rewrite(text: str, looks: _Lookalikes | None, step: int) -> tuple[str, list[tuple[int, int]]]:
+    """`escape` (step +1) or `unescape` (step -1) of `text`, and where its length changed:
+    (index in `text`, chars added) for each changed character, in order."""
+    if looks is None or (step < 0 and ESCAPE not in text and not any(w in text for w in looks.wide)):
+        return text, []
+    if ESCAPE not in text and not any(w in text for w in looks.wide):
+        if looks.search.search(text) is None:
+            return text, []  # the common case, checked first: one search per document
+        chars, grown = list(text), []
+        for m in looks.sites.finditer(text):  # level 0 -> 1
+            i = m.start()
+            chars[i] = _fullwidth(chars[i]) or chars[i] + ESCAPE
+            grown += [(i, len(chars[i]) - 1)] if len(chars[i]) > 1 else []
+        return "".join(chars), grown
+    # The general case: units of one character and the ESCAPEs after it; look-alikes are found
+    # in the text of the units' base characters, and their first units change level.
+    lead = len(text) - len(text.lstrip(ESCAPE))
+    units = re.findall(f"[^{ESCAPE}]{ESCAPE}*", text[lead:])
+    base = [looks.wide.get(u[0], u[0]) for u in units]
+    grown, starts, at = [], [], lead
+    for u in units:
+        starts.append(at)
+        at += len(u)
+    for m in looks.sites.finditer("".join(base)):
+        i, c = m.start(), base[m.start()]
+        wide = _fullwidth(c)
+        run = len(units[i]) - 1
+        level = (2 * run + (units[i][0] != c)) if wide else run
+        level = max(level + step, 0)
+        new = ((wide if level % 2 else c) + ESCAPE * (level // 2)) if wide else c + ESCAPE * level
+        if len(new) != len(units[i]):
+            grown.append((starts[i], len(new) - len(units[i])))
+        units[i] = new
+    return text[:lead] + "".join(units), grown
 
 
 class _Marks(NamedTuple):
@@ -345,17 +508,24 @@ class Packed:
     ids: numpy int32 array (n_tokens,).
     spans: list of DocumentSpan in token order; disjoint; one per page of a paged document,
         one per unpaged document (with chunk markers: one per piece between markers). Empty
-        pages give empty spans (start == end).
+        pages give empty spans (start == end). A span's tokens decode exactly to
+        ``text(doc_id)[char_start:char_end]``: char offsets are into the text as packed, which
+        is the document's own unless it holds delimiter look-alikes (see `escape`).
     documents: the packed documents, in order; dropped: those left out by the budget.
-    template, budget, tokenizer_fingerprint: how it was packed.
+    template, marker, budget, tokenizer_fingerprint: how it was packed (the marker's
+        look-alikes are escaped with or without chunk markers).
     """
 
-    def __init__(self, ids: np.ndarray, spans: list[DocumentSpan], documents: list[Document], dropped: list[Document], *, template: str, budget: int | None, tokenizer_fingerprint: str | None):
+    def __init__(self, ids: np.ndarray, spans: list[DocumentSpan], documents: list[Document], dropped: list[Document],
+                 *, template: str, budget: int | None, tokenizer_fingerprint: str | None,
+                 texts: dict[int, str] | None = None, marker: str = DEFAULT_MARKER):
         self.ids = ids
+        self._texts = texts or {}  # the packed texts that differ from their document's (escaped)
         self.spans = spans
         self.documents = documents
         self.dropped = dropped
         self.template = template
+        self.marker = marker
         self.budget = budget
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self._docs = {d.id: d for d in documents}
@@ -368,7 +538,8 @@ class Packed:
         self._starts = [s.start for s in live]
 
     @classmethod
-    def _build(cls, plans, encoded, n_keep, cut, tokenizer, template, budget, marks=None) -> Packed:
+    def _build(cls, plans, encoded, n_keep, cut, tokenizer, template, budget, marks=None, texts=None,
+               marker=DEFAULT_MARKER) -> Packed:
         arrays: list[np.ndarray] = []
         spans: list[DocumentSpan] = []
         documents: list[Document] = []
@@ -384,7 +555,9 @@ class Packed:
             documents.append(doc)
         ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         dropped = [p[0] for p in plans[n_docs:]]
-        return cls(ids, spans, documents, dropped, template=template, budget=budget, tokenizer_fingerprint=getattr(tokenizer, "fingerprint", None))
+        return cls(ids, spans, documents, dropped, template=template, marker=marker, budget=budget,
+                   tokenizer_fingerprint=getattr(tokenizer, "fingerprint", None),
+                   texts={d.id: texts[d.id] for d in documents if d.id in (texts or {})})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -394,13 +567,14 @@ class Packed:
 
     def to_dict(self) -> dict:
         """Plain fields without the ids (``ids`` itself is the array): n_tokens, spans (dicts),
-        documents and dropped (document ids), template, budget, tokenizer_fingerprint."""
+        documents and dropped (document ids), template, marker, budget, tokenizer_fingerprint."""
         return {
             "n_tokens": len(self.ids),
             "spans": [dataclasses.asdict(s) for s in self.spans],
             "documents": [d.id for d in self.documents],
             "dropped": [d.id for d in self.dropped],
             "template": self.template,
+            "marker": self.marker,
             "budget": self.budget,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
         }
@@ -435,6 +609,11 @@ class Packed:
         None otherwise. Delimiter tokens (headers, footers) come from no document: None."""
         span = self.span_at(index)
         return None if span is None else (self._docs[span.doc_id], span.page)
+
+    def text(self, doc_id: int) -> str:
+        """A packed document's text as packed: ``escape(document.text, self.template, self.marker)``, the
+        text its spans' char offsets index (KeyError as `document`)."""
+        return self._texts.get(doc_id, self.document(doc_id).text)
 
     def document(self, doc_id: int) -> Document:
         """The packed document with this id (KeyError if it was dropped or never existed)."""

@@ -1,4 +1,5 @@
-"""Batch QA jobs: per-job errors, one prefill per corpus, crash safety (SIGKILL), torchrun ranks."""
+"""Batch QA jobs: per-job errors, bad jobs lines, one prefill per corpus, one writer per output
+(lock), crash safety (SIGKILL), SIGTERM, torchrun ranks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 from conftest import text_model
 
 from longctx.checkpoint import save_model
-from longctx.tasks.batch import count_answers, run_batch
+from longctx.tasks import batch, jsonl
+from longctx.tasks.batch import BatchLockedError, count_answers, run_batch
 from longctx.tasks.qa import Session
 from longctx.text.tokenizer import Tokenizer
 
@@ -202,7 +204,8 @@ def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
     assert failed > 0 and run.returncode == 1, run.stderr
     assert run.stderr.count(f"longctx batch: {answered} answered, {failed} failed (see {multi})") == 1
     assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == ["multi.jsonl", "multi.jsonl.rank0",
-                                                                     "multi.jsonl.rank1"]
+                                                                     "multi.jsonl.rank0.lock", "multi.jsonl.rank1",
+                                                                     "multi.jsonl.rank1.lock"]
     assert_same_answers(multi, single)
     before = multi.read_text()
     assert subprocess.run(torchrun, cwd=ROOT, env=ENV, timeout=300).returncode == 1  # a rerun has nothing to do
@@ -220,3 +223,91 @@ def test_run_batch_keeps_its_old_import_paths():
     with pytest.warns(DeprecationWarning, match="longctx.qa is deprecated"):
         shim = importlib.reload(importlib.import_module("longctx.qa"))
     assert shim.run_batch is run_batch and shim.Session is Session
+
+
+def cli_batch(checkpoint: Path, jobs: Path, out: Path, delay: float = 0.0) -> list[str]:
+    """argv of a subprocess running ``longctx batch`` (each answer slowed by ``delay`` s)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from longctx import cli
+        from longctx.tasks import qa
+        if {delay}:  # slow each answer down, so that a signal lands while one is in flight
+            ask = qa.Session.ask
+            qa.Session.ask = lambda *a, **k: (time.sleep({delay}), ask(*a, **k))[1]
+        sys.exit(cli.main(["batch", {str(jobs)!r}, "--out", {str(out)!r}, "--model", {str(checkpoint)!r},
+                           "--max-new-tokens", "3", "--max-context", "3000", "--no-progress"]))
+    """)
+    return [sys.executable, "-c", code]
+
+
+def test_a_second_batch_on_one_output_is_refused_at_once(checkpoint, model, tmp_path):
+    """While one process holds the answers file (here the test, through the same lock), a
+    second ``longctx batch`` on it exits 2 at once with one line naming the file and the holder,
+    and writes nothing; ``run_batch`` raises BatchLockedError. Once released, the batch runs."""
+    jobs = jobs_file(tmp_path)
+    out = tmp_path / "answers.jsonl"
+    with jsonl.locked(out):
+        with pytest.raises(BatchLockedError, match=f"answers.jsonl: another process \\(pid {os.getpid()}\\)"):
+            run_batch(model, jobs, out, max_new_tokens=2, max_context=3000, progress=False)
+        t0 = time.monotonic()
+        run = subprocess.run(cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=120)
+        elapsed = time.monotonic() - t0
+    assert run.returncode == 2 and not out.exists(), run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"longctx batch: {out}: another process (pid {os.getpid()}) is writing it (lock {out}.lock); wait for it to "
+        "finish or write elsewhere"]
+    assert elapsed < 60  # start-up and model load only: no question was answered
+    assert subprocess.run(cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, timeout=300).returncode == 1
+    assert len(read(out)) == 10  # (the jobs file has failing jobs: exit 1)
+
+
+def test_bad_jobs_lines_become_error_lines_and_the_other_jobs_run(model, tmp_path, monkeypatch):
+    """A non-UTF-8 line, a line nested 100,000 deep, a line over MAX_JOB_LINE_BYTES and a line
+    that is not an object: one error line each, naming the line and the reason; every other
+    job is answered."""
+    monkeypatch.setattr(batch, "MAX_JOB_LINE_BYTES", 150_000)
+    a = write_corpus(tmp_path / "a", 2)
+    good = lambda i: json.dumps({"id": f"good{i}", "corpus": str(a), "questions": ["First?", "Second?"]}).encode()  # noqa: E731
+    big = json.dumps({"id": "big", "corpus": str(a), "questions": ["x" * 200_000]}).encode()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b"\n".join([good(1), b'{"id": "caf\xe9", "corpus": "a", "questions": ["?"]}', b"[" * 100_000,
+                                 big, b"[1, 2]", good(2)]) + b"\n")
+    out = tmp_path / "out.jsonl"
+    run_batch(model, jobs, out, max_new_tokens=2, max_context=400, progress=False)
+    by = {(r["job"], r["id"]): r for r in read(out)}
+    assert sorted(k for k, r in by.items() if r["error"] is None) == [("good1", "0"), ("good1", "1"),
+                                                                      ("good2", "0"), ("good2", "1")]
+    errors = {k[0]: r["error"] for k, r in by.items() if r["error"]}
+    assert list(errors) == ["line2", "line3", "line4", "line5"] and all(k[1] == "-" for k in by if k[0] in errors)
+    assert "jobs.jsonl:2: malformed job (not UTF-8 (byte 11: b'\\xe9'))" in errors["line2"]
+    assert "jobs.jsonl:3: malformed job (JSON nested too deeply)" in errors["line3"]
+    assert "jobs.jsonl:4: malformed job (line longer than 150000 bytes)" in errors["line4"]
+    assert "a JSON object, got list" in errors["line5"]
+
+
+def test_sigterm_writes_the_answer_in_flight_and_a_rerun_resumes(checkpoint, tmp_path):
+    """SIGTERM while an answer is being computed: that answer is still written, then the CLI
+    exits 2 with one line saying so; the rerun answers only the rest, each question once."""
+    a = write_corpus(tmp_path / "a", 2)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "j", "corpus": str(a), "questions": [f"Question {i}?" for i in range(6)]}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    proc = subprocess.Popen(cli_batch(checkpoint, jobs, out, delay=1.0), cwd=ROOT, env=ENV, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next answer's second of work
+    before = out.read_text().splitlines()
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    after = out.read_text().splitlines()
+    assert proc.returncode == 2, stderr
+    assert len(after) == len(before) + 1 < 6 and after[: len(before)] == before  # the answer in flight, written
+    assert stderr.strip().splitlines()[-1] == (f"longctx batch: interrupted by SIGTERM after writing {len(after)} "
+                                               f"answers to {out}; run the same command again to answer the rest")
+    assert subprocess.run(cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, timeout=300).returncode == 0
+    recs = read(out)
+    assert [r["id"] for r in recs] == [str(i) for i in range(6)] and all(r["error"] is None for r in recs)
+    assert [json.loads(line) for line in after] == recs[: len(after)]
