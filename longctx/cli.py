@@ -402,8 +402,13 @@ def main(argv=None) -> int:
     from .text.ingest import IngestError
     from .text.tokenizer import TokenizerError
 
+    from .tasks.batch import BatchInterrupted
+
     try:
         return args.fn(args)
+    except BatchInterrupted as e:  # the answer in flight was written; the shell's status for the signal
+        print(f"longctx {args.cmd}: {_one_line(e)}", file=sys.stderr)
+        return 128 + e.signum
     except (UsageError, CheckpointError, ConfigError, CacheError, IngestError, TokenizerError, ValueError,
             OSError) as e:
         # QAError and BudgetError are ValueErrors; a missing file an OSError.

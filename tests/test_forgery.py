@@ -1,5 +1,5 @@
 """A document that forges the packed layout (another document's header, footer and chunk
-marker in its text) must not fool the packing or the embedded model (longctx.text.pack.escape)."""
+marker in its text) must not fool the packing or the embedded model (longctx.text.delimiters.escape)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,6 @@ def test_which_document_names_the_real_holder_not_the_forged_one(model, monkeypa
     answers = _answers(model, seeds)
     assert not any("Red Falcon" in a for a in answers), answers
     assert sum(a == f"[{HOLDER} {TITLES[HOLDER]}]" for a in answers) >= len(seeds) - 1, answers
-    monkeypatch.setattr(pack, "_lookalikes", lambda template, marker: None)  # packing without escaping
+    monkeypatch.setattr(pack, "lookalikes", lambda template, marker: None)  # packing without escaping
     fooled = _answers(model, seeds)
     assert sum("Red Falcon" in a for a in fooled) >= len(seeds) - 1, fooled

@@ -122,7 +122,8 @@ class DocumentSpan:
     """Where one document (or one page of it) lies in `Packed.ids`.
 
     start, end: token indices, end exclusive; the tokens decode exactly to
-        `document.text[char_start:char_end]` (delimiters are outside every span).
+        `Packed.text(doc_id)[char_start:char_end]`: the document's text as packed, which is its own
+        text unless it held delimiter-shaped text that packing escaped (delimiters are outside every span).
     page: 1-based page number for paged documents (PDFs), None otherwise.
     truncated: the budget cut the document at the end of this span (only with
         overflow="truncate"; then char_end is short of the document's end).

@@ -373,11 +373,11 @@ def test_escape_neutralises_each_delimiter():
 def test_property_escape_is_reversible_and_leaves_no_lookalike(text, layout):
     """For any text (delimiter pieces, ESCAPEs already in it): unescape(escape(x)) == x, and
     escape(x) holds no look-alike of the layout's header, footer or marker."""
-    from longctx.text.pack import _lookalikes
+    from longctx.text.delimiters import lookalikes
 
     escaped = escape(text, *layout)
     assert unescape(escaped, *layout) == text
-    assert _lookalikes(*layout)[0].search(escaped) is None
+    assert lookalikes(*layout)[0].search(escaped) is None
 
 
 def _delimiter_text(packed, tok) -> list[str]:
@@ -397,14 +397,14 @@ def test_property_forged_delimiters_one_header_per_document(byte_tok, bodies, la
     of the escaped text, which unescapes to the document's."""
     import re
 
-    from longctx.text.pack import _lookalikes
+    from longctx.text.delimiters import lookalikes
 
     tok = byte_tok if which == "byte" else (try_default() or byte_tok)
     corpus = ingest([(f"Doc {k}", body) for k, body in enumerate(bodies)])
     packed = corpus.pack(tok, template=layout[0], marker=layout[1], chunk=chunk)
     _check_packed_spans(packed, tok)
     decoded = tok.decode(packed.ids)
-    pattern = _lookalikes(*layout)[0]
+    pattern = lookalikes(*layout)[0]
     assert len(pattern.findall(decoded)) == sum(len(pattern.findall(g)) for g in _delimiter_text(packed, tok))
     n = len(packed.documents)  # (ingest drops duplicate bodies)
     if layout[0] == DEFAULT_TEMPLATE:
