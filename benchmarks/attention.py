@@ -40,8 +40,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536,131072",
-                   help="comma-separated sequence lengths (queries = keys)")
+    p.add_argument(
+        "--lengths",
+        default="1024,2048,4096,8192,16384,32768,65536,131072",
+        help="comma-separated sequence lengths (queries = keys)",
+    )
     p.add_argument("--modes", default="causal,chunk", help="comma-separated: causal, chunk")
     p.add_argument("--chunk", type=int, default=8192, help="attention chunk size for 'chunk'")
     p.add_argument("--batch", type=int, default=1)
@@ -49,16 +52,23 @@ def parse_args(argv=None):
     p.add_argument("--hkv", type=int, default=8, help="KV heads (GQA ratio hq / hkv)")
     p.add_argument("--dim", type=int, default=128, help="head dim")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--sdpa-backend", default="default",
-                   choices=["default", "flash", "cudnn", "efficient", "math"],
-                   help="force one SDPA backend (default: let torch choose)")
+    p.add_argument(
+        "--sdpa-backend",
+        default="default",
+        choices=["default", "flash", "cudnn", "efficient", "math"],
+        help="force one SDPA backend (default: let torch choose)",
+    )
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
-    p.add_argument("--blocks", default=None,
-                   help="tuning: launch shapes to time, each BLOCK_M,BLOCK_N,warps,stages or "
-                        "'table' (the kernel's own choice), separated by ':'")
-    p.add_argument("--record", action="store_true",
-                   help="write (replace) JSON + markdown records in benchmarks/results/")
+    p.add_argument(
+        "--blocks",
+        default=None,
+        help="tuning: launch shapes to time, each BLOCK_M,BLOCK_N,warps,stages or "
+        "'table' (the kernel's own choice), separated by ':'",
+    )
+    p.add_argument(
+        "--record", action="store_true", help="write (replace) JSON + markdown records in benchmarks/results/"
+    )
     return p.parse_args(argv)
 
 
@@ -118,17 +128,14 @@ def sdpa_fn(q, k, v, mode: str, chunk: int):
     full = (L // chunk) * chunk
 
     def fold(t, H, lo, hi, c):  # (B, H, L, D) slice -> (B * n_chunks, H, c, D)
-        return t[:, :, lo:hi].reshape(B, H, (hi - lo) // c, c, D).transpose(1, 2).reshape(
-            -1, H, c, D)
+        return t[:, :, lo:hi].reshape(B, H, (hi - lo) // c, c, D).transpose(1, 2).reshape(-1, H, c, D)
 
     pieces = []
     if full:
-        pieces.append((fold(q, Hq, 0, full, chunk), fold(k, Hkv, 0, full, chunk),
-                       fold(v, Hkv, 0, full, chunk)))
+        pieces.append((fold(q, Hq, 0, full, chunk), fold(k, Hkv, 0, full, chunk), fold(v, Hkv, 0, full, chunk)))
     if full < L:
         pieces.append((q[:, :, full:], k[:, :, full:], v[:, :, full:]))
-    return lambda: [F.scaled_dot_product_attention(a, b, c, is_causal=True, **gqa)
-                    for a, b, c in pieces]
+    return lambda: [F.scaled_dot_product_attention(a, b, c, is_causal=True, **gqa) for a, b, c in pieces]
 
 
 def bench(fn, args) -> float:
@@ -136,8 +143,7 @@ def bench(fn, args) -> float:
     if torch.cuda.is_available():
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep,
-                                             return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
     fn()
     t = time.perf_counter()
     fn()
@@ -151,9 +157,14 @@ def sdpa_context(name: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "math": SDPBackend.MATH}[name])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[name]
+    )
 
 
 def main(argv=None):
@@ -162,9 +173,11 @@ def main(argv=None):
     if not cuda:
         # NOTE: must be set before the kernel module is imported (triton reads it at @jit).
         os.environ["TRITON_INTERPRET"] = "1"
-        print("CUDA is not available: running one tiny case through the Triton interpreter\n"
-              "(checked against the PyTorch reference and SDPA) only, to show the path works.\n"
-              "Times are meaningless.\n")
+        print(
+            "CUDA is not available: running one tiny case through the Triton interpreter\n"
+            "(checked against the PyTorch reference and SDPA) only, to show the path works.\n"
+            "Times are meaningless.\n"
+        )
         args.lengths, args.chunk, args.batch, args.hq, args.hkv, args.dim = "96", 64, 1, 5, 1, 64
         args.dtype = "fp16"  # interpreter: fp16 (bf16 tl.dot is wrong there)
     from longctx.kernels import flash_attention
@@ -180,25 +193,26 @@ def main(argv=None):
 
     shapes = parse_blocks(args.blocks)
     rows = []
-    head = (f"{'mode':>6} {'L':>7} {'blocks':>12} {'ours ms':>9} {'TFLOP/s':>8} {'sdpa ms':>9} "
-            f"{'TFLOP/s':>8} {'sdpa/ours':>9} {'max|diff|':>9}")
-    print(f"device: {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}; "
-          f"B={args.batch} Hq={args.hq} Hkv={args.hkv} D={args.dim} {args.dtype} "
-          f"chunk={args.chunk} sdpa backend={args.sdpa_backend}, GQA via enable_gqa")
+    head = (
+        f"{'mode':>6} {'L':>7} {'blocks':>12} {'ours ms':>9} {'TFLOP/s':>8} {'sdpa ms':>9} "
+        f"{'TFLOP/s':>8} {'sdpa/ours':>9} {'max|diff|':>9}"
+    )
+    print(
+        f"device: {torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}; "
+        f"B={args.batch} Hq={args.hq} Hkv={args.hkv} D={args.dim} {args.dtype} "
+        f"chunk={args.chunk} sdpa backend={args.sdpa_backend}, GQA via enable_gqa"
+    )
     print(head)
     for mode in modes:
         for L in lengths:
             g = torch.Generator(device=device).manual_seed(0)
-            q = torch.randn(args.batch, args.hq, L, args.dim, device=device, dtype=dtype,
-                            generator=g)
-            k = torch.randn(args.batch, args.hkv, L, args.dim, device=device, dtype=dtype,
-                            generator=g)
+            q = torch.randn(args.batch, args.hq, L, args.dim, device=device, dtype=dtype, generator=g)
+            k = torch.randn(args.batch, args.hkv, L, args.dim, device=device, dtype=dtype, generator=g)
             v = torch.randn(k.shape, device=device, dtype=dtype, generator=g)
             chunk = args.chunk if mode == "chunk" else None
 
             def ours(q=q, k=k, v=v, chunk=chunk):  # bound now: the loop rebinds them
-                return flash_attention(q, k, v, q_start=0, k_start=0, causal=True, chunk=chunk,
-                                       impl=impl)[0]
+                return flash_attention(q, k, v, q_start=0, k_start=0, causal=True, chunk=chunk, impl=impl)[0]
 
             sdpa = sdpa_fn(q, k, v, mode, args.chunk)
             flops = 4 * args.batch * args.hq * args.dim * visible_pairs(L, mode, args.chunk)
@@ -213,23 +227,33 @@ def main(argv=None):
                     diff = (ours().float() - ref.float()).abs().max().item()
                     t_ours = bench(ours, args)
                 except Exception as e:  # e.g. a shape over the shared-memory limit
-                    print(f"{mode:>6} {L:>7} {label:>12} failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:100]}")
+                    print(f"{mode:>6} {L:>7} {label:>12} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                     continue
                 finally:
                     pin_blocks(None)
-                row = dict(mode=mode, L=L, blocks=label, ours_ms=t_ours, sdpa_ms=t_sdpa,
-                           ours_tflops=flops / t_ours / 1e9, sdpa_tflops=flops / t_sdpa / 1e9,
-                           speedup=t_sdpa / t_ours, max_abs_diff=diff)
+                row = dict(
+                    mode=mode,
+                    L=L,
+                    blocks=label,
+                    ours_ms=t_ours,
+                    sdpa_ms=t_sdpa,
+                    ours_tflops=flops / t_ours / 1e9,
+                    sdpa_tflops=flops / t_sdpa / 1e9,
+                    speedup=t_sdpa / t_ours,
+                    max_abs_diff=diff,
+                )
                 rows.append(row)
-                print(f"{mode:>6} {L:>7} {label:>12} {t_ours:>9.3f} {row['ours_tflops']:>8.1f} "
-                      f"{t_sdpa:>9.3f} {row['sdpa_tflops']:>8.1f} {row['speedup']:>9.2f} "
-                      f"{diff:>9.2e}")
+                print(
+                    f"{mode:>6} {L:>7} {label:>12} {t_ours:>9.3f} {row['ours_tflops']:>8.1f} "
+                    f"{t_sdpa:>9.3f} {row['sdpa_tflops']:>8.1f} {row['speedup']:>9.2f} "
+                    f"{diff:>9.2e}"
+                )
             if not cuda:  # the smoke run also checks the interpreter against the reference
-                ref = flash_attention(q, k, v, q_start=0, k_start=0, chunk=chunk,
-                                      impl="reference")[0]
-                print(f"{'':>6} {'':>7} interpreter vs reference: max|diff| = "
-                      f"{(ours().float() - ref.float()).abs().max().item():.2e}")
+                ref = flash_attention(q, k, v, q_start=0, k_start=0, chunk=chunk, impl="reference")[0]
+                print(
+                    f"{'':>6} {'':>7} interpreter vs reference: max|diff| = "
+                    f"{(ours().float() - ref.float()).abs().max().item():.2e}"
+                )
             del q, k, v, sdpa, ref
             if cuda:
                 torch.cuda.empty_cache()
@@ -254,15 +278,26 @@ def record(args, rows, cuda):
     now = datetime.datetime.now(datetime.timezone.utc)
     device = torch.cuda.get_device_name() if cuda else "cpu (reference/interpreter smoke run)"
     meta = dict(
-        device=device, date=now.isoformat(timespec="seconds"), torch=torch.__version__,
-        triton=triton.__version__, cuda=torch.version.cuda,
+        device=device,
+        date=now.isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
         command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        config=dict(batch=args.batch, hq=args.hq, hkv=args.hkv, dim=args.dim, dtype=args.dtype,
-                    chunk=args.chunk, sdpa_backend=args.sdpa_backend,
-                    blocks="BLOCK_M,BLOCK_N,warps,stages; 'table' = the kernel's own _blocks",
-                    sdpa_gqa="enable_gqa=True", sdpa_chunk="chunks folded into batch, is_causal",
-                    flops="4*B*Hq*D*visible pairs (causal: L^2/2)",
-                    timing="do_bench median ms" if cuda else "perf_counter, one call"),
+        config=dict(
+            batch=args.batch,
+            hq=args.hq,
+            hkv=args.hkv,
+            dim=args.dim,
+            dtype=args.dtype,
+            chunk=args.chunk,
+            sdpa_backend=args.sdpa_backend,
+            blocks="BLOCK_M,BLOCK_N,warps,stages; 'table' = the kernel's own _blocks",
+            sdpa_gqa="enable_gqa=True",
+            sdpa_chunk="chunks folded into batch, is_causal",
+            flops="4*B*Hq*D*visible pairs (causal: L^2/2)",
+            timing="do_bench median ms" if cuda else "perf_counter, one call",
+        ),
     )
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
     # One record per device and configuration; a rerun replaces it (git keeps the earlier ones).
@@ -274,18 +309,24 @@ def record(args, rows, cuda):
         parts.append("shapes")
     stem = RESULTS / ("attention-" + "-".join(parts))
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
-    lines = ["# Attention forward: longctx Triton vs torch SDPA", "",
-             f"- device: {meta['device']}", f"- date: {meta['date']}",
-             f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
-             f"- command: `{meta['command']}`",
-             f"- config: {json.dumps(meta['config'])}", "",
-             "| mode | L | blocks | ours ms | ours TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA/ours "
-             "| max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Attention forward: longctx Triton vs torch SDPA",
+        "",
+        f"- device: {meta['device']}",
+        f"- date: {meta['date']}",
+        f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
+        f"- command: `{meta['command']}`",
+        f"- config: {json.dumps(meta['config'])}",
+        "",
+        "| mode | L | blocks | ours ms | ours TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA/ours | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['L']} | {r['blocks']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | "
-                     f"{r['sdpa_ms']:.3f} | {r['sdpa_tflops']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['max_abs_diff']:.2e} |")
+        lines.append(
+            f"| {r['mode']} | {r['L']} | {r['blocks']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.1f} | "
+            f"{r['sdpa_ms']:.3f} | {r['sdpa_tflops']:.1f} | {r['speedup']:.2f} | "
+            f"{r['max_abs_diff']:.2e} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"recorded {stem}.json and {stem}.md")
 

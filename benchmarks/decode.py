@@ -32,7 +32,6 @@ from records import write_record
 RESULTS = Path(__file__).parent / "results"
 
 
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,8 +88,12 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=None, help="query heads (default: the preset's)")
     ap.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: the preset's)")
     ap.add_argument("--head-dim", type=int, default=None, help="head dim (default: the preset's)")
-    ap.add_argument("--segment-tokens", type=int, default=OffloadPolicy().segment_tokens,
-                    help="tokens per KV segment (default: OffloadPolicy's)")
+    ap.add_argument(
+        "--segment-tokens",
+        type=int,
+        default=OffloadPolicy().segment_tokens,
+        help="tokens per KV segment (default: OffloadPolicy's)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--profile", action="store_true", help="also print a profile of a few steps per tier")
@@ -100,16 +103,25 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = parse_length(args.context)
     if n <= args.segment_tokens:  # the open tail segment always stays on the device
-        ap.error(f"--context {args.context} ({n} tokens) must exceed --segment-tokens {args.segment_tokens}: "
-                 "below that no KV leaves the device and the tiers would not be compared")
+        ap.error(
+            f"--context {args.context} ({n} tokens) must exceed --segment-tokens {args.segment_tokens}: "
+            "below that no KV leaves the device and the tiers would not be compared"
+        )
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset)
     # NOTE: the tiny preset's KV is 128 bytes per token and layer; Scout's attention shape
     # (--heads 40 --kv-heads 8 --head-dim 128) makes each step stream 32x more, so transfer,
     # not per-step overhead, is what a GPU run measures.
-    shape = {k: v for k, v in (("num_attention_heads", args.heads), ("num_key_value_heads", args.kv_heads),
-                               ("head_dim", args.head_dim)) if v is not None}
+    shape = {
+        k: v
+        for k, v in (
+            ("num_attention_heads", args.heads),
+            ("num_key_value_heads", args.kv_heads),
+            ("head_dim", args.head_dim),
+        )
+        if v is not None
+    }
     cfg = dataclasses.replace(cfg, **shape)
     model = Model(cfg).eval()
     for p in model.parameters():
@@ -139,28 +151,35 @@ def main(argv=None) -> None:
             toks, per_step = decode(model, cache, first, args.steps)
             rows[name] = {"tokens": toks, "s_per_step": per_step, "tier_bytes": cache.tier_bytes()}
     same = rows["resident"]["tokens"] == rows[tier]["tokens"]
-    lines = [f"context {n} tokens, prefill {prefill_s:.1f} s ({n / prefill_s:.0f} tok/s), {args.steps} decode steps "
-             "(median step time), "
-             f"same tokens resident vs {tier}: {same}"]
+    lines = [
+        f"context {n} tokens, prefill {prefill_s:.1f} s ({n / prefill_s:.0f} tok/s), {args.steps} decode steps "
+        "(median step time), "
+        f"same tokens resident vs {tier}: {same}"
+    ]
     for name, r in rows.items():
-        lines.append(f"- {name}: {1 / r['s_per_step']:.1f} tok/s ({r['s_per_step'] * 1e3:.2f} ms/step), "
-                     f"KV bytes by tier {r['tier_bytes']}")
+        lines.append(
+            f"- {name}: {1 / r['s_per_step']:.1f} tok/s ({r['s_per_step'] * 1e3:.2f} ms/step), "
+            f"KV bytes by tier {r['tier_bytes']}"
+        )
     if device.type == "cuda":
         streamed = rows[tier]["tier_bytes"]["cpu"]
         achieved = streamed / rows[tier]["s_per_step"]
         peak = pinned_copy_rate(device)
-        lines.append(f"- host->device: {achieved / 1e9:.2f} GB/s achieved, pinned copy {peak / 1e9:.2f} GB/s, "
-                     f"fraction {achieved / peak:.2f}")
+        lines.append(
+            f"- host->device: {achieved / 1e9:.2f} GB/s achieved, pinned copy {peak / 1e9:.2f} GB/s, "
+            f"fraction {achieved / peak:.2f}"
+        )
     print("\n".join(lines))
     if args.record:
         cmd = "python benchmarks/decode.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        facts = [f"model: `{args.preset}` preset, random weights, {str(dtype).removeprefix('torch.')}; "
-                 f"attention {cfg.num_attention_heads} query heads, {cfg.num_key_value_heads} KV heads, "
-                 f"head dim {cfg.head_dim}; {cfg.layer_kinds.count('global')} global layer(s), "
-                 f"segments of {args.segment_tokens} tokens"]
+        facts = [
+            f"model: `{args.preset}` preset, random weights, {str(dtype).removeprefix('torch.')}; "
+            f"attention {cfg.num_attention_heads} query heads, {cfg.num_key_value_heads} KV heads, "
+            f"head dim {cfg.head_dim}; {cfg.layer_kinds.count('global')} global layer(s), "
+            f"segments of {args.segment_tokens} tokens"
+        ]
         name = f"decode_{device.type}_seg{args.segment_tokens}"  # one record per device and segment size
-        path = write_record(RESULTS, name, "Decode over an offloaded KV cache", cmd, facts, lines,
-                            device=str(device))
+        path = write_record(RESULTS, name, "Decode over an offloaded KV cache", cmd, facts, lines, device=str(device))
         print(f"recorded {path}")
 
 

@@ -49,8 +49,9 @@ def commit() -> str | None:
         return os.environ["GPU_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         if head.returncode:
             return None
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, capture_output=True, timeout=30)
@@ -70,8 +71,14 @@ def _plain(v):
     return v
 
 
-def append(name: str, figures: dict, *, device: str | torch.device = "cpu", command: str | None = None,
-           results: str | os.PathLike = RESULTS) -> dict:
+def append(
+    name: str,
+    figures: dict,
+    *,
+    device: str | torch.device = "cpu",
+    command: str | None = None,
+    results: str | os.PathLike = RESULTS,
+) -> dict:
     """Append one line for measurement ``name`` to ``results/gpu.jsonl`` (the folder is made if
     needed) and return the object written. ``command`` defaults to this process's command line.
     Raises TypeError naming the figure that JSON cannot hold."""

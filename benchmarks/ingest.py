@@ -74,7 +74,10 @@ def make_text(rng: random.Random, n_chars: int) -> str:
             for _ in range(rng.randint(3, 8)):
                 words = rng.choices(WORDS, weights, k=rng.randint(6, 24))
                 if rng.random() < 0.3:
-                    words.insert(rng.randrange(len(words)), str(rng.choice([rng.randint(1, 99), rng.randint(1900, 2030), rng.randint(1000, 999999)])))
+                    words.insert(
+                        rng.randrange(len(words)),
+                        str(rng.choice([rng.randint(1, 99), rng.randint(1900, 2030), rng.randint(1000, 999999)])),
+                    )
                 if len(words) > 8 and rng.random() < 0.5:
                     words[rng.randrange(2, len(words) - 2)] += ","
                 sentences.append(" ".join(words).capitalize() + rng.choice(".....?!;"))
@@ -185,14 +188,19 @@ def main(argv=None) -> int:
     # Untimed check: the packed text tokens are exactly raw tiktoken's tokens of each file.
     packed = ingest(folder, progress=False).pack(tok, progress=False)
     text_ids = np.concatenate([packed.ids[s.start : s.end] for s in packed.spans])
-    assert np.array_equal(text_ids, np.concatenate(raw_arrays()).astype(np.int32)), "packed tokens differ from raw tiktoken"
+    assert np.array_equal(text_ids, np.concatenate(raw_arrays()).astype(np.int32)), (
+        "packed tokens differ from raw tiktoken"
+    )
     del packed, text_ids
 
     med = {k: statistics.median(v) for k, v in wall.items()}
     best = {k: min(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     # Overheads from per-repetition ratios (each pair measured seconds apart), then the median.
-    ratio = {k: statistics.median(a / b for a, b in zip(wall["ingest+pack"], wall[k])) - 1 for k in ("raw", "raw_np", "tokenizer")}
+    ratio = {
+        k: statistics.median(a / b for a, b in zip(wall["ingest+pack"], wall[k])) - 1
+        for k in ("raw", "raw_np", "tokenizer")
+    }
     names = {
         "raw": "raw tiktoken `encode_ordinary_batch` (lists)",
         "raw_np": "raw tiktoken `encode_to_numpy`, thread pool",
@@ -207,7 +215,8 @@ def main(argv=None) -> int:
         "| step | median wall s | best wall s | median CPU s | M tokens/s (median wall) |",
         "|---|---|---|---|---|",
         *[
-            f"| {names[k]} | {med[k]:.2f} | {best[k]:.2f} | {med_cpu[k]:.2f} | {n_raw / med[k] / 1e6:.2f} |" if k in cpu
+            f"| {names[k]} | {med[k]:.2f} | {best[k]:.2f} | {med_cpu[k]:.2f} | {n_raw / med[k] / 1e6:.2f} |"
+            if k in cpu
             else f"| {names[k]} (part of the next row) | {med[k]:.2f} | {best[k]:.2f} | | |"
             for k in ("raw", "raw_np", "tokenizer", "ingest", "ingest+pack")
         ],
@@ -215,7 +224,8 @@ def main(argv=None) -> int:
         f"- ingest + pack vs raw tiktoken batch encoding (lists): **{ratio['raw'] * 100:+.1f} %** (bar: <= +25 %)",
         f"- ingest + pack vs raw tiktoken straight to numpy: {ratio['raw_np'] * 100:+.1f} %",
         f"- ingest + pack vs `Tokenizer.encode_batch`: {ratio['tokenizer'] * 100:+.1f} %",
-        f"- CPU time, ingest + pack vs raw tiktoken batch encoding: {(med_cpu['ingest+pack'] / med_cpu['raw'] - 1) * 100:+.1f} % "
+        "- CPU time, ingest + pack vs raw tiktoken batch encoding: "
+        f"{(med_cpu['ingest+pack'] / med_cpu['raw'] - 1) * 100:+.1f} % "
         f"(vs straight to numpy: {(med_cpu['ingest+pack'] / med_cpu['raw_np'] - 1) * 100:+.1f} %)",
         "",
         "(overheads: median over repetitions of the per-repetition time ratio)",
@@ -235,16 +245,25 @@ def main(argv=None) -> int:
 
     if args.record:  # replaces benchmarks/results/ingest.md (git keeps the earlier ones)
         cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
-        facts = [f"machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPU cores, "
-                 f"Python {platform.python_version()}, tiktoken {tiktoken.__version__}",
-                 f"time: {_dt.datetime.now().strftime('%H:%M')}",
-                 f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-                 "(a shared machine: other processes may hold cores; the steps are interleaved)",
-                 f"tokenizer: default asset ({tok.n_ranks} ranks, fingerprint {tok.fingerprint[:12]})",
-                 "data: synthetic English-like text (benchmarks/ingest.py, seed 0)"
-                 + ("" if args.folder is None else f", folder {args.folder}")]
-        out = write_record(Path(__file__).parent / "results", "ingest", "ingest + pack throughput", cmd, facts,
-                           [report, "", "PASS" if ok else "FAIL"], threads=args.threads)
+        facts = [
+            f"machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}, tiktoken {tiktoken.__version__}",
+            f"time: {_dt.datetime.now().strftime('%H:%M')}",
+            f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+            "(a shared machine: other processes may hold cores; the steps are interleaved)",
+            f"tokenizer: default asset ({tok.n_ranks} ranks, fingerprint {tok.fingerprint[:12]})",
+            "data: synthetic English-like text (benchmarks/ingest.py, seed 0)"
+            + ("" if args.folder is None else f", folder {args.folder}"),
+        ]
+        out = write_record(
+            Path(__file__).parent / "results",
+            "ingest",
+            "ingest + pack throughput",
+            cmd,
+            facts,
+            [report, "", "PASS" if ok else "FAIL"],
+            threads=args.threads,
+        )
         print(f"recorded {out}")
     return 0 if ok else 1
 

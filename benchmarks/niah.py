@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from records import write_record
-
 from longctx.cli import add_niah_arguments, niah_grid, niah_inputs
 from longctx.tasks import niah
+from records import write_record
 
 
 def compare_reuse(args) -> tuple[bool, list[str]]:
@@ -32,8 +31,12 @@ def compare_reuse(args) -> tuple[bool, list[str]]:
     answers, the report as markdown lines)."""
     model, kw = niah_inputs(args)
     # Warm-up outside the timings: haystack encoding (cached) and first-call allocations.
-    niah.run(model, **{**kw, "lengths": [min(kw["lengths"])], "depths": [0.0], "samples": 1}, reuse_prefix=False,
-             progress=False)
+    niah.run(
+        model,
+        **{**kw, "lengths": [min(kw["lengths"])], "depths": [0.0], "samples": 1},
+        reuse_prefix=False,
+        progress=False,
+    )
     timings, prefill_s, decode_s = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}
     answers, tokens, runs, consistent = {}, {}, [], True
     for reuse in (True, False, False, True):
@@ -49,27 +52,38 @@ def compare_reuse(args) -> tuple[bool, list[str]]:
         prefill_s[reuse] += sum(r["prefill_s"] for r in res.records)
         decode_s[reuse] += sum(r["decode_s"] for r in res.records)
     same = answers[True] == answers[False] and consistent
-    body = [f"prefix reuse: {timings[True] / 2:.1f} s, no reuse: {timings[False] / 2:.1f} s (mean of 2 runs each; "
-            f"in order: {', '.join(runs)}), speed-up {timings[False] / timings[True]:.2f}x, "
-            f"same answers: {same} ({len(res.records)} cells)",
-            f"prefilled tokens: {tokens[True]:,} with reuse (base extensions included), {tokens[False]:,} "
-            f"without ({tokens[False] / max(1, tokens[True]):.2f}x)",
-            f"prefill time (base extensions included): {prefill_s[True] / 2:.1f} s with reuse, "
-            f"{prefill_s[False] / 2:.1f} s without ({prefill_s[False] / max(1e-9, prefill_s[True]):.2f}x); "
-            f"decode time {decode_s[True] / 2:.1f} s / {decode_s[False] / 2:.1f} s (the same work either way)",
-            "", "```", res.table(), "```"]
+    body = [
+        f"prefix reuse: {timings[True] / 2:.1f} s, no reuse: {timings[False] / 2:.1f} s (mean of 2 runs each; "
+        f"in order: {', '.join(runs)}), speed-up {timings[False] / timings[True]:.2f}x, "
+        f"same answers: {same} ({len(res.records)} cells)",
+        f"prefilled tokens: {tokens[True]:,} with reuse (base extensions included), {tokens[False]:,} "
+        f"without ({tokens[False] / max(1, tokens[True]):.2f}x)",
+        f"prefill time (base extensions included): {prefill_s[True] / 2:.1f} s with reuse, "
+        f"{prefill_s[False] / 2:.1f} s without ({prefill_s[False] / max(1e-9, prefill_s[True]):.2f}x); "
+        f"decode time {decode_s[True] / 2:.1f} s / {decode_s[False] / 2:.1f} s (the same work either way)",
+        "",
+        "```",
+        res.table(),
+        "```",
+    ]
     print("\n".join(body))
     return same, body
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="benchmarks/niah.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/niah.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_niah_arguments(ap)
     ap.add_argument("--compare-reuse", action="store_true", help="run with and without prefix reuse; compare")
-    ap.add_argument("--record", type=Path, default=None, metavar="DIR",
-                    help="also write a result file (device, date, command, numbers) into DIR")
+    ap.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write a result file (device, date, command, numbers) into DIR",
+    )
     args = ap.parse_args(argv)
     png = None
     if args.compare_reuse:
@@ -83,11 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         lengths = sorted(args.lengths)
         span = niah.length_label(lengths[0]) + (f"-{niah.length_label(lengths[-1])}" if len(lengths) > 1 else "")
         name += f"_{span}" + ("_cuda" if args.device.startswith("cuda") else "")
-        facts = [f"model: {args.model or 'embedded default (longctx/assets/default)'}",
-                 f"lengths {args.lengths}, depths {args.depths}, samples {args.samples}, seed {args.seed}, "
-                 f"haystack {args.haystack}"]
-        path = write_record(args.record, name, f"NIAH {what}", "python benchmarks/niah.py " + " ".join(argv), facts,
-                            body, device=args.device, png=png)
+        facts = [
+            f"model: {args.model or 'embedded default (longctx/assets/default)'}",
+            f"lengths {args.lengths}, depths {args.depths}, samples {args.samples}, seed {args.seed}, "
+            f"haystack {args.haystack}",
+        ]
+        path = write_record(
+            args.record,
+            name,
+            f"NIAH {what}",
+            "python benchmarks/niah.py " + " ".join(argv),
+            facts,
+            body,
+            device=args.device,
+            png=png,
+        )
         print(f"recorded {path}")
     return 0 if same else 1  # --compare-reuse: 1 when the two modes answered differently
 

@@ -24,7 +24,6 @@ from records import write_record
 RESULTS = Path(__file__).parent / "results"
 
 
-
 def one_run(n: int, chunk_size: int, threads: int) -> dict:
     """Runs inside the child process."""
     import torch
@@ -46,9 +45,16 @@ def one_run(n: int, chunk_size: int, threads: int) -> dict:
     seconds = time.perf_counter() - t0
     assert torch.isfinite(logits).all()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tokens": n, "chunk_size": chunk_size, "seconds": round(seconds, 2), "peak_rss": peak,
-            "rss_before_prefill": rss_before, "kv_bytes": cache.nbytes, "peak_minus_kv": peak - cache.nbytes,
-            "tokens_per_s": round(n / seconds, 1)}
+    return {
+        "tokens": n,
+        "chunk_size": chunk_size,
+        "seconds": round(seconds, 2),
+        "peak_rss": peak,
+        "rss_before_prefill": rss_before,
+        "kv_bytes": cache.nbytes,
+        "peak_minus_kv": peak - cache.nbytes,
+        "tokens_per_s": round(n / seconds, 1),
+    }
 
 
 def main(argv=None) -> None:
@@ -64,24 +70,45 @@ def main(argv=None) -> None:
         return
     rows = []
     for n in map(parse_length, args.lengths.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--chunk-size", str(args.chunk_size),
-                              "--threads", str(args.threads)], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                "--chunk-size",
+                str(args.chunk_size),
+                "--threads",
+                str(args.threads),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{r['tokens']:>8} tokens  {r['seconds']:>8.1f} s  peak RSS {r['peak_rss'] / 2**20:8.1f} MiB  "
-              f"KV {r['kv_bytes'] / 2**20:7.1f} MiB  peak-KV {r['peak_minus_kv'] / 2**20:8.1f} MiB", flush=True)
+        print(
+            f"{r['tokens']:>8} tokens  {r['seconds']:>8.1f} s  peak RSS {r['peak_rss'] / 2**20:8.1f} MiB  "
+            f"KV {r['kv_bytes'] / 2**20:7.1f} MiB  peak-KV {r['peak_minus_kv'] / 2**20:8.1f} MiB",
+            flush=True,
+        )
     if args.record:
         spread = max(r["peak_minus_kv"] for r in rows) - min(r["peak_minus_kv"] for r in rows)
-        cmd = (f"python benchmarks/prefill_memory.py --lengths {args.lengths} --chunk-size {args.chunk_size} "
-               f"--threads {args.threads} --record")
+        cmd = (
+            f"python benchmarks/prefill_memory.py --lengths {args.lengths} --chunk-size {args.chunk_size} "
+            f"--threads {args.threads} --record"
+        )
         facts = ["model: `tiny` preset (4 layers, 1 global NoPE layer, attention chunk 32), random weights, fp32"]
         lines = ["| tokens | prefill s | tok/s | peak RSS MiB | KV MiB | peak − KV MiB |", "|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['peak_rss'] / 2**20:.1f} | "
-                         f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_minus_kv'] / 2**20:.1f} |")
+            lines.append(
+                f"| {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['peak_rss'] / 2**20:.1f} | "
+                f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_minus_kv'] / 2**20:.1f} |"
+            )
         lines += ["", f"Spread of peak − KV across lengths: {spread / 2**20:.1f} MiB."]
-        path = write_record(RESULTS, "prefill_memory", "Prefill memory vs length", cmd, facts, lines,
-                            threads=args.threads)
+        path = write_record(
+            RESULTS, "prefill_memory", "Prefill memory vs length", cmd, facts, lines, threads=args.threads
+        )
         print(f"recorded {path}")
 
 

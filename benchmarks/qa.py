@@ -29,15 +29,15 @@ from pathlib import Path
 
 import torch
 
-from longctx.tasks import needles
 from longctx.checkpoint import load_model
 from longctx.cli import parse_length
 from longctx.config import ModelConfig
-from longctx.text.ingest import ingest
 from longctx.generate import generate
 from longctx.model import Model
-from longctx.text.prompt import context_prefix, question_suffix
+from longctx.tasks import needles
 from longctx.tasks.qa import Session
+from longctx.text.ingest import ingest
+from longctx.text.prompt import context_prefix, question_suffix
 from longctx.text.tokenizer import Tokenizer
 from records import write_record
 
@@ -47,14 +47,22 @@ RESULTS = Path(__file__).parent / "results"
 def random_tiny(seed: int = 0) -> Model:
     """The `tiny` preset with random weights (std 0.1) and the default tokenizer's ids."""
     tok = Tokenizer.default()
-    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                              eos_token_id=[tok.eot_id], pad_token_id=tok.pad_id)
+    cfg = dataclasses.replace(
+        ModelConfig.preset("tiny"),
+        vocab_size=tok.vocab_size,
+        bos_token_id=tok.bos_id,
+        eos_token_id=[tok.eot_id],
+        pad_token_id=tok.pad_id,
+    )
     g = torch.Generator().manual_seed(seed)
     model = Model(cfg, tokenizer=tok)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(0.5 + torch.rand(p.shape, generator=g) if name.endswith("norm.weight")
-                    else torch.randn(p.shape, generator=g) * 0.1)
+            p.copy_(
+                0.5 + torch.rand(p.shape, generator=g)
+                if name.endswith("norm.weight")
+                else torch.randn(p.shape, generator=g) * 0.1
+            )
     return model.eval()
 
 
@@ -74,8 +82,12 @@ def make_corpus(rng: random.Random, n_docs: int, doc_tokens: int):
             i += 1
         if d == holder:
             text.insert(rng.randrange(len(text) + 1), needles.NEEDLE.format(key=key, value=value))
-        docs.append((f"{rng.choice(needles._ADJECTIVES).title()} {rng.choice(needles._NOUNS).title()} Report {d}",
-                     " ".join(text)))
+        docs.append(
+            (
+                f"{rng.choice(needles._ADJECTIVES).title()} {rng.choice(needles._NOUNS).title()} Report {d}",
+                " ".join(text),
+            )
+        )
     return ingest(docs, progress=False), key, value, holder
 
 
@@ -90,8 +102,9 @@ def part_timing(model, args, rng) -> list[str]:
             break
         per_doc = int(per_doc * args.tokens / n) + 8
     session = Session(model, corpus, chunk_size=args.chunk_size)
-    questions = [needles.QUESTION.format(key=key)] + [needles.QUESTION.format(key=needles.make_key(rng))
-                                                       for _ in range(args.questions - 1)]
+    questions = [needles.QUESTION.format(key=key)] + [
+        needles.QUESTION.format(key=needles.make_key(rng)) for _ in range(args.questions - 1)
+    ]
     stops = [*model.config.stop_ids, tok.eot_id, tok.eom_id]
     rows, same = [], True
     for q in questions:
@@ -100,21 +113,33 @@ def part_timing(model, args, rng) -> list[str]:
         ask_s = time.perf_counter() - t0
         # The independent path: corpus + question in one forward from an empty cache.
         prompt = session.prefix.tolist() + question_suffix(tok, q, at=session.n_tokens, chunk=model.config.local_chunk)
-        fresh = generate(model, torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, chunk_size=None,
-                         stop_ids=stops)
+        fresh = generate(
+            model, torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, chunk_size=None, stop_ids=stops
+        )
         equal = tok.decode(fresh.tokens[0]).strip() == a.text and len(fresh.tokens[0]) == a.answer_tokens
         same &= equal
         rows.append((ask_s, a, fresh.prefill_s, equal))
     later = max(s for s, *_ in rows[1:]) if len(rows) > 1 else float("nan")
-    lines = [f"### Prefill once, ask many ({session.n_tokens} tokens, 16 documents, prefill chunk {args.chunk_size})",
-             "", f"corpus prefill: {session.prefill_s:.2f} s ({session.n_tokens / session.prefill_s:.0f} tok/s)", "",
-             "| ask | seconds | / prefill | question tok | answer tok | fresh full forward s | same answer |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {i + 1} | {s:.3f} | {s / session.prefill_s:.2%} | {a.question_tokens} | {a.answer_tokens} | "
-              f"{fp:.2f} | {eq} |" for i, (s, a, fp, eq) in enumerate(rows)]
-    lines += ["", f"slowest of asks 2..{len(rows)}: {later:.3f} s = {later / session.prefill_s:.2%} of the prefill "
-              f"(bar: <= 10 %): {'met' if later <= 0.1 * session.prefill_s else 'NOT met'}",
-              f"every answer equals a fresh full forward of corpus + question: {same}", ""]
+    lines = [
+        f"### Prefill once, ask many ({session.n_tokens} tokens, 16 documents, prefill chunk {args.chunk_size})",
+        "",
+        f"corpus prefill: {session.prefill_s:.2f} s ({session.n_tokens / session.prefill_s:.0f} tok/s)",
+        "",
+        "| ask | seconds | / prefill | question tok | answer tok | fresh full forward s | same answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {i + 1} | {s:.3f} | {s / session.prefill_s:.2%} | {a.question_tokens} | {a.answer_tokens} | "
+        f"{fp:.2f} | {eq} |"
+        for i, (s, a, fp, eq) in enumerate(rows)
+    ]
+    lines += [
+        "",
+        f"slowest of asks 2..{len(rows)}: {later:.3f} s = {later / session.prefill_s:.2%} of the prefill "
+        f"(bar: <= 10 %): {'met' if later <= 0.1 * session.prefill_s else 'NOT met'}",
+        f"every answer equals a fresh full forward of corpus + question: {same}",
+        "",
+    ]
     return lines
 
 
@@ -139,11 +164,15 @@ def part_citations(model, args, rng) -> list[str]:
             print(f"trial {t}: {n} docs, holder rank {ranks[-1]}, answer {a.text!r}", file=sys.stderr)
     chance = sum(1 / rng.randint(lo, hi) for _ in range(10000)) / 10000
     n = args.trials
-    return [f"### Citations ({n} corpora of {args.docs} documents of {args.doc_tokens} tokens, one holds the fact; "
-            f"corpus {min(lengths)}-{max(lengths)} tokens)", "",
-            f"holder ranked first: {first}/{n} = {first / n:.0%} (bar: >= 90 %; chance ~{chance:.0%}); "
-            f"mean rank of the holder: {sum(ranks) / n:.2f}; value in the answer: {hits}/{n} = {hits / n:.0%}; "
-            f"{time.perf_counter() - t0:.0f} s", ""]
+    return [
+        f"### Citations ({n} corpora of {args.docs} documents of {args.doc_tokens} tokens, one holds the fact; "
+        f"corpus {min(lengths)}-{max(lengths)} tokens)",
+        "",
+        f"holder ranked first: {first}/{n} = {first / n:.0%} (bar: >= 90 %; chance ~{chance:.0%}); "
+        f"mean rank of the holder: {sum(ranks) / n:.2f}; value in the answer: {hits}/{n} = {hits / n:.0%}; "
+        f"{time.perf_counter() - t0:.0f} s",
+        "",
+    ]
 
 
 def main(argv=None) -> None:
@@ -167,8 +196,11 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = random_tiny(args.seed) if args.random_tiny else load_model(args.model)
-    name = ("`tiny` preset, random weights (std 0.1), default tokenizer" if args.random_tiny
-            else args.model or "embedded default (longctx/assets/default)")
+    name = (
+        "`tiny` preset, random weights (std 0.1), default tokenizer"
+        if args.random_tiny
+        else args.model or "embedded default (longctx/assets/default)"
+    )
     rng = random.Random(args.seed)
     lines = []
     if args.part in ("timing", "both"):
@@ -178,10 +210,19 @@ def main(argv=None) -> None:
     print("\n".join(lines))
     if args.record:  # one record per part and model kind: qa_citations, qa_timing_random_tiny
         cmd = "python benchmarks/qa.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        facts = [f"model: {name} ({model.fingerprint[:12]})", f"machine: {args.device_name}",
-                 f"time: {datetime.datetime.now().isoformat(timespec='minutes')}"]
-        path = write_record(RESULTS, f"qa_{args.part}" + ("_random_tiny" if args.random_tiny else ""),
-                            f"Cross-document QA: {args.part}", cmd, facts, lines)
+        facts = [
+            f"model: {name} ({model.fingerprint[:12]})",
+            f"machine: {args.device_name}",
+            f"time: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        ]
+        path = write_record(
+            RESULTS,
+            f"qa_{args.part}" + ("_random_tiny" if args.random_tiny else ""),
+            f"Cross-document QA: {args.part}",
+            cmd,
+            facts,
+            lines,
+        )
         print(f"recorded {path}")
 
 

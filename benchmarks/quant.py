@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from records import write_record
 
 from longctx import load_model, quant
 from longctx.config import ModelConfig
 from longctx.model import Model
 from longctx.tasks import niah
+from records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,8 +34,10 @@ RESULTS = Path(__file__).parent / "results"
 @torch.no_grad()
 def agreement(tokens_per_text: int, seeds: list[int]) -> dict[str, tuple[int, int]]:
     base = load_model()
-    models = {"int8": quant.quantize(copy.deepcopy(base), "int8"),
-              "int4": quant.quantize(copy.deepcopy(base), "int4", group_size=64)}
+    models = {
+        "int8": quant.quantize(copy.deepcopy(base), "int8"),
+        "int4": quant.quantize(copy.deepcopy(base), "int4", group_size=64),
+    }
     hits = {k: [0, 0] for k in models}
     for seed in seeds:
         ids = niah.make_haystack(base.tokenizer, "english", min_tokens=tokens_per_text, seed=seed).ids
@@ -50,10 +52,21 @@ def agreement(tokens_per_text: int, seeds: list[int]) -> dict[str, tuple[int, in
 
 def narrow_scout(layers: int) -> ModelConfig:
     base = ModelConfig.preset("scout")
-    return ModelConfig(**{**base.__dict__, "vocab_size": 8192, "hidden_size": 1024, "num_hidden_layers": layers,
-                          "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
-                          "intermediate_size": 1536, "intermediate_size_mlp": 3072, "moe_layers": None,
-                          "no_rope_layers": []})
+    return ModelConfig(
+        **{
+            **base.__dict__,
+            "vocab_size": 8192,
+            "hidden_size": 1024,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "intermediate_size": 1536,
+            "intermediate_size_mlp": 3072,
+            "moe_layers": None,
+            "no_rope_layers": [],
+        }
+    )
 
 
 @torch.no_grad()
@@ -64,8 +77,11 @@ def speed(layers: int, prefill_tokens: int, steps: int, rounds: int) -> dict[str
     for p in base.parameters():
         p.normal_(0, 0.02)
     base = base.to(torch.bfloat16).eval()
-    models = {"bf16": base, "int8": quant.quantize(copy.deepcopy(base), "int8"),
-              "int4": quant.quantize(copy.deepcopy(base), "int4", group_size=128)}
+    models = {
+        "bf16": base,
+        "int8": quant.quantize(copy.deepcopy(base), "int8"),
+        "int4": quant.quantize(copy.deepcopy(base), "int4", group_size=128),
+    }
     prompt = torch.randint(0, cfg.vocab_size, (1, prefill_tokens), generator=torch.Generator().manual_seed(1))
     times = {k: {"decode": [], "prefill": []} for k in models}
     for r in range(rounds + 1):  # round 0 warms up (and builds the packed CPU layouts)
@@ -111,26 +127,46 @@ def main() -> None:
     if not args.record:
         return
     bf = sp["bf16"]
-    body = ["## Next-token top-1 agreement with the unquantized embedded model", "",
-            "| scheme | agree / positions | agreement | bar |", "|---|---|---|---|"]
+    body = [
+        "## Next-token top-1 agreement with the unquantized embedded model",
+        "",
+        "| scheme | agree / positions | agreement | bar |",
+        "|---|---|---|---|",
+    ]
     bars = {"int8": 99.0, "int4": 90.0}
     for k, (h, n) in agree.items():
         body.append(f"| {k} | {h} / {n} | {100 * h / n:.2f} % | >= {bars[k]:.0f} % |")
-    body += ["", f"## CPU speed, narrow Scout shape ({args.layers} layers, hidden 1024, 16 experts top-1 + shared "
-             f"expert, expert width 1536, bf16 activations)", "",
-             "| weights | decode ms/token | vs bf16 | prefill tokens/s | vs bf16 |", "|---|---|---|---|---|"]
+    body += [
+        "",
+        f"## CPU speed, narrow Scout shape ({args.layers} layers, hidden 1024, 16 experts top-1 + shared "
+        f"expert, expert width 1536, bf16 activations)",
+        "",
+        "| weights | decode ms/token | vs bf16 | prefill tokens/s | vs bf16 |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in sp.items():
-        body.append(f"| {k} | {v['decode']:.2f} | {v['decode'] / bf['decode']:.2f}x | {v['prefill']:.0f} | "
-                    f"{v['prefill'] / bf['prefill']:.2f}x |")
-    facts = [f"torch {torch.__version__}, {args.threads} threads",
-             f"agreement: embedded model fp32, {args.seeds} haystack texts (english, seeds 1-{args.seeds}) of "
-             f"{args.tokens} tokens, every position; int8 per channel, int4 group 64, attention unquantized",
-             f"speed: medians of {args.rounds} alternating rounds after a warm-up round; decode = {args.steps} steps "
-             f"after a {args.prefill}-token prefill; int4 group 128; 'auto' paths (torch's packed CPU ops for "
-             "1-16 rows, dequantize + bf16 matmul above)"]
+        body.append(
+            f"| {k} | {v['decode']:.2f} | {v['decode'] / bf['decode']:.2f}x | {v['prefill']:.0f} | "
+            f"{v['prefill'] / bf['prefill']:.2f}x |"
+        )
+    facts = [
+        f"torch {torch.__version__}, {args.threads} threads",
+        f"agreement: embedded model fp32, {args.seeds} haystack texts (english, seeds 1-{args.seeds}) of "
+        f"{args.tokens} tokens, every position; int8 per channel, int4 group 64, attention unquantized",
+        f"speed: medians of {args.rounds} alternating rounds after a warm-up round; decode = {args.steps} steps "
+        f"after a {args.prefill}-token prefill; int4 group 128; 'auto' paths (torch's packed CPU ops for "
+        "1-16 rows, dequantize + bf16 matmul above)",
+    ]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    path = write_record(RESULTS, f"quant_cpu_t{args.threads}", "Weight-only int8 / int4: agreement and CPU speed",
-                        command, facts, body, threads=args.threads)
+    path = write_record(
+        RESULTS,
+        f"quant_cpu_t{args.threads}",
+        "Weight-only int8 / int4: agreement and CPU speed",
+        command,
+        facts,
+        body,
+        threads=args.threads,
+    )
     print(f"recorded {path}")
 
 

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from records import write_record
 
 from longctx import load_model
 from longctx.cli import parse_depths, parse_lengths
 from longctx.tasks import niah
+from records import write_record
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"fp32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4", "group_size": 64}}
@@ -36,8 +36,16 @@ VARIANTS = {"fp32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4
 def run_grid(model, lengths, depths, samples) -> tuple[dict, float]:
     """{(length, depth, sample): (exact, answer)} of one grid, and its wall time in seconds."""
     t0 = time.perf_counter()
-    res = niah.run(model, task="single", lengths=lengths, depths=depths, samples=samples, seed=0,
-                   haystack="english", progress=False)
+    res = niah.run(
+        model,
+        task="single",
+        lengths=lengths,
+        depths=depths,
+        samples=samples,
+        seed=0,
+        haystack="english",
+        progress=False,
+    )
     took = time.perf_counter() - t0
     return {(r["length"], r["depth"], r["sample"]): (bool(r["exact"]), r["answer"]) for r in res.records}, took
 
@@ -74,11 +82,15 @@ def main() -> None:
     for g, (lengths, depths) in grids.items():
         if not lengths:
             continue
-        body += [f"## Grid {niah.length_label(lengths[0])}-{niah.length_label(lengths[-1])}: depths "
-                 f"{', '.join(f'{d:g}' for d in depths)}, {args.samples} samples", "",
-                 "| weights | " + " | ".join(niah.length_label(L) for L in lengths)
-                 + " | all | vs fp32 (points) | answers equal to fp32 | wall s |",
-                 "|---|" + "---|" * (len(lengths) + 4)]
+        body += [
+            f"## Grid {niah.length_label(lengths[0])}-{niah.length_label(lengths[-1])}: depths "
+            f"{', '.join(f'{d:g}' for d in depths)}, {args.samples} samples",
+            "",
+            "| weights | "
+            + " | ".join(niah.length_label(L) for L in lengths)
+            + " | all | vs fp32 (points) | answers equal to fp32 | wall s |",
+            "|---|" + "---|" * (len(lengths) + 4),
+        ]
         ref_acc = None
         for name, per in results.items():
             cells, took = per[g]
@@ -89,21 +101,33 @@ def main() -> None:
             acc = 100 * sum(e for e, _ in cells.values()) / len(cells)
             ref_acc = acc if name == "fp32" else ref_acc
             delta = "-" if ref_acc is None or name == "fp32" else f"{acc - ref_acc:+.1f}"
-            same = "-" if base is None or name == "fp32" else \
-                f"{sum(a == base[g][0][k][1] for k, (_, a) in cells.items())}/{len(cells)}"
+            same = (
+                "-"
+                if base is None or name == "fp32"
+                else f"{sum(a == base[g][0][k][1] for k, (_, a) in cells.items())}/{len(cells)}"
+            )
             body.append(f"| {name} | " + " | ".join(row) + f" | {acc:.1f} % | {delta} | {same} | {took:.0f} |")
         body.append("")
     print("\n".join(body))
     if args.record:
-        facts = ["model: the embedded default (fp32), task single, haystack english, seed 0, prefix reuse on, "
-                 "greedy, 32 new tokens; exact match as `longctx niah` scores it",
-                 "int8: per output channel; int4: group 64 (128 does not divide the expert width 192); routed + "
-                 "shared experts quantized, attention / router / embeddings / head fp32; scales fp32, activations "
-                 "fp32 (the dequantize + fp32 matmul path)",
-                 "bar: int8 within 2 points of unquantized"]
+        facts = [
+            "model: the embedded default (fp32), task single, haystack english, seed 0, prefix reuse on, "
+            "greedy, 32 new tokens; exact match as `longctx niah` scores it",
+            "int8: per output channel; int4: group 64 (128 does not divide the expert width 192); routed + "
+            "shared experts quantized, attention / router / embeddings / head fp32; scales fp32, activations "
+            "fp32 (the dequantize + fp32 matmul path)",
+            "bar: int8 within 2 points of unquantized",
+        ]
         command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        path = write_record(RESULTS, "quant_niah", "NIAH, embedded model unquantized vs int8 vs int4", command,
-                            facts, body, threads=args.threads)
+        path = write_record(
+            RESULTS,
+            "quant_niah",
+            "NIAH, embedded model unquantized vs int8 vs int4",
+            command,
+            facts,
+            body,
+            threads=args.threads,
+        )
         print(f"recorded {path}")
 
 

@@ -24,8 +24,17 @@ def device_line(device: str = "cpu", threads: int | None = None) -> str:
     return f"CPU ({platform.machine()}), {threads or torch.get_num_threads()} threads; torch {torch.__version__}"
 
 
-def write_record(folder, name: str, title: str, command: str, facts: list[str], body: list[str],
-                 device: str = "cpu", threads: int | None = None, png=None) -> Path:
+def write_record(
+    folder,
+    name: str,
+    title: str,
+    command: str,
+    facts: list[str],
+    body: list[str],
+    device: str = "cpu",
+    threads: int | None = None,
+    png=None,
+) -> Path:
     """Write `folder/<name>.md`, replacing an earlier record of that name: a title with today's
     date, device, command and ``facts`` as a list, then ``body`` (markdown lines). ``name``
     names the benchmark and its configuration (e.g. ``decode_cuda_seg16384``), never a date or
@@ -36,8 +45,15 @@ def write_record(folder, name: str, title: str, command: str, facts: list[str], 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     day = datetime.date.today().isoformat()
-    lines = [f"# {title} ({day})", "", f"- device: {device_line(device, threads)}", f"- command: `{command}`",
-             *(f"- {f}" for f in facts), "", *body]
+    lines = [
+        f"# {title} ({day})",
+        "",
+        f"- device: {device_line(device, threads)}",
+        f"- command: `{command}`",
+        *(f"- {f}" for f in facts),
+        "",
+        *body,
+    ]
     picture = folder / f"{name}.png"
     if png is not None:
         shutil.copyfile(png, picture)

@@ -32,11 +32,13 @@ ALL = ("single", "multi_key", "multi_value", "multi_query", *ruler.TASKS[:-1])
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="benchmarks/ruler.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/ruler.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    ap.add_argument("--tasks", default=None,
-                    help=f"comma-separated (default: {','.join(ALL)}; --quant: single,multi_key)")
+    ap.add_argument(
+        "--tasks", default=None, help=f"comma-separated (default: {','.join(ALL)}; --quant: single,multi_key)"
+    )
     ap.add_argument("--lengths", type=parse_lengths, default=None, help="default 1k-16k (--quant: 1k,2k,4k)")
     ap.add_argument("--depths", type=parse_depths, default="0.25,0.75")
     ap.add_argument("--samples", type=int, default=3)
@@ -55,28 +57,45 @@ def main(argv: list[str] | None = None) -> int:
     png = None
     if args.quant:
         variants = load_variants([args.model], ["none", "int8", "int4"], group_size=64)
-        cmp = compare(variants, tasks=tasks, lengths=lengths, depths=args.depths, samples=args.samples,
-                      out=args.out / "compare")
+        cmp = compare(
+            variants, tasks=tasks, lengths=lengths, depths=args.depths, samples=args.samples, out=args.out / "compare"
+        )
         png = args.out / "compare_quant.png"
         cmp.plot(png, title="embedded model: fp32 vs int8 vs int4 (group 64)")
         body = [cmp.to_markdown()]
         name, title = "compare_quant", "compare: fp32 vs int8 vs int4 (group 64)"
     else:
-        res = ruler.run(load_model(args.model), tasks=tasks, lengths=lengths, depths=args.depths,
-                        samples=args.samples, out=args.out, qa=args.qa)
+        res = ruler.run(
+            load_model(args.model),
+            tasks=tasks,
+            lengths=lengths,
+            depths=args.depths,
+            samples=args.samples,
+            out=args.out,
+            qa=args.qa,
+        )
         cells = sum(len(r.records) for r in res.by_task.values())
         exact = ruler.RulerResults(res.by_task).to_markdown(metric="substring").split("\n\neffective")[0]
-        body = ["RULER score (% of expected strings found in the answer):", "", res.to_markdown(), "",
-                "substring match (every expected string as whole words; QA: one of them), %:", "", exact, "",
-                f"{cells} cells"]
+        body = [
+            "RULER score (% of expected strings found in the answer):",
+            "",
+            res.to_markdown(),
+            "",
+            "substring match (every expected string as whole words; QA: one of them), %:",
+            "",
+            exact,
+            "",
+            f"{cells} cells",
+        ]
         name, title = "ruler_" + ("embedded" if args.model is None else Path(args.model).name), "RULER-style tasks"
     elapsed = time.perf_counter() - t0
     body.append(f"wall time: {elapsed / 60:.1f} min")
     print("\n".join(body))
     if args.record:
         facts = [f"model: {args.model or 'embedded default (longctx/assets/default)'}", grid]
-        path = write_record(args.record, name, title, "python benchmarks/ruler.py " + " ".join(argv), facts, body,
-                            png=png)
+        path = write_record(
+            args.record, name, title, "python benchmarks/ruler.py " + " ".join(argv), facts, body, png=png
+        )
         print(f"recorded {path}")
     return 0
 

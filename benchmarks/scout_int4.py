@@ -11,7 +11,7 @@ Phases, in order (each figure is kept as soon as it is measured; a failure, an o
 error or a SIGTERM from ``timeout`` stops the run, and what was measured is still printed and
 recorded, with the error):
 
-1. build: stored bytes per part (checked against ``quant.memory_plan``), device memory after it;
+1. build: stored bytes per part (checked against ``memory.memory_plan``), device memory after it;
 2. check: the MoE matmul in the model dtype against dequantize + matmul in fp32, layer 0's
    experts (1, 0, 5 and 33 tokens per expert: the decode and prefill tile sizes);
 3. moe: one token through every MoE layer's routed expert and shared expert (what decode reads
@@ -52,10 +52,10 @@ import time
 import traceback
 from pathlib import Path
 
-import gpu_record
 import torch
 
-from longctx import quant
+import gpu_record
+from longctx import memory, quant
 from longctx.config import ModelConfig
 from longctx.generate import prefill
 from longctx.kernels.quant import dequantize, moe_matmul
@@ -96,8 +96,9 @@ def config(preset: str, layers: int | None) -> ModelConfig:
     cfg = ModelConfig.preset(preset)
     if layers is None:
         return cfg
-    return ModelConfig(**{**dataclasses.asdict(cfg), "num_hidden_layers": layers, "moe_layers": None,
-                          "no_rope_layers": []})
+    return ModelConfig(
+        **{**dataclasses.asdict(cfg), "num_hidden_layers": layers, "moe_layers": None, "no_rope_layers": []}
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -109,8 +110,9 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def build(cfg: ModelConfig, scheme: str, group_size: int, dtype: torch.dtype, device: torch.device,
-          seed: int = 0) -> Model:
+def build(
+    cfg: ModelConfig, scheme: str, group_size: int, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> Model:
     """A ``scheme``-quantized ``Model(cfg)`` with random weights, allocated on ``device`` only
     after quantization (no full-precision expert tensor is ever made)."""
     with torch.device("meta"):
@@ -139,7 +141,7 @@ def build(cfg: ModelConfig, scheme: str, group_size: int, dtype: torch.dtype, de
 
 
 def part_of(name: str) -> str:
-    """Which ``quant.memory_plan`` part a state-dict entry belongs to."""
+    """Which ``memory.memory_plan`` part a state-dict entry belongs to."""
     if ".feed_forward.experts." in name:
         return "experts"
     if ".feed_forward.router." in name:
@@ -194,8 +196,8 @@ def kernel_error(model: Model) -> float:
         lo = 0
         for e, n in enumerate(counts):
             if n:
-                ref = x[lo:lo + n].float() @ dequantize(w[e], s[e], K=K, dtype=torch.float32).T
-                err = float((out[lo:lo + n] - ref).norm() / ref.norm())
+                ref = x[lo : lo + n].float() @ dequantize(w[e], s[e], K=K, dtype=torch.float32).T
+                err = float((out[lo : lo + n] - ref).norm() / ref.norm())
                 worst = max(worst, err if math.isfinite(err) else math.inf)  # NaN must not vanish in max
             lo += n
     return worst
@@ -308,10 +310,19 @@ class Run:
         self.peaks: list[tuple[str, int, int]] = []  # (phase, peak bytes, context held at its end)
         cfg = self.cfg
         self.fig: dict = {
-            "config": {"preset": args.preset, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
-                       "experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok,
-                       "expert_width": cfg.intermediate_size, "vocab": cfg.vocab_size, "scheme": args.scheme,
-                       "group_size": args.group_size, "dtype": args.dtype, "chunk": args.chunk},
+            "config": {
+                "preset": args.preset,
+                "layers": cfg.num_hidden_layers,
+                "hidden": cfg.hidden_size,
+                "experts": cfg.num_local_experts,
+                "top_k": cfg.num_experts_per_tok,
+                "expert_width": cfg.intermediate_size,
+                "vocab": cfg.vocab_size,
+                "scheme": args.scheme,
+                "group_size": args.group_size,
+                "dtype": args.dtype,
+                "chunk": args.chunk,
+            }
         }
 
     def gen(self, seed: int) -> torch.Generator:
@@ -326,7 +337,7 @@ class Run:
         sync(self.device)
         fig["build_s"] = time.perf_counter() - t0
         parts = weight_bytes(self.model)
-        plan = quant.memory_plan(self.cfg, a.scheme, context=0, group_size=a.group_size, dtype=self.dtype)
+        plan = memory.memory_plan(self.cfg, a.scheme, context=0, group_size=a.group_size, dtype=self.dtype)
         fig["weight_bytes"] = parts
         fig["weight_bytes_total"] = sum(parts.values())
         fig["plan_weight_bytes"] = plan.weight_bytes
@@ -453,8 +464,11 @@ def profile_step(model: Model, cache, tok: torch.Tensor, steps: int = 2) -> dict
     print(table.table(sort_by="cpu_time_total", row_limit=20))
     device = None
     if cuda:
-        device = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                     for e in table) / 1e3 / steps
+        device = (
+            sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) for e in table)
+            / 1e3
+            / steps
+        )
     return {"wall_ms": wall, "device_ms": device}
 
 
@@ -472,44 +486,72 @@ def report(fig: dict) -> list[str]:
     """The figures as markdown lines (printed and recorded)."""
     out = []
     if "weight_bytes" in fig:
-        out += ["| part | stored bytes |", "|---|---|",
-                *(f"| {k} | {_gib(v)} |" for k, v in fig["weight_bytes"].items()),
-                f"| **total** (memory plan: {_gib(fig['plan_weight_bytes'])}) | {_gib(fig['weight_bytes_total'])} |",
-                ""]
+        out += [
+            "| part | stored bytes |",
+            "|---|---|",
+            *(f"| {k} | {_gib(v)} |" for k, v in fig["weight_bytes"].items()),
+            f"| **total** (memory plan: {_gib(fig['plan_weight_bytes'])}) | {_gib(fig['weight_bytes_total'])} |",
+            "",
+        ]
     rows = []
     if "peak_bytes" in fig:
         ok = "met" if fig["peak_target_met"] else "NOT met"
-        rows.append(("peak device memory", f"{_gib(fig['peak_bytes'])} in phase {fig['peak_phase']}; target "
-                     f"<= 72 GB {ok}"))
-        rows.append((f"KV tokens that fit on a {fig['card_bytes'] / GB:.0f} GB card",
-                     f"{fig['kv_tokens_fit']:,} ({fig['kv_bytes_per_token']:,} B per token in the global layers)"))
+        rows.append(
+            ("peak device memory", f"{_gib(fig['peak_bytes'])} in phase {fig['peak_phase']}; target <= 72 GB {ok}")
+        )
+        rows.append(
+            (
+                f"KV tokens that fit on a {fig['card_bytes'] / GB:.0f} GB card",
+                f"{fig['kv_tokens_fit']:,} ({fig['kv_bytes_per_token']:,} B per token in the global layers)",
+            )
+        )
     if "kernel_rel_error" in fig:
         ok = "ok" if fig["kernel_ok"] else "TOO LARGE"
-        rows.append(("MoE matmul vs fp32 dequantize + matmul (rel. error)",
-                     f"{fig['kernel_rel_error']:.2e} ({ok}, tolerance {KERNEL_TOLERANCE:g})"))
+        rows.append(
+            (
+                "MoE matmul vs fp32 dequantize + matmul (rel. error)",
+                f"{fig['kernel_rel_error']:.2e} ({ok}, tolerance {KERNEL_TOLERANCE:g})",
+            )
+        )
     if fig.get("copy_bandwidth"):
         rows.append(("device copy rate (read + write)", f"{fig['copy_bandwidth'] / 1e12:.2f} TB/s"))
     bw = f"{fig['bandwidth'] / 1e12:.2f} TB/s, {fig['bandwidth_source']}" if "bandwidth" in fig else "-"
     if "moe" in fig:
         m = fig["moe"]
-        rows.append(("MoE: 1 token through routed + shared experts of every MoE layer",
-                     f"{m['ms']:.3f} ms for {_gib(m['bytes'])}: {m['fraction']:.2f} of the HBM bound ({bw})"))
+        rows.append(
+            (
+                "MoE: 1 token through routed + shared experts of every MoE layer",
+                f"{m['ms']:.3f} ms for {_gib(m['bytes'])}: {m['fraction']:.2f} of the HBM bound ({bw})",
+            )
+        )
         if m.get("kernel_fraction"):
-            rows.append(("MoE kernel alone (device time of the grouped-matmul launches)",
-                         f"{m['kernel_ms']:.3f} ms: {m['kernel_fraction']:.2f} of the HBM bound"))
+            rows.append(
+                (
+                    "MoE kernel alone (device time of the grouped-matmul launches)",
+                    f"{m['kernel_ms']:.3f} ms: {m['kernel_fraction']:.2f} of the HBM bound",
+                )
+            )
     for n, r in fig.get("prefill_tok_s", {}).items():
         rows.append((f"prefill {int(n):,} tokens", f"{r:,.0f} tokens/s"))
     if "decode_ms" in fig:
         ok = "met" if fig["decode_target_met"] else "NOT met"
         rows.append((f"decode at {fig['decode_context']:,} tokens", f"{fig['decode_ms']:.2f} ms/token"))
-        rows.append(("decode share of the HBM bound (weights read per token)",
-                     f"{fig['hbm_fraction']:.2f} ({_gib(fig['decode_read_bytes'])} per token, {bw}); "
-                     f"target >= {FRACTION_TARGET} {ok}; with KV ({_gib(fig['kv_bytes_at_decode'])}): "
-                     f"{fig['hbm_fraction_with_kv']:.2f}"))
+        rows.append(
+            (
+                "decode share of the HBM bound (weights read per token)",
+                f"{fig['hbm_fraction']:.2f} ({_gib(fig['decode_read_bytes'])} per token, {bw}); "
+                f"target >= {FRACTION_TARGET} {ok}; with KV ({_gib(fig['kv_bytes_at_decode'])}): "
+                f"{fig['hbm_fraction_with_kv']:.2f}",
+            )
+        )
     prof = fig.get("decode_profile") or {}
     if prof.get("device_ms") is not None:
-        rows.append(("decode step under the profiler: device busy / wall",
-                     f"{prof['device_ms']:.2f} / {prof['wall_ms']:.2f} ms"))
+        rows.append(
+            (
+                "decode step under the profiler: device busy / wall",
+                f"{prof['device_ms']:.2f} / {prof['wall_ms']:.2f} ms",
+            )
+        )
     if "error" in fig:
         rows.append(("stopped", fig["error"]))
         if fig.get("peak_at_error") is not None:
@@ -531,14 +573,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--lengths", default="8k,32k", help="prefill lengths, comma-separated (k = 1024)")
     ap.add_argument("--chunk", type=tokens, default=8192, help="prefill chunk (tokens per forward)")
-    ap.add_argument("--warmup-tokens", type=tokens, default=17408,
-                    help="warm-up prefill (crosses a 16,384-token KV segment); at most the longest length")
+    ap.add_argument(
+        "--warmup-tokens",
+        type=tokens,
+        default=17408,
+        help="warm-up prefill (crosses a 16,384-token KV segment); at most the longest length",
+    )
     ap.add_argument("--decode-extra", type=tokens, default=4096, help="tokens prefilled after the longest length")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--moe-reps", type=int, default=5)
-    ap.add_argument("--bandwidth", type=float, default=None,
-                    help="HBM bytes/s for the bound (default: by card name: H100 SXM 3.35e12, H200 4.8e12)")
+    ap.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="HBM bytes/s for the bound (default: by card name: H100 SXM 3.35e12, H200 4.8e12)",
+    )
     ap.add_argument("--card-gb", type=float, default=80.0, help="card size (1e9 bytes) for the KV that fits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
@@ -577,25 +627,41 @@ def main(argv: list[str] | None = None) -> int:
     fig = run.fig
     body = report(fig)
     print("\n".join(body))
-    print("summary: " + json.dumps({k: fig.get(k) for k in ("peak_bytes", "kv_tokens_fit", "prefill_tok_s",
-                                                            "decode_ms", "hbm_fraction", "error")}))
+    print(
+        "summary: "
+        + json.dumps(
+            {
+                k: fig.get(k)
+                for k in ("peak_bytes", "kv_tokens_fit", "prefill_tok_s", "decode_ms", "hbm_fraction", "error")
+            }
+        )
+    )
     if args.record:
         cfg = run.cfg
         full = args.preset == "scout" and args.layers is None
         name = "scout_int4" if full else f"scout_int4_{args.preset}_l{cfg.num_hidden_layers}"
         device = gpu_record.device_name(run.device)
         command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
-        facts = [f"model: `ModelConfig.preset({args.preset!r})`, {cfg.num_hidden_layers} layers, hidden "
-                 f"{cfg.hidden_size}, {cfg.num_local_experts} experts of width {cfg.intermediate_size} (top-"
-                 f"{cfg.num_experts_per_tok}) + shared expert; random {args.scheme} (group {args.group_size}) "
-                 f"routed and shared experts built on the device, the rest {args.dtype}",
-                 f"prefill in chunks of {args.chunk:,} tokens from an empty cache after a "
-                 f"{fig.get('warmup', {}).get('tokens', 0):,}-token warm-up; decode: median of {args.decode_steps} "
-                 f"greedy steps after {args.warmup_steps} warm-up steps",
-                 "bound: weight bytes read per decode token / bandwidth; the KV that fits: context at the peak + "
-                 "(card - peak) / global-layer KV bytes per token"]
-        path = write_record(args.results, f"{name}-{slug(device)}", "Scout int4 on one device", command, facts, body,
-                            device=str(run.device))
+        facts = [
+            f"model: `ModelConfig.preset({args.preset!r})`, {cfg.num_hidden_layers} layers, hidden "
+            f"{cfg.hidden_size}, {cfg.num_local_experts} experts of width {cfg.intermediate_size} (top-"
+            f"{cfg.num_experts_per_tok}) + shared expert; random {args.scheme} (group {args.group_size}) "
+            f"routed and shared experts built on the device, the rest {args.dtype}",
+            f"prefill in chunks of {args.chunk:,} tokens from an empty cache after a "
+            f"{fig.get('warmup', {}).get('tokens', 0):,}-token warm-up; decode: median of {args.decode_steps} "
+            f"greedy steps after {args.warmup_steps} warm-up steps",
+            "bound: weight bytes read per decode token / bandwidth; the KV that fits: context at the peak + "
+            "(card - peak) / global-layer KV bytes per token",
+        ]
+        path = write_record(
+            args.results,
+            f"{name}-{slug(device)}",
+            "Scout int4 on one device",
+            command,
+            facts,
+            body,
+            device=str(run.device),
+        )
         entry = gpu_record.append(name, fig, device=run.device, command=command, results=args.results)
         print(f"recorded {path} and a line in {Path(args.results) / gpu_record.JSONL} ({entry['date']})")
     return status

@@ -67,8 +67,9 @@ def accuracy(model, args) -> list[str]:
                     answers = {}
                     for k in variants:
                         fork = with_budget(cache, k)
-                        gen = generate(model, torch.tensor([c.prompt[-1:]]), cache=fork, max_new_tokens=32,
-                                       progress=False)
+                        gen = generate(
+                            model, torch.tensor([c.prompt[-1:]]), cache=fork, max_new_tokens=32, progress=False
+                        )
                         text = tok.decode(gen.tokens[0]).strip()
                         ok = niah.score(text, c.expected, ordered=c.ordered, any_of=c.any_of)[0]
                         answers[k] = text
@@ -77,18 +78,27 @@ def accuracy(model, args) -> list[str]:
                         r["ok"] += ok
                         r["same"] += text == answers[None]
                         r["read"] += sparse.read_share(fork) if k is not None else 1.0
-                    print(f"{task} {L} d={d} s={sample}: " + " | ".join(f"{k}: {a[:12]}" for k, a in answers.items()),
-                          flush=True)
+                    print(
+                        f"{task} {L} d={d} s={sample}: " + " | ".join(f"{k}: {a[:12]}" for k, a in answers.items()),
+                        flush=True,
+                    )
     head = "| task | length | " + " | ".join("exact" if k is None else f"k={k}" for k in variants) + " |"
-    lines += ["Exact-match accuracy / answers equal to exact decode's / share of global-layer KV read:", "",
-              head, "|---|---|" + "---|" * len(variants)]
+    lines += [
+        "Exact-match accuracy / answers equal to exact decode's / share of global-layer KV read:",
+        "",
+        head,
+        "|---|---|" + "---|" * len(variants),
+    ]
     for task in args.tasks:
         for L in args.lengths:
             cells = []
             for k in variants:
                 r = rows[(task, L, k)]
-                cells.append(f"{r['ok']}/{r['n']}" if k is None else
-                             f"{r['ok']}/{r['n']}, same {r['same']}/{r['n']}, read {r['read'] / r['n']:.3f}")
+                cells.append(
+                    f"{r['ok']}/{r['n']}"
+                    if k is None
+                    else f"{r['ok']}/{r['n']}, same {r['same']}/{r['n']}, read {r['read'] / r['n']:.3f}"
+                )
             lines.append(f"| {task} | {niah.length_label(L)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -108,19 +118,24 @@ def steps(model, cache, first, n: int) -> tuple[list[int], list[float]]:
 
 def speed(model, args, tmp: Path) -> list[str]:
     tok = model.tokenizer
-    lines = [f"Decode with the global-layer KV in segments of {args.segment_tokens} tokens on the disk tier "
-             f"(memory-mapped files; the open tail segment on the device), pages of {args.page_tokens} tokens, "
-             f"k = {args.speed_budget}; median ms per step over {args.rounds} alternating rounds of {args.steps} "
-             "steps (first step of each round dropped); global-layer KV bytes read per step, all tiers and disk:",
-             "", "| context | exact ms/step | sparse ms/step | exact bytes/step (disk) | sparse bytes/step (disk) | "
-             "share read | same tokens |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Decode with the global-layer KV in segments of {args.segment_tokens} tokens on the disk tier "
+        f"(memory-mapped files; the open tail segment on the device), pages of {args.page_tokens} tokens, "
+        f"k = {args.speed_budget}; median ms per step over {args.rounds} alternating rounds of {args.steps} "
+        "steps (first step of each round dropped); global-layer KV bytes read per step, all tiers and disk:",
+        "",
+        "| context | exact ms/step | sparse ms/step | exact bytes/step (disk) | sparse bytes/step (disk) | "
+        "share read | same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     per_ctx = {}
     for L in args.speed_contexts:
         hay = niah.make_haystack(tok, "english", L, seed=0)
         c = niah.make_cell(tok, "single", L, 0.5, 0, 0, hay, model.config.local_chunk)
         policy = OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp / f"kv{L}", segment_tokens=args.segment_tokens)
-        cache = model.new_cache(offload=policy, sparse=SparseDecode(top_pages=args.speed_budget,
-                                                                     page_tokens=args.page_tokens))
+        cache = model.new_cache(
+            offload=policy, sparse=SparseDecode(top_pages=args.speed_budget, page_tokens=args.page_tokens)
+        )
         t0 = time.perf_counter()
         prefill(model, torch.tensor([c.prompt[:-1]]), cache, 1024, progress=False)
         print(f"{L}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
@@ -138,15 +153,20 @@ def speed(model, args, tmp: Path) -> list[str]:
         total, disk = sum(read.values()) / args.steps, read["disk"] / args.steps
         ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
         per_ctx[L] = ms
-        lines.append(f"| {niah.length_label(L)} | {ms[None]:.2f} | {ms[args.speed_budget]:.2f} | "
-                     f"{full:,} ({full_disk:,}) | "
-                     f"{total:,.0f} ({disk:,.0f}) | {total / full:.4f} | {toks[None] == toks[args.speed_budget]} |")
+        lines.append(
+            f"| {niah.length_label(L)} | {ms[None]:.2f} | {ms[args.speed_budget]:.2f} | "
+            f"{full:,} ({full_disk:,}) | "
+            f"{total:,.0f} ({disk:,.0f}) | {total / full:.4f} | {toks[None] == toks[args.speed_budget]} |"
+        )
         print(lines[-1], flush=True)
     if len(per_ctx) > 1:
         lo, hi = min(per_ctx), max(per_ctx)
-        lines += ["", f"Step time {niah.length_label(hi)} / {niah.length_label(lo)}: exact "
-                  f"{per_ctx[hi][None] / per_ctx[lo][None]:.2f}×, sparse "
-                  f"{per_ctx[hi][args.speed_budget] / per_ctx[lo][args.speed_budget]:.2f}×."]
+        lines += [
+            "",
+            f"Step time {niah.length_label(hi)} / {niah.length_label(lo)}: exact "
+            f"{per_ctx[hi][None] / per_ctx[lo][None]:.2f}×, sparse "
+            f"{per_ctx[hi][args.speed_budget] / per_ctx[lo][args.speed_budget]:.2f}×.",
+        ]
     return lines
 
 
@@ -176,9 +196,18 @@ def main(argv=None) -> int:
     print("\n".join(body))
     if args.record:
         cmd = "python benchmarks/sparse_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        path = write_record(RESULTS, "sparse_decode", "Sparse decode vs exact, embedded model", cmd,
-                            [f"wall time {wall:.0f} s; one process, exact and sparse alternating",
-                             "machine shared with other work (2 cores, several jobs)"], body, threads=1)
+        path = write_record(
+            RESULTS,
+            "sparse_decode",
+            "Sparse decode vs exact, embedded model",
+            cmd,
+            [
+                f"wall time {wall:.0f} s; one process, exact and sparse alternating",
+                "machine shared with other work (2 cores, several jobs)",
+            ],
+            body,
+            threads=1,
+        )
         print(f"recorded {path}")
     return 0
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longctx.tasks import needles, niah
 from longctx.checkpoint import load_model
 from longctx.cli import parse_length
 from longctx.generate import generate
+from longctx.tasks import needles, niah
 from records import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,9 @@ def _train_module():
     return mod
 
 
-def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[int, int], align: bool = True) -> list[str]:
+def documents(
+    model, lengths: list[int], samples: int, seed: int, docs: tuple[int, int], align: bool = True
+) -> list[str]:
     """Which-document exact match per length; returns report lines. A wrong answer is told
     apart as another document's title from the same context (the model copies a title, but
     the wrong one) or no title of the context (it makes one up). align: the question at a
@@ -54,13 +56,16 @@ def documents(model, lengths: list[int], samples: int, seed: int, docs: tuple[in
     context ends, as in training (and as in the records before questions were aligned)."""
     train, tok = _train_module(), model.tokenizer
     sents = needles.encoded_sentences(tok)
-    lines = ["| length | right title | another document's title | no title of the context | samples |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| length | right title | another document's title | no title of the context | samples |",
+        "|---|---|---|---|---|",
+    ]
     for length in lengths:
         rng, counts = random.Random(seed + length), [0, 0, 0]
         for _ in tqdm(range(samples), desc=f"documents @{length}", unit="q"):
-            prompt, later = train.document_example(tok, rng, length, "eval", sents, docs=docs,
-                                                   chunk=model.config.attention_chunk_size, align=align)
+            prompt, later = train.document_example(
+                tok, rng, length, "eval", sents, docs=docs, chunk=model.config.attention_chunk_size, align=align
+            )
             out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=2048)
             answer = tok.decode(out.tokens[0]).strip()
             titles = re.findall(r'title="([^"]*)"', tok.decode(prompt))
@@ -79,10 +84,24 @@ def long_contexts(model, lengths: list[int], depths: list[float], samples: int, 
         for tuning in (True, False):
             model.config.attn_temperature_tuning = tuning
             t0 = time.perf_counter()
-            res = niah.run(model, task="single", lengths=lengths, depths=depths, samples=samples, seed=seed,
-                           max_new_tokens=8, chunk_size=4096)
-            lines += [f"temperature tuning {'on' if tuning else 'off'} ({time.perf_counter() - t0:.0f} s):", "",
-                      "```", res.table("exact"), "```", ""]
+            res = niah.run(
+                model,
+                task="single",
+                lengths=lengths,
+                depths=depths,
+                samples=samples,
+                seed=seed,
+                max_new_tokens=8,
+                chunk_size=4096,
+            )
+            lines += [
+                f"temperature tuning {'on' if tuning else 'off'} ({time.perf_counter() - t0:.0f} s):",
+                "",
+                "```",
+                res.table("exact"),
+                "```",
+                "",
+            ]
     finally:
         model.config.attn_temperature_tuning = saved
     return lines
@@ -97,8 +116,11 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--docs", default="5-20", help="documents per context (a range)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-align", action="store_true",
-                    help="documents part: ask where the context ends even if the question straddles a chunk start")
+    ap.add_argument(
+        "--no-align",
+        action="store_true",
+        help="documents part: ask where the context ends even if the question straddles a chunk start",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (weights stay fp32)")
     ap.add_argument("--record", action="store_true", help="write (replace) its record in benchmarks/results/")
@@ -126,8 +148,7 @@ def main(argv=None) -> int:
             depths = "-".join(f"{round(float(d) * 100)}" for d in args.depths.split(","))
             name = f"tiny_model_long_{(args.lengths or default).replace(',', '-')}_d{depths}"
             name += "" if model.device.type == "cpu" else f"_{model.device.type}"
-        path = write_record(RESULTS, name, f"Embedded model: {args.part}", cmd, facts, body,
-                            device=str(model.device))
+        path = write_record(RESULTS, name, f"Embedded model: {args.part}", cmd, facts, body, device=str(model.device))
         print(f"wrote {path}")
     return 0
 

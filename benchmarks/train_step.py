@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from longctx import attention
-from longctx.tasks import needles
 from longctx.kernels.attention import visibility_mask
 from longctx.model import Model
-from records import write_record
+from longctx.tasks import needles
 from longctx.text.tokenizer import Tokenizer
+from records import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,8 @@ def time_steps(train, tok, sents, length: int, steps: int, turns: int = 12, toke
     inputs: dict = {}
     for layer in train.GUIDED["local"] + train.GUIDED["global"]:
         model.layers[layer].self_attn.register_forward_pre_hook(
-            lambda _m, a, layer=layer: inputs.__setitem__(layer, (a[0], a[2])))
+            lambda _m, a, layer=layer: inputs.__setitem__(layer, (a[0], a[2]))
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = random.Random(0)
     rows = max(2, tokens // (max(length, 160) + 25 * turns))
@@ -69,8 +70,11 @@ def time_steps(train, tok, sents, length: int, steps: int, turns: int = 12, toke
         if step:
             for name, a, b in zip(phases, t, t[1:]):
                 phases[name] += (b - a) / steps
-    return {"rows x T": f"{rows} x {x.shape[1]}", **{k: round(v, 3) for k, v in phases.items()},
-            "step_s": round(sum(phases.values()), 3)}
+    return {
+        "rows x T": f"{rows} x {x.shape[1]}",
+        **{k: round(v, 3) for k, v in phases.items()},
+        "step_s": round(sum(phases.values()), 3),
+    }
 
 
 def main(argv=None) -> int:
@@ -90,8 +94,10 @@ def main(argv=None) -> int:
     variants = {"current": attention.dense_attention}
     if args.compare:
         variants["explicit mask"] = masked_attention
-    lines = ["| attention | length | rows x T | data | forward | guidance | backward | optimiser | step (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| attention | length | rows x T | data | forward | guidance | backward | optimiser | step (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     saved = attention.dense_attention
     try:
         for name, fn in variants.items():
@@ -105,8 +111,9 @@ def main(argv=None) -> int:
     if args.record:
         cmd = "python benchmarks/train_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         facts = [f"seconds per phase, mean of {args.steps} steps after one warm-up step"]
-        path = write_record(ROOT / "benchmarks" / "results", "train_step", "Training step of the embedded model",
-                            cmd, facts, lines)
+        path = write_record(
+            ROOT / "benchmarks" / "results", "train_step", "Training step of the embedded model", cmd, facts, lines
+        )
         print(f"wrote {path}")
     return 0
 

@@ -15,8 +15,9 @@ model = load_model()  # the embedded default model, offline
 # One CPU thread for a small model: more only wait on each other (longctx.generate.default_threads).
 if threads := default_threads(model):
     torch.set_num_threads(threads)
-res = niah.run(model, task="single", lengths=[1024, 2048, 4096], depths=[0, 0.5, 1], samples=2,
-               out="niah_example/single.jsonl")  # rerun: finished cells are skipped
+res = niah.run(
+    model, task="single", lengths=[1024, 2048, 4096], depths=[0, 0.5, 1], samples=2, out="niah_example/single.jsonl"
+)  # rerun: finished cells are skipped
 print(res.table())
 eff = res.effective_length(0.9)
 print("effective length:", eff["effective_length"], "tokens")

@@ -58,8 +58,10 @@ print(session)
 # global-layer attention that fell on each document (with the page, for PDFs).
 
 # %%
-for q in ["What is the special magic number for quiet-otter?",  # a needle in harbor.md: 5512309
-          "Which document mentions the special magic number for bold-crane?"]:  # answers "[id Title]"
+for q in [
+    "What is the special magic number for quiet-otter?",  # a needle in harbor.md: 5512309
+    "Which document mentions the special magic number for bold-crane?",
+]:  # answers "[id Title]"
     a = session.ask(q, max_new_tokens=24)
     print(f"\nQ: {q}\nA: {a.text}   ({a.question_tokens} + {a.answer_tokens} tokens, {a.seconds:.3f} s)")
     for c in a.citations[:3]:

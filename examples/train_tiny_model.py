@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import math
 import platform
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,24 +48,38 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from longctx.tasks import needles
 from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
-from longctx.text.ingest import DEFAULT_MARKER, ingest
 from longctx.generate import generate
 from longctx.model import Model
+from longctx.tasks import needles
+from longctx.text.ingest import DEFAULT_MARKER, ingest
 from longctx.text.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
 from longctx.text.tokenizer import Tokenizer
 
 
 def model_config(tok: Tokenizer, chunk: int = 128) -> ModelConfig:
     return ModelConfig(
-        vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, intermediate_size=192, intermediate_size_mlp=384,
-        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+        vocab_size=tok.vocab_size,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=192,
+        intermediate_size_mlp=384,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
         no_rope_layer_interval=2,  # layers: chunked, global, chunked, global
-        attention_chunk_size=chunk, floor_scale=chunk, attn_scale=0.1, rope_theta=10000.0, rope_scaling=None,
-        max_position_embeddings=1 << 22, bos_token_id=tok.bos_id, eos_token_id=[tok.eot_id, tok.eom_id],
+        attention_chunk_size=chunk,
+        floor_scale=chunk,
+        attn_scale=0.1,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=1 << 22,
+        bos_token_id=tok.bos_id,
+        eos_token_id=[tok.eot_id, tok.eom_id],
         pad_token_id=tok.pad_id,
         # Tied input/output embeddings: copying a value token from the context then needs an
         # output map close to the identity in model space, instead of one learned separately for
@@ -92,7 +104,9 @@ def haystack(rng: random.Random, sents, n_tokens: int) -> list[list[int]]:
     return out
 
 
-def questions(rng: random.Random, keys: list[str], values: list[str], absent: list[str], turns: int) -> list[tuple[str, str]]:
+def questions(
+    rng: random.Random, keys: list[str], values: list[str], absent: list[str], turns: int
+) -> list[tuple[str, str]]:
     """Up to ``turns`` (question, answer) pairs about the needles (keys/values) and keys that
     are not in the context (answer NOT_STATED): each needle asked once, in random order, now
     and then two at once."""
@@ -123,8 +137,9 @@ def answer_turns(tok, qa: list[tuple[str, str]]) -> list[tuple[list[int], list[i
     return out
 
 
-def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, sents,
-                   turns: int = 1) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+def needle_example(
+    tok, rng: random.Random, length: int, split: str, kind: str, sents, turns: int = 1
+) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """A context of needles in haystack text and the questions asked about it.
 
     kind: "single" (one needle), "distractor" (4 needles, one asked first), "many" (1-12
@@ -137,7 +152,7 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
     n = {"single": 1, "distractor": 4, "many": rng.randint(1, 12), "none": 0}[kind]
     keys = needles.make_keys(rng, n + 2, split)
     values = [needles.make_value(rng) for _ in range(n)]
-    absent = keys[n:n + 1] if kind == "none" or rng.random() < 0.3 else []  # a key not in the text
+    absent = keys[n : n + 1] if kind == "none" or rng.random() < 0.3 else []  # a key not in the text
     qa = questions(rng, keys[:n], values, absent, turns)
     needle_ids = [tok.encode(" " + needles.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
     suffix = question_suffix(tok, qa[0][0])
@@ -150,9 +165,17 @@ def needle_example(tok, rng: random.Random, length: int, split: str, kind: str, 
     return prompt, answer_turns(tok, qa)
 
 
-def document_example(tok, rng: random.Random, length: int, split: str, sents, turns: int = 1,
-                     docs: tuple[int, int] = (3, 8), chunk: int = 128,
-                     align: bool = False) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
+def document_example(
+    tok,
+    rng: random.Random,
+    length: int,
+    split: str,
+    sents,
+    turns: int = 1,
+    docs: tuple[int, int] = (3, 8),
+    chunk: int = 128,
+    align: bool = False,
+) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
     hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
     titles of a context. Returns (prompt, later) as ``needle_example``; the answer to a
@@ -165,7 +188,10 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     adjs, nouns = rng.sample(needles._ADJECTIVES, n_docs), rng.sample(needles._NOUNS, n_docs)
     titles = [f"{a.title()} {b.title()}" for a, b in zip(adjs, nouns)]
     holders = rng.sample(range(n_docs), n)
-    qa = [(needles.QUESTION_DOC.format(key=k), DEFAULT_MARKER.format(id=h, title=titles[h])) for k, h in zip(keys, holders)]
+    qa = [
+        (needles.QUESTION_DOC.format(key=k), DEFAULT_MARKER.format(id=h, title=titles[h]))
+        for k, h in zip(keys, holders)
+    ]
     qa += [(needles.QUESTION.format(key=k), v) for k, v in zip(keys, values)]
     rng.shuffle(qa)
     if turns == 1:  # one question (evaluation): a which-document one
@@ -188,8 +214,17 @@ def document_example(tok, rng: random.Random, length: int, split: str, sents, tu
     return prefix + suffix, answer_turns(tok, qa)
 
 
-def make_batch(tok, rng: random.Random, length: int, rows: int, sents, turns: int = 8,
-               split: str = "train", chunk: int = 128, doc_share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(
+    tok,
+    rng: random.Random,
+    length: int,
+    rows: int,
+    sents,
+    turns: int = 8,
+    split: str = "train",
+    chunk: int = 128,
+    doc_share: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (rows, T), targets (rows, T) (-100 everywhere but the answer tokens) and the
     attention-guidance targets (N, 5): row, layer, head, query position, key position
     (``guide_targets``).
@@ -262,7 +297,7 @@ def _needle_gap(tok) -> tuple[int, ...]:
     """Token ids between a needle's key and its value (" is", ":", " ")."""
     ids = tok.encode(" " + needles.NEEDLE.format(key="amber-falcon", value="1234567"))
     key_end = ids.index(tok.encode(" amber-falcon")[-1]) + 1
-    return tuple(ids[key_end: ids.index(tok.encode("1234567")[0])])
+    return tuple(ids[key_end : ids.index(tok.encode("1234567")[0])])
 
 
 def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> list[tuple[int, int, int, int]]:
@@ -281,7 +316,7 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
             continue
         k, q = src[0], at + j - 1  # the context position holding it, the position predicting it
         if j == 0:
-            if tuple(prompt[k - g:k]) != gap or k < g + 2:
+            if tuple(prompt[k - g : k]) != gap or k < g + 2:
                 return []  # not a needle's value
             for head, key_tok in ((0, prompt[k - g - 1]), (1, prompt[k - g - 2])):  # the key's tokens
                 asked = [i for i in range(q - 1, max(k, q - 16), -1) if seq[i] == key_tok]
@@ -294,7 +329,9 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
     return out
 
 
-def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk: int) -> list[tuple[int, int, int, int]]:
+def title_targets(
+    tok, prompt: list[int], seq: list[int], ans: list[int], chunk: int
+) -> list[tuple[int, int, int, int]]:
     """(layer, head, query, key) attention targets for a which-document answer ``ans`` (the
     holder's chunk marker, "[3 Slow Robin]\n") to the question that ends ``seq``. The id is
     found exactly as a value is: local heads 0 and 1, at the id of the marker that closes the
@@ -304,15 +341,20 @@ def title_targets(tok, prompt: list[int], seq: list[int], ans: list[int], chunk:
     that document: local head 2 attends to the previous token and global head 2 copies what
     followed it (an induction lookup, as for a value's later pieces)."""
     q_end = len(seq) - 1 - seq[::-1].index(tok.encode("?")[0])  # the question's "?"
-    q_for = q_end - 1 - seq[q_end - 1::-1].index(tok.encode(" for")[0])
-    key, gap = seq[q_for + 1:q_end], _needle_gap(tok)
+    q_for = q_end - 1 - seq[q_end - 1 :: -1].index(tok.encode(" for")[0])
+    key, gap = seq[q_for + 1 : q_end], _needle_gap(tok)
     n = len(key)
-    hits = [i + n - 1 for i in range(1, len(prompt) - n - len(gap))
-            if prompt[i:i + n] == key and tuple(prompt[i + n:i + n + len(gap)]) == gap]
+    hits = [
+        i + n - 1
+        for i in range(1, len(prompt) - n - len(gap))
+        if prompt[i : i + n] == key and tuple(prompt[i + n : i + n + len(gap)]) == gap
+    ]
     if len(hits) != 1 or n < 2:
         return []
     k = hits[0]  # the key's last token in the needle
-    marks = [m for m in range(k + 1, min(len(prompt), (k // chunk + 1) * chunk)) if prompt[m:m + len(ans) - 1] == ans[:-1]]
+    marks = [
+        m for m in range(k + 1, min(len(prompt), (k // chunk + 1) * chunk)) if prompt[m : m + len(ans) - 1] == ans[:-1]
+    ]
     if not marks:
         return []
     m, at = marks[0], len(seq)  # the marker's "[", the answer's "["
@@ -352,7 +394,9 @@ def guidance_loss(model, inputs: dict, guide: torch.Tensor, tokens: torch.Tensor
         if tokens is not None and not attn.chunked:
             v = attn.project(x, 0, rope)[2][b, k, head // (attn.n_heads // attn.n_kv)]  # (N, D)
             o = attn.o_proj.weight.view(cfg.hidden_size, attn.n_heads, attn.head_dim)[:, head]  # (hidden, N, D)
-            copies.append(F.cross_entropy(model.lm_head(torch.einsum("hnd,nd->nh", o, v)), tokens[b, k], reduction="none"))
+            copies.append(
+                F.cross_entropy(model.lm_head(torch.einsum("hnd,nd->nh", o, v)), tokens[b, k], reduction="none")
+            )
     if not losses:
         return torch.zeros(())
     return torch.cat(losses).mean() + (torch.cat(copies).mean() if copies else 0.0)
@@ -363,8 +407,8 @@ def reset_title_words(model, tok, spread: float = 0.4) -> None:
     embedding rows again: each becomes the group's mean row plus a random direction of norm
     ``spread`` x the median row norm. A model trained to answer titles before it could find
     them learns one "some title word" prior, and the rows of these rare tokens collapse onto it
-    (the earlier three-stage model after its second stage: cosine 0.99 between the adjectives), so a head that attends to the
-    right title word cannot tell it apart from the others. The mean keeps the prior's logits
+    (the earlier three-stage model after its second stage: cosine 0.99 between the adjectives), so
+    a head that attends to the right title word cannot tell it apart from the others. The mean keeps the prior's logits
     low where no title is due: with spread 1 (or a plain redraw) the answer positions' hidden
     states (norm ~32) give the title words the top logit almost everywhere; with 0.4 the
     needle answers are unchanged and the cosine between title words falls to ~0.78."""
@@ -372,7 +416,9 @@ def reset_title_words(model, tok, spread: float = 0.4) -> None:
     ids = sorted({ids[0] for ids in (tok.encode(" " + w) for w in words) if len(ids) == 1})
     E = model.embed_tokens.weight
     with torch.no_grad():
-        E[ids] = E[ids].mean(0) + F.normalize(torch.randn(len(ids), E.shape[1]), dim=-1) * spread * E.norm(dim=-1).median()
+        E[ids] = (
+            E[ids].mean(0) + F.normalize(torch.randn(len(ids), E.shape[1]), dim=-1) * spread * E.norm(dim=-1).median()
+        )
 
 
 def mimetic_init(model, std: float = 0.1) -> None:
@@ -384,7 +430,7 @@ def mimetic_init(model, std: float = 0.1) -> None:
             D, g = attn.head_dim, attn.n_heads // attn.n_kv
             attn.q_proj.weight.normal_(0.0, std)
             for h in range(attn.n_kv):
-                attn.k_proj.weight[h * D:(h + 1) * D] = attn.q_proj.weight[h * g * D:(h * g + 1) * D]
+                attn.k_proj.weight[h * D : (h + 1) * D] = attn.q_proj.weight[h * g * D : (h * g + 1) * D]
             attn.v_proj.weight.normal_(0.0, std)
             v = attn.v_proj.weight.view(attn.n_kv, D, cfg.hidden_size)
             attn.o_proj.weight.copy_(torch.cat([v[h // g] for h in range(attn.n_heads)]).T * (0.02 / std))
@@ -402,7 +448,9 @@ def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents) -> dic
             hits = 0
             for _ in range(samples):
                 if kind == "document":
-                    prompt, later = document_example(tok, rng, length, "eval", sents, chunk=model.config.attention_chunk_size)
+                    prompt, later = document_example(
+                        tok, rng, length, "eval", sents, chunk=model.config.attention_chunk_size
+                    )
                 else:
                     prompt, later = needle_example(tok, rng, length, "eval", kind, sents)
                 answer = later[0][2].strip()
@@ -445,19 +493,47 @@ RECIPE = (
 def run_recipe(args) -> None:
     """Both stages of RECIPE, the first into a temporary folder; ``--out`` gets the second
     stage's model and card, and the first stage's log as ``train_stage1.log``."""
-    shared = ["--tokens", str(args.tokens), "--turns", str(args.turns), "--guide", str(args.guide),
-              "--threads", str(args.threads), "--chunk", str(args.chunk), "--max-len", str(args.max_len),
-              "--probe-every", str(args.probe_every)]
+    shared = [
+        "--tokens",
+        str(args.tokens),
+        "--turns",
+        str(args.turns),
+        "--guide",
+        str(args.guide),
+        "--threads",
+        str(args.threads),
+        "--chunk",
+        str(args.chunk),
+        "--max-len",
+        str(args.max_len),
+        "--probe-every",
+        str(args.probe_every),
+    ]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as first:
         main(RECIPE[0].split() + shared + ["--out", first])
-        main(RECIPE[1].split() + shared + ["--eval-lengths", args.eval_lengths, "--eval-samples", str(args.eval_samples),
-                                           "--init", first, "--out", str(args.out)])
+        main(
+            RECIPE[1].split()
+            + shared
+            + [
+                "--eval-lengths",
+                args.eval_lengths,
+                "--eval-samples",
+                str(args.eval_samples),
+                "--init",
+                first,
+                "--out",
+                str(args.out),
+            ]
+        )
         shutil.copy(Path(first) / "train.log", args.out / "train_stage1.log")
     card = args.out / "CARD.md"
     lines = card.read_text().splitlines()
-    lines.insert(3, f"Made by `python examples/train_tiny_model.py --recipe` (both stages of its RECIPE, "
-                    f"{(time.time() - t0) / 60:.1f} min in all, evaluations included).")
+    lines.insert(
+        3,
+        f"Made by `python examples/train_tiny_model.py --recipe` (both stages of its RECIPE, "
+        f"{(time.time() - t0) / 60:.1f} min in all, evaluations included).",
+    )
     card.write_text("\n".join(lines) + "\n")
 
 
@@ -467,17 +543,34 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="sequence tokens per step, question turns included")
     ap.add_argument("--turns", type=int, default=12, help="questions asked per training context")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--guide", type=float, default=1.0, help="weight of the attention-guidance loss (0: none; the mimetic init of the global layers stays)")
-    ap.add_argument("--doc-share", type=float, default=0.1, help="share of which-document contexts in the training rows")
-    ap.add_argument("--title-head", action="store_true",
-                    help="start global head 1's output map as a copy of head 0's (the head that copies values), for a stage "
-                         "that teaches which-document answers to a model that has the value circuit")
-    ap.add_argument("--reset-title-words", action="store_true",
-                    help="make the title words' (capitalised adjectives and nouns) embeddings distinct before training: in a model that "
-                         "answered titles before it could find them they collapse to one direction (mean cosine 0.99 in the earlier "
-                         "three-stage model), so no head can copy one of them (see reset_title_words)")
-    ap.add_argument("--copy-loss", action="store_true",
-                    help="add to the guidance a copy loss on the guided global heads' output maps (see guidance_loss)")
+    ap.add_argument(
+        "--guide",
+        type=float,
+        default=1.0,
+        help="weight of the attention-guidance loss (0: none; the mimetic init of the global layers stays)",
+    )
+    ap.add_argument(
+        "--doc-share", type=float, default=0.1, help="share of which-document contexts in the training rows"
+    )
+    ap.add_argument(
+        "--title-head",
+        action="store_true",
+        help="start global head 1's output map as a copy of head 0's (the head that copies values), for a stage "
+        "that teaches which-document answers to a model that has the value circuit",
+    )
+    ap.add_argument(
+        "--reset-title-words",
+        action="store_true",
+        help="make the title words' (capitalised adjectives and nouns) embeddings distinct before training: "
+        "in a model that answered titles before it could find them they collapse to one direction "
+        "(mean cosine 0.99 in the earlier "
+        "three-stage model), so no head can copy one of them (see reset_title_words)",
+    )
+    ap.add_argument(
+        "--copy-loss",
+        action="store_true",
+        help="add to the guidance a copy loss on the guided global heads' output maps (see guidance_loss)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
@@ -486,15 +579,24 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-samples", type=int, default=20)
     ap.add_argument("--probe-every", type=int, default=250, help="steps between logged probes (0: none)")
     # A new folder by default: replacing the shipped model must be asked for by name.
-    ap.add_argument("--out", type=Path, default=Path("tiny_model_out"), help="folder to write (default: tiny_model_out)")
-    ap.add_argument("--init", type=Path, default=None,
-                    help="start from this saved model (a second stage) instead of from scratch")
-    ap.add_argument("--recipe", action="store_true",
-                    help="run the two stages of RECIPE in one go, from scratch, into --out (~1.5 h on 2 CPU cores)")
+    ap.add_argument(
+        "--out", type=Path, default=Path("tiny_model_out"), help="folder to write (default: tiny_model_out)"
+    )
+    ap.add_argument(
+        "--init", type=Path, default=None, help="start from this saved model (a second stage) instead of from scratch"
+    )
+    ap.add_argument(
+        "--recipe",
+        action="store_true",
+        help="run the two stages of RECIPE in one go, from scratch, into --out (~1.5 h on 2 CPU cores)",
+    )
     args = ap.parse_args(argv)
     if args.recipe:
-        owned = [o for o in ("steps", "lr", "seed", "doc_share", "init", "title_head", "reset_title_words", "copy_loss")
-                 if getattr(args, o) != ap.get_default(o)]
+        owned = [
+            o
+            for o in ("steps", "lr", "seed", "doc_share", "init", "title_head", "reset_title_words", "copy_loss")
+            if getattr(args, o) != ap.get_default(o)
+        ]
         if owned:
             ap.error("--recipe sets " + ", ".join("--" + o.replace("_", "-") for o in owned) + " itself (see RECIPE)")
         return run_recipe(args)
@@ -538,7 +640,7 @@ def train(args) -> None:
             with torch.no_grad():
                 for layer in GUIDED["global"]:
                     o, D = model.layers[layer].self_attn.o_proj.weight, cfg.head_dim
-                    o[:, D:2 * D] = o[:, :D]
+                    o[:, D : 2 * D] = o[:, :D]
         if args.reset_title_words:
             reset_title_words(model, tok)
     else:
@@ -554,11 +656,13 @@ def train(args) -> None:
     inputs: dict = {}  # layer -> (attention input, rope) of the last forward, for the guidance loss
     for layer in GUIDED["local"] + GUIDED["global"]:
         model.layers[layer].self_attn.register_forward_pre_hook(
-            lambda _m, a, layer=layer: inputs.__setitem__(layer, (a[0], a[2])))
+            lambda _m, a, layer=layer: inputs.__setitem__(layer, (a[0], a[2]))
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train.log"
     log = open(log_path, "w")
@@ -568,8 +672,9 @@ def train(args) -> None:
     for step in bar:
         length = curriculum(step, args.steps, rng, args.max_len, warm_up=args.init is None)
         rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
-        x, y, guide = make_batch(tok, rng, length, rows, sents, args.turns, chunk=cfg.attention_chunk_size,
-                                 doc_share=args.doc_share)
+        x, y, guide = make_batch(
+            tok, rng, length, rows, sents, args.turns, chunk=cfg.attention_chunk_size, doc_share=args.doc_share
+        )
         loss = answer_loss(model, x, y)
         aux = guidance_loss(model, inputs, guide, x if args.copy_loss else None) if args.guide else torch.zeros(())
         opt.zero_grad(set_to_none=True)
@@ -580,8 +685,15 @@ def train(args) -> None:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", guide=f"{aux.item():.2f}", len=length)
         if step % 25 == 0 or step == args.steps - 1:
-            entry = {"step": step, "len": length, "loss": round(loss.item(), 4), "ema": round(ema, 4), "guide": round(aux.item(), 4),
-                     "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            entry = {
+                "step": step,
+                "len": length,
+                "loss": round(loss.item(), 4),
+                "ema": round(ema, 4),
+                "guide": round(aux.item(), 4),
+                "lr": sched.get_last_lr()[0],
+                "elapsed_s": round(time.time() - t0, 1),
+            }
             if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
                 entry["probe"] = probe(model, tok, sents, args.seed)
                 bar.write(json.dumps(entry))
@@ -595,50 +707,72 @@ def train(args) -> None:
     save_model(model, args.out, tokenizer=tok)
 
     t1 = time.time()
-    scores = evaluate(model, tok, [int(x) for x in args.eval_lengths.split(",")], None, args.eval_samples,
-                      args.seed + 1, sents)
+    scores = evaluate(
+        model, tok, [int(x) for x in args.eval_lengths.split(",")], None, args.eval_samples, args.seed + 1, sents
+    )
     eval_s = time.time() - t1
     earlier = []  # a second stage's card keeps the first stage's training and command lines
     if args.init is not None and (args.init / "CARD.md").exists():
-        earlier = ["- before this, the model it started from (`--init`):", *(
-            "  " + line for line in (args.init / "CARD.md").read_text().splitlines()
-            if line.startswith(("- training:", "- command:", "  ")))]
+        earlier = [
+            "- before this, the model it started from (`--init`):",
+            *(
+                "  " + line
+                for line in (args.init / "CARD.md").read_text().splitlines()
+                if line.startswith(("- training:", "- command:", "  "))
+            ),
+        ]
     card = [
-        "# longctx embedded default model", "",
+        "# longctx embedded default model",
+        "",
         "A Scout-architecture decoder at small width, trained from scratch by "
-        "`examples/train_tiny_model.py` to retrieve facts from long contexts.", "",
+        "`examples/train_tiny_model.py` to retrieve facts from long contexts.",
+        "",
         f"- architecture: {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads × {cfg.head_dim}, "
         f"{cfg.num_local_experts} experts top-1 + shared expert (width {cfg.intermediate_size}), "
         f"attention chunk {cfg.attention_chunk_size}, floor_scale {cfg.floor_scale}, vocab {cfg.vocab_size}"
         f"{', tied embeddings' if cfg.tie_word_embeddings else ''}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, fp32",
-        f"- data: generated on the fly (seed {args.seed}): needles \"{needles.NEEDLE}\" in English sentences from "
+        f'- data: generated on the fly (seed {args.seed}): needles "{needles.NEEDLE}" in English sentences from '
         "Python's pydoc_data (a fifth in the five-sentence noise haystack): contexts with 1-12 needles, one needle, "
-        f"4 needles (3 distractors), no needle (answer \"{NOT_STATED}\"), and which-document contexts of 3-8 packed "
-        f"documents (3-20 from 768 tokens on) with chunk markers ({args.doc_share:.0%} of the rows); up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
+        f'4 needles (3 distractors), no needle (answer "{NOT_STATED}"), and which-document contexts of 3-8 packed '
+        f"documents (3-20 from 768 tokens on) with chunk markers ({args.doc_share:.0%} of the rows); "
+        f"up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
         "in the context); train-split keys only",
-        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} " + (
-            "(a second stage: no warm-up)" if args.init else
-            "(recall warm-up on needles alone or at 192-512, then a curriculum)") + f", AdamW lr {args.lr}, loss on answer tokens only, plus attention guidance "
+        f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} "
+        + (
+            "(a second stage: no warm-up)"
+            if args.init
+            else "(recall warm-up on needles alone or at 192-512, then a curriculum)"
+        )
+        + f", AdamW lr {args.lr}, loss on answer tokens only, plus attention guidance "
         f"(weight {args.guide}: local heads to the key, global heads to the needle's value; mimetic initialisation "
         f"of the global layers; see the script); {train_s / 60:.1f} min",
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
-        f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} --turns {args.turns} "
-        f"--guide {args.guide} --lr {args.lr} " + (f"--init {args.init} " if args.init else "") +
-        f"--doc-share {args.doc_share} " + ("--title-head " if args.title_head else "") + ("--copy-loss " if args.copy_loss else "") +
-        ("--reset-title-words " if args.reset_title_words else "") +
-        f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
+        f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} "
+        f"--turns {args.turns} "
+        f"--guide {args.guide} --lr {args.lr} "
+        + (f"--init {args.init} " if args.init else "")
+        + f"--doc-share {args.doc_share} "
+        + ("--title-head " if args.title_head else "")
+        + ("--copy-loss " if args.copy_loss else "")
+        + ("--reset-title-words " if args.reset_title_words else "")
+        + f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
         f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
-        + (f" --out {args.out}" if args.out.resolve() != DEFAULT_MODEL.resolve() else "") + "`",
+        + (f" --out {args.out}" if args.out.resolve() != DEFAULT_MODEL.resolve() else "")
+        + "`",
         *earlier,
-        "", f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
-        f"chunked prefill + KV cache; {eval_s / 60:.1f} min)", "",
+        "",
+        f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
+        f"chunked prefill + KV cache; {eval_s / 60:.1f} min)",
+        "",
         "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
         "|---|" + "---|" * len(args.eval_lengths.split(",")),
     ]
     for kind in ("single", "distractor", "none", "document"):
-        card.append(f"| {kind} | " + " | ".join(f"{scores[f'{kind}@{L}']:.0%}" for L in args.eval_lengths.split(",")) + " |")
+        card.append(
+            f"| {kind} | " + " | ".join(f"{scores[f'{kind}@{L}']:.0%}" for L in args.eval_lengths.split(",")) + " |"
+        )
     card += ["", f"Final training loss (EMA): {ema:.3f}. Log: `{log_path.name}` in this folder."]
     (args.out / "CARD.md").write_text("\n".join(card) + "\n")
     print("\n".join(card))

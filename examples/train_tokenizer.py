@@ -90,7 +90,9 @@ def main() -> None:
     ranks = train_bpe(texts, args.vocab_size)
     print(f"trained {len(ranks)} ranks in {time.perf_counter() - t0:.1f} s")
 
-    tok = Tokenizer.from_ranks(ranks, special_tokens=llama4_special_tokens(len(ranks), args.num_special), name="tokenizer.model")
+    tok = Tokenizer.from_ranks(
+        ranks, special_tokens=llama4_special_tokens(len(ranks), args.num_special), name="tokenizer.model"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     tok.save(args.out / "tokenizer.model")
     n_tokens = sum(map(len, tok.encode_batch(texts)))

@@ -17,11 +17,11 @@ import importlib
 from .cache import CacheError, KVCache, OffloadPolicy
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
-from .text.ingest import BudgetError, Corpus, Document, DocumentSpan, IngestError, ingest
 from .generate import Generation, generate, prefill, sample
 from .model import Model
 from .quant import quantize
 from .sparse import SparseDecode
+from .text.ingest import BudgetError, Corpus, Document, DocumentSpan, IngestError, ingest
 from .text.tokenizer import Tokenizer, TokenizerError
 
 __version__ = "0.1.0"
@@ -51,8 +51,28 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BudgetError", "CacheError", "CheckpointError", "ConfigError", "Corpus", "Document", "DocumentSpan",
-    "Generation", "IngestError", "KVCache", "Model", "ModelConfig", "OffloadPolicy", "SparseDecode", "Tokenizer",
-    "TokenizerError", "generate", "ingest", "load_model", "prefill", "quantize", "sample", "save_model",
+    "BudgetError",
+    "CacheError",
+    "CheckpointError",
+    "ConfigError",
+    "Corpus",
+    "Document",
+    "DocumentSpan",
+    "Generation",
+    "IngestError",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "OffloadPolicy",
+    "SparseDecode",
+    "Tokenizer",
+    "TokenizerError",
+    "generate",
+    "ingest",
+    "load_model",
+    "prefill",
+    "quantize",
+    "sample",
+    "save_model",
     *_LAZY,
 ]

@@ -69,8 +69,13 @@ class Attention(nn.Module):
             q = (q * s[None, :, None, None]).to(q.dtype)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: ChunkedCache | GlobalCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: ChunkedCache | GlobalCache | None,
+    ) -> torch.Tensor:
         """x (B, T, d) at absolute positions start..start+T-1; ``kv`` is this layer's cache
         (``None`` for a cache-free forward; its ``stats`` recorder, if any, sees every call
         over it). ``rope`` = (cos, sin), each (T, head_dim/2). Returns (B, T, d)."""
@@ -96,8 +101,9 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int | None,
-                    scale: float) -> torch.Tensor:
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int | None, scale: float
+) -> torch.Tensor:
     """The same masked attention through PyTorch SDPA, differentiable: used for training (grad
     enabled, no cache; the kernels' reference path is inference-only, with in-place softmax).
     q, k, v (B, H, T, D) at the same positions start..start+T-1 (self-attention).
@@ -124,8 +130,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def attend(q: torch.Tensor, segments: list[Segment], q_start: int, chunk: int | None,
-           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(
+    q: torch.Tensor, segments: list[Segment], q_start: int, chunk: int | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q (B, Hq, M, D) over key segments [(k, v, k_start), ...] that may
     live on any tier; lower tiers are streamed up by ``offload.stage`` and per-group results
     merged exactly by their LSE. Returns out (B, Hq, M, D) and lse (B, Hq, M) fp32."""
@@ -136,8 +143,10 @@ def attend(q: torch.Tensor, segments: list[Segment], q_start: int, chunk: int | 
         if M <= _DECODE_MAX_QUERIES:  # split-KV launches over the group, merged in one step
             parts.append(decode_attention(q, group, q_start=q_start, causal=True, chunk=chunk, scale=scale))
         else:
-            parts += [flash_attention(q, k, v, q_start=q_start, k_start=k_start, causal=True, chunk=chunk, scale=scale)
-                      for k, v, k_start in group]
+            parts += [
+                flash_attention(q, k, v, q_start=q_start, k_start=k_start, causal=True, chunk=chunk, scale=scale)
+                for k, v, k_start in group
+            ]
     return parts[0] if len(parts) == 1 else merge_attention(parts)
 
 

@@ -44,10 +44,11 @@ import torch
 from . import storage
 
 # CacheError and OffloadPolicy are also imported from here by callers (the public API).
-from .offload import TIERS, CacheError, OffloadPolicy, Placer, Segment, stage
+from .offload import TIERS, CacheError, OffloadPolicy, Placer, Segment
 from .sparse import PageIndex, SparseDecode
 from .sparse import load as load_pages
 from .sparse import save as save_pages
+from .stats import AttentionMass
 from .storage import Manifest, atomic_folder, recover, write_manifest
 
 if TYPE_CHECKING:
@@ -55,45 +56,6 @@ if TYPE_CHECKING:
 
 # 2: files checksummed in manifest.json, tensor names listed per layer (format 1 had neither).
 FORMAT = "longctx-kvcache-2"
-
-
-class AttentionMass:
-    """The citation statistic of one global layer while recording: per key position, the
-    causal-softmax probability that the queries of later forwards put on it, summed over heads
-    and queries. ``mass`` (B, capacity) fp32 on CPU; capacity may run past the last key (those
-    entries stay zero). Each (head, query) row adds exactly 1 in total."""
-
-    def __init__(self, mass: torch.Tensor):
-        self.mass = mass
-
-    def copy(self) -> AttentionMass:
-        return AttentionMass(self.mass.clone())
-
-    def reserve(self, end: int) -> None:
-        """Make room for key positions < ``end``; geometrically: a decode step adds one key, not one O(L) copy."""
-        if self.mass.shape[1] < end:
-            grow = max(end, 2 * self.mass.shape[1]) - self.mass.shape[1]
-            self.mass = torch.cat([self.mass, self.mass.new_zeros(self.mass.shape[0], grow)], 1)
-
-    def record(self, q: torch.Tensor, q_start: int, segments: list[Segment], lse: torch.Tensor,
-               scale: float) -> None:
-        """Add the mass that queries q (B, Hq, M, D) at positions q_start.. put on the keys of
-        ``segments`` (every key they attended to, their own included), given the softmax's
-        log-normaliser lse (B, Hq, M) fp32 from the attention and its score scale."""
-        B, Hq, M, D = q.shape
-        end = q_start + M
-        self.reserve(end)
-        G = Hq // segments[0][0].shape[1]  # query heads per KV head
-        qf = q.float().unflatten(1, (-1, G))  # (B, Hkv, G, M, D)
-        lse = lse.unflatten(1, (-1, G))[..., None]  # (B, Hkv, G, M, 1)
-        qpos = torch.arange(q_start, end, device=q.device)
-        for group in stage(segments, q.device):
-            for k, _, ks in group:
-                n = k.shape[2]
-                s = torch.einsum("bhgmd,bhnd->bhgmn", qf, k.float()) * scale
-                p = torch.exp(s - lse)
-                p = p.masked_fill(torch.arange(ks, ks + n, device=q.device)[None, :] > qpos[:, None], 0.0)
-                self.mass[:, ks : ks + n] += p.sum((1, 2, 3)).cpu()
 
 
 class ChunkedCache:
@@ -230,8 +192,11 @@ class GlobalCache:
         (2, B, H, n, D)), after ``length`` tokens: the tail exists, possibly empty, once anything
         was appended."""
         starts, tail_start = list(meta["starts"]), meta["tail_start"]
-        if (starts != [i * seg for i in range(len(starts))] or tail_start != len(starts) * seg
-                or not 0 <= length - tail_start < seg):
+        if (
+            starts != [i * seg for i in range(len(starts))]
+            or tail_start != len(starts) * seg
+            or not 0 <= length - tail_start < seg
+        ):
             raise CacheError(f"global layer segments {starts[:4]} and tail at {tail_start} do not tile length {length}")
         out = {f"seg{i}": seg for i in range(len(starts))}
         if length:
@@ -248,8 +213,16 @@ def token_hash(tokens) -> list[str]:
 class KVCache:
     """Per-layer caches of one model for a batch of B sequences; see the module docstring."""
 
-    def __init__(self, layer_kinds: list[str], chunk: int, batch: int, device: torch.device | str,
-                 fingerprint: str, offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None):
+    def __init__(
+        self,
+        layer_kinds: list[str],
+        chunk: int,
+        batch: int,
+        device: torch.device | str,
+        fingerprint: str,
+        offload: OffloadPolicy | None = None,
+        sparse: SparseDecode | None = None,
+    ):
         self.offload, self.sparse = offload or OffloadPolicy(), sparse
         self.placer = Placer(self.offload, device)
         self.layer_kinds, self.chunk, self.batch, self.fingerprint = list(layer_kinds), chunk, batch, fingerprint
@@ -297,11 +270,13 @@ class KVCache:
 
     def fork(self) -> KVCache:
         """A cache that shares this one's sealed segments; appending to it leaves this one as is."""
-        new = KVCache(self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload,
-                      self.sparse)
+        new = KVCache(
+            self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload, self.sparse
+        )
         new.placer = self.placer.copy()
-        new.layers = [layer.fork(new.placer) if isinstance(layer, GlobalCache) else layer.fork()
-                      for layer in self.layers]
+        new.layers = [
+            layer.fork(new.placer) if isinstance(layer, GlobalCache) else layer.fork() for layer in self.layers
+        ]
         new.length = self.length
         new._hash = [h.copy() for h in self._hash]
         return new
@@ -355,10 +330,18 @@ class KVCache:
                 for i, tensors in enumerate(layers):
                     save_file(tensors, str(tmp / f"layer{i:03d}.safetensors"))
                     storage.step(f"wrote layer{i:03d}")
-                meta = {"format": FORMAT, "fingerprint": self.fingerprint, "token_sha256": self.token_hash(),
-                        "length": self.length, "batch": self.batch, "chunk": self.chunk,
-                        "layer_kinds": self.layer_kinds, "segment_tokens": self.offload.segment_tokens,
-                        "layers": [layer.meta() for layer in self.layers], **save_pages(self, tmp)}
+                meta = {
+                    "format": FORMAT,
+                    "fingerprint": self.fingerprint,
+                    "token_sha256": self.token_hash(),
+                    "length": self.length,
+                    "batch": self.batch,
+                    "chunk": self.chunk,
+                    "layer_kinds": self.layer_kinds,
+                    "segment_tokens": self.offload.segment_tokens,
+                    "layers": [layer.meta() for layer in self.layers],
+                    **save_pages(self, tmp),
+                }
                 (tmp / "cache.json").write_text(json.dumps(meta, indent=1))
                 storage.step("wrote cache.json")
                 write_manifest(tmp)
@@ -368,8 +351,15 @@ class KVCache:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, model: Model, *, tokens=None,
-             offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None) -> KVCache:
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        model: Model,
+        *,
+        tokens=None,
+        offload: OffloadPolicy | None = None,
+        sparse: SparseDecode | None = None,
+    ) -> KVCache:
         """Load a saved cache for ``model`` (with ``sparse``: and its page summaries, which must
         have been saved with the same ``page_tokens``). Refuses a cache of another model, and, when the
         token ids it was built from are given (``tokens`` (B, T)), a cache of another text.
@@ -400,26 +390,40 @@ class KVCache:
             raise CacheError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def _load(cls, folder: Path, manifest: Manifest, meta: dict, model: Model, tokens,
-              offload: OffloadPolicy | None, sparse: SparseDecode | None) -> KVCache:
+    def _load(
+        cls,
+        folder: Path,
+        manifest: Manifest,
+        meta: dict,
+        model: Model,
+        tokens,
+        offload: OffloadPolicy | None,
+        sparse: SparseDecode | None,
+    ) -> KVCache:
         from safetensors import SafetensorError, safe_open
 
         if meta.get("format") != FORMAT:
             raise CacheError(f"{folder}: unknown cache format {meta.get('format')!r}")
         if meta["fingerprint"] != model.fingerprint:
-            raise CacheError(f"{folder}: saved for another model (fingerprint {meta['fingerprint'][:12]}…, "
-                             f"this model {model.fingerprint[:12]}…)")
+            raise CacheError(
+                f"{folder}: saved for another model (fingerprint {meta['fingerprint'][:12]}…, "
+                f"this model {model.fingerprint[:12]}…)"
+            )
         if tokens is not None:
             if token_hash(tokens) != meta["token_sha256"]:
                 raise CacheError(f"{folder}: saved for another text (token hash differs)")
         policy = offload or OffloadPolicy(segment_tokens=meta["segment_tokens"])
         if policy.segment_tokens != meta["segment_tokens"]:
-            raise CacheError(f"{folder}: saved with segment_tokens={meta['segment_tokens']}, "
-                             f"policy asks {policy.segment_tokens}")
+            raise CacheError(
+                f"{folder}: saved with segment_tokens={meta['segment_tokens']}, policy asks {policy.segment_tokens}"
+            )
         cache = model.new_cache(batch=meta["batch"], offload=policy, sparse=sparse)
         length, batch, cfg = meta["length"], meta["batch"], model.config
-        if (cache.layer_kinds != meta["layer_kinds"] or len(meta["layers"]) != len(cache.layers)
-                or len(meta["token_sha256"]) != batch):
+        if (
+            cache.layer_kinds != meta["layer_kinds"]
+            or len(meta["layers"]) != len(cache.layers)
+            or len(meta["token_sha256"]) != batch
+        ):
             raise CacheError(f"{folder}/cache.json: layers or batch do not fit the model")
         for i, (layer, lmeta) in enumerate(zip(cache.layers, meta["layers"])):
             path = manifest.check(f"layer{i:03d}.safetensors")
@@ -433,8 +437,9 @@ class KVCache:
                         shape = [batch, cfg.num_key_value_heads, n, cfg.head_dim]
                         shape = shape if isinstance(layer, ChunkedCache) else [2, *shape]
                         if list(f.get_slice(name).get_shape()) != shape:
-                            raise CacheError(f"{path}: tensor {name} has shape {f.get_slice(name).get_shape()}, "
-                                             f"expected {shape}")
+                            raise CacheError(
+                                f"{path}: tensor {name} has shape {f.get_slice(name).get_shape()}, expected {shape}"
+                            )
                     layer.restore(_LazyTensors(f), lmeta, cache.placer)
             except SafetensorError as e:
                 raise CacheError(f"{path}: unreadable safetensors file ({e})") from None

@@ -44,18 +44,27 @@ def _weight_files(folder: Path) -> dict[str, list[str] | None]:
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     if not found:
         what = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
-        raise CheckpointError(f"{folder}: no *.safetensors weights (found {what}); "
-                              ".bin/.pth checkpoints are not loaded because they would need unpickling")
+        raise CheckpointError(
+            f"{folder}: no *.safetensors weights (found {what}); "
+            ".bin/.pth checkpoints are not loaded because they would need unpickling"
+        )
     return dict.fromkeys(found)
 
 
 # ----------------------------------------------------------------------------- compressed-tensors
 
+
 # Module names (checkpoint side, prefixes removed) whose ``.weight`` is an nn.Linear matmul: the
 # modules a compressed-tensors "Linear" target can mean.
-def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None, quantize: str | None = None, group_size: int = 128,
-               quantize_attention: bool = False) -> Model:
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
+    quantize_attention: bool = False,
+) -> Model:
     """Load a Llama-4 text model; ``path=None`` loads the embedded default.
 
     path: a checkpoint folder, or a hub id (``"meta-llama/Llama-4-Scout-17B-16E-Instruct"``,
@@ -85,8 +94,10 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     raw = json.loads(cfg_path.read_text())
     ct = compressed_tensors.read_config(raw, cfg_path)
     if ct is not None and quantize is not None:
-        raise CheckpointError(f"{folder}: the checkpoint is already quantized (compressed-tensors); "
-                              f"load it with quantize=None, not {quantize!r}")
+        raise CheckpointError(
+            f"{folder}: the checkpoint is already quantized (compressed-tensors); "
+            f"load it with quantize=None, not {quantize!r}"
+        )
     if quantize is not None:
         scheme_bits(quantize)
     files = _weight_files(folder)
@@ -103,8 +114,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
                 stored_dtypes.update(f.get_slice(k).get_dtype() for k in present)
             absent = [k for k in (listed or []) if k not in present]
             if absent:
-                raise CheckpointError(f"{folder / fname}: tensors listed in the index are missing: "
-                                      f"{', '.join(absent[:5])}")
+                raise CheckpointError(
+                    f"{folder / fname}: tensors listed in the index are missing: {', '.join(absent[:5])}"
+                )
             keys.update(dict.fromkeys(sorted(present), fname))
     except SafetensorError as e:
         raise CheckpointError(f"{folder}: unreadable safetensors file ({e})") from None
@@ -119,8 +131,11 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     elif quantize is not None:
         for qname in prepare(model, quantize, group_size, quantize_attention):
             mod = model.get_submodule(qname)
-            expected_extra.update([f"{qname}.gate_up_proj", f"{qname}.down_proj"] if isinstance(mod, QuantizedExperts)
-                                  else [f"{qname}.weight"])
+            expected_extra.update(
+                [f"{qname}.gate_up_proj", f"{qname}.down_proj"]
+                if isinstance(mod, QuantizedExperts)
+                else [f"{qname}.weight"]
+            )
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -136,8 +151,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
                         param = params[name]
                         shape = tuple(f.get_slice(key).get_shape())
                         if shape != tuple(param.shape):
-                            raise CheckpointError(f"{fpath}: tensor {key} has shape {list(shape)}, "
-                                                  f"the config needs {list(param.shape)}")
+                            raise CheckpointError(
+                                f"{fpath}: tensor {key} has shape {list(shape)}, the config needs {list(param.shape)}"
+                            )
                         t = f.get_tensor(key)
                         if dtype is None and t.is_floating_point():
                             dtype = t.dtype
@@ -158,8 +174,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
                         except ValueError as e:
                             raise CheckpointError(f"{fpath}: tensor {key}: {e}") from None
                         del t
-                    elif name in expected_extra and compressed_tensors.assign(model, name, f.get_tensor(key), device, dtype,
-                                                                f"{fpath}: {key}"):
+                    elif name in expected_extra and compressed_tensors.assign(
+                        model, name, f.get_tensor(key), device, dtype, f"{fpath}: {key}"
+                    ):
                         pass
                     else:
                         unexpected.append(key)
@@ -168,13 +185,17 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         except SafetensorError as e:
             raise CheckpointError(f"{fpath}: unreadable safetensors file ({e})") from None
     if unexpected:
-        raise CheckpointError(f"{folder}: unexpected tensors (not in a Llama-4 text model of this config): "
-                              f"{', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(
+            f"{folder}: unexpected tensors (not in a Llama-4 text model of this config): "
+            f"{', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"
+        )
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = sorted((set(params) | expected_extra) - loaded - tied)
     if missing:
-        raise CheckpointError(f"{folder}: missing tensors: {', '.join(longctx_to_hf(m) for m in missing[:8])}"
-                              f"{' …' if len(missing) > 8 else ''}")
+        raise CheckpointError(
+            f"{folder}: missing tensors: {', '.join(longctx_to_hf(m) for m in missing[:8])}"
+            f"{' …' if len(missing) > 8 else ''}"
+        )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.tokenizer = None if tokenizer_file is None else Tokenizer.from_file(tokenizer_file)
@@ -182,8 +203,19 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
 
 
 # Bytes per element of the safetensors dtypes that can hold weights.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+}
 # A checkpoint whose config implies more weight bytes than this many times what its files hold is
 # refused before the model is built. Every parameter is stored at least at the smallest element
 # size found in the files (0.5 B for packed int4), so a valid checkpoint implies at most its file
@@ -207,7 +239,8 @@ def check_weight_bytes(cfg: ModelConfig, folder: Path, files: list[str], bytes_p
             f"{folder / 'config.json'}: describes {cfg.num_parameters():,} parameters (≥ {implied:,.0f} B at "
             f"{bytes_per_param} B each) but the weight files hold {held:,} B; the config does not match the weights "
             f"(num_hidden_layers={cfg.num_hidden_layers}, hidden_size={cfg.hidden_size}, head_dim={cfg.head_dim}, "
-            f"num_local_experts={cfg.num_local_experts}, vocab_size={cfg.vocab_size})")
+            f"num_local_experts={cfg.num_local_experts}, vocab_size={cfg.vocab_size})"
+        )
 
 
 def _tokenizer_file(folder: Path) -> Path | None:
@@ -218,8 +251,10 @@ def _tokenizer_file(folder: Path) -> Path | None:
     if tok.exists():
         return tok
     if (folder / "tokenizer.json").exists():
-        raise CheckpointError(f"{folder}: has tokenizer.json but no tokenizer.model; longctx reads the "
-                              "tiktoken tokenizer.model that Llama 4 checkpoints ship beside it: copy it into the folder")
+        raise CheckpointError(
+            f"{folder}: has tokenizer.json but no tokenizer.model; longctx reads the "
+            "tiktoken tokenizer.model that Llama 4 checkpoints ship beside it: copy it into the folder"
+        )
     return None
 
 
@@ -251,23 +286,42 @@ def save_model(model: Model, folder: str | os.PathLike, *, tokenizer=None) -> Pa
         cfg["quantization_config"] = compressed_tensors.write_config(model, mods)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     owned = tuple(f"{n}." for n in mods)
-    state = {longctx_to_hf(n): t.detach().cpu().contiguous() for n, t in model.state_dict().items()
-             if not n.startswith(owned)}
+    state = {
+        longctx_to_hf(n): t.detach().cpu().contiguous()
+        for n, t in model.state_dict().items()
+        if not n.startswith(owned)
+    }
     for name, m in mods.items():
         hf = longctx_to_hf(name)
         if isinstance(m, QuantizedLinear):
-            state.update(compressed_tensors.linear_tensors(hf, m.weight_q.cpu(), m.weight_scale.cpu(),
-                                     None if m.weight_zero is None else m.weight_zero.cpu(), m.in_features))
+            state.update(
+                compressed_tensors.linear_tensors(
+                    hf,
+                    m.weight_q.cpu(),
+                    m.weight_scale.cpu(),
+                    None if m.weight_zero is None else m.weight_zero.cpu(),
+                    m.in_features,
+                )
+            )
             continue
         hid = m.hidden
-        parts = (("gate", "gate_up", slice(0, hid), m.d), ("up", "gate_up", slice(hid, 2 * hid), m.d),
-                 ("down", "down", slice(None), hid))
+        parts = (
+            ("gate", "gate_up", slice(0, hid), m.d),
+            ("up", "gate_up", slice(hid, 2 * hid), m.d),
+            ("down", "down", slice(None), hid),
+        )
         for e in range(m.n):
             for proj, which, rows, K in parts:
                 z = getattr(m, f"{which}_zero")
-                state.update(compressed_tensors.linear_tensors(f"{hf}.{e}.{proj}_proj", getattr(m, f"{which}_q")[e, rows].cpu(),
-                                         getattr(m, f"{which}_scale")[e, rows].cpu(),
-                                         None if z is None else z[e, rows].cpu(), K))
+                state.update(
+                    compressed_tensors.linear_tensors(
+                        f"{hf}.{e}.{proj}_proj",
+                        getattr(m, f"{which}_q")[e, rows].cpu(),
+                        getattr(m, f"{which}_scale")[e, rows].cpu(),
+                        None if z is None else z[e, rows].cpu(),
+                        K,
+                    )
+                )
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -1,10 +1,10 @@
 """The ``longctx`` command.
 
-    longctx ask docs/ report.pdf -q "Which document mentions the special magic number for quiet-otter?"
-    longctx batch jobs.jsonl --out answers.jsonl          (also under torchrun)
-    longctx niah --task single --lengths 1k,8k             (the needle-in-a-haystack benchmark)
-    longctx compare --quantize none,int8,int4 --tasks single --lengths 1k,4k   (variants side by side)
-    longctx info --context 1m                              (model summary and memory plan)
+longctx ask docs/ report.pdf -q "Which document mentions the special magic number for quiet-otter?"
+longctx batch jobs.jsonl --out answers.jsonl          (also under torchrun)
+longctx niah --task single --lengths 1k,8k             (the needle-in-a-haystack benchmark)
+longctx compare --quantize none,int8,int4 --tasks single --lengths 1k,4k   (variants side by side)
+longctx info --context 1m                              (model summary and memory plan)
 """
 
 from __future__ import annotations
@@ -16,30 +16,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli_args import (
-    THREADS_HELP,
-    Parser,
-    UsageError,
-    count,
-    existing_path,
-    haystack_arg,
-    names,
-    nonneg_float,
-    parse_bytes,
-    parse_depths,
-    parse_length,
-    parse_lengths,
-    question_arg,
-    threads_arg,
-)
+from .cli_args import UsageError, add_niah_arguments, build_parser, parse_depths, parse_length, parse_lengths
 
 if TYPE_CHECKING:
     from .model import Model
     from .tasks.niah import Results
-
-
-SPARSE_HELP = ("sparse decode: each answer token reads only the K pages of 64 keys (plus the first and the "
-               "last) that its query bounds highest (default: exact, every page)")
 
 
 def _sparse(args):
@@ -105,36 +86,76 @@ def cmd_ask(args) -> int:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     if args.session is not None and (args.session / "session.json").exists():
         session = Session.load(model, args.session, corpus, sparse=_sparse(args))  # refuses another model or text
-        print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, loaded from {args.session}",
-              file=sys.stderr)
+        print(
+            f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, loaded from {args.session}", file=sys.stderr
+        )
     else:
-        session = Session(model, corpus, chunk_size=args.chunk_size, max_context=args.max_context,
-                          overflow=args.overflow, progress=not args.json, sparse=_sparse(args))
-        print(f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
-              file=sys.stderr)
+        session = Session(
+            model,
+            corpus,
+            chunk_size=args.chunk_size,
+            max_context=args.max_context,
+            overflow=args.overflow,
+            progress=not args.json,
+            sparse=_sparse(args),
+        )
+        print(
+            f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
+            file=sys.stderr,
+        )
         if session.dropped:
-            print(f"--overflow {args.overflow}: left out {len(session.dropped)} documents: "
-                  + ", ".join(d["title"] for d in session.dropped[:5]) + (" ..." if len(session.dropped) > 5 else ""),
-                  file=sys.stderr)
+            print(
+                f"--overflow {args.overflow}: left out {len(session.dropped)} documents: "
+                + ", ".join(d["title"] for d in session.dropped[:5])
+                + (" ..." if len(session.dropped) > 5 else ""),
+                file=sys.stderr,
+            )
         if args.session is not None:
             session.save(args.session)
             print(f"saved the prefilled session to {args.session}", file=sys.stderr)
     for q in args.question:
         # Each question's own generator from --seed: answers do not depend on the questions before.
         gen = torch.Generator(device=model.device).manual_seed(args.seed) if args.temperature > 0 else None
-        kw = dict(max_new_tokens=args.max_new_tokens, max_context=args.max_context, temperature=args.temperature,
-                  generator=gen)
+        kw = dict(
+            max_new_tokens=args.max_new_tokens,
+            max_context=args.max_context,
+            temperature=args.temperature,
+            generator=gen,
+        )
         if args.json:
             a = session.ask(q, **kw)
-            print(json.dumps({"question": q, "answer": a.text, "stopped": a.stopped,
-                              "citations": [{"doc_id": c.doc_id, "title": c.title, "source": c.source, "page": c.page,
-                                             "share": round(c.share, 6)} for c in a.citations[: args.citations]],
-                              "other_share": round(a.other_share, 6),
-                              "tokens": {"corpus": session.n_tokens, "question": a.question_tokens,
-                                         "answer": a.answer_tokens},
-                              "seconds": {"corpus_prefill": round(session.prefill_s, 4),
-                                          "question_prefill": round(a.prefill_s, 4), "decode": round(a.decode_s, 4)}},
-                             ensure_ascii=False), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "question": q,
+                        "answer": a.text,
+                        "stopped": a.stopped,
+                        "citations": [
+                            {
+                                "doc_id": c.doc_id,
+                                "title": c.title,
+                                "source": c.source,
+                                "page": c.page,
+                                "share": round(c.share, 6),
+                            }
+                            for c in a.citations[: args.citations]
+                        ],
+                        "other_share": round(a.other_share, 6),
+                        "tokens": {
+                            "corpus": session.n_tokens,
+                            "question": a.question_tokens,
+                            "answer": a.answer_tokens,
+                        },
+                        "seconds": {
+                            "corpus_prefill": round(session.prefill_s, 4),
+                            "question_prefill": round(a.prefill_s, 4),
+                            "decode": round(a.decode_s, 4),
+                        },
+                    },
+                    ensure_ascii=False,
+                ),
+                flush=True,
+            )
             continue
         print(f"Q: {q}\nA: ", end="", flush=True)
         stream = session.ask(q, **kw, stream=True)
@@ -150,9 +171,18 @@ def cmd_ask(args) -> int:
 def cmd_batch(args) -> int:
     from .tasks.batch import count_answers, run_batch
 
-    out = run_batch(_model(args), args.jobs, args.out, max_new_tokens=args.max_new_tokens,
-                    chunk_size=args.chunk_size, max_context=args.max_context, overflow=args.overflow,
-                    temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+    out = run_batch(
+        _model(args),
+        args.jobs,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        chunk_size=args.chunk_size,
+        max_context=args.max_context,
+        overflow=args.overflow,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the merged file and reports
@@ -177,59 +207,47 @@ def cmd_info(args) -> int:
         if not (folder / "config.json").exists():
             if args.model:
                 raise UsageError(f"--model: {folder}: " + ("no config.json" if folder.is_dir() else "no such folder"))
-            raise UsageError(f"{folder}: no config.json (the embedded default model is not there yet; pass "
-                             "--model DIR or --preset)")
+            raise UsageError(
+                f"{folder}: no config.json (the embedded default model is not there yet; pass --model DIR or --preset)"
+            )
         cfg = ModelConfig.from_file(folder / "config.json")
         name = str(folder)
     if args.dtype is None:  # the checkpoint's own dtype (a preset: bfloat16, as Scout ships)
         raw = {} if args.preset else json.loads((folder / "config.json").read_text())
         args.dtype = (raw.get("text_config") or {}).get("torch_dtype") or raw.get("torch_dtype") or "bfloat16"
         args.dtype = args.dtype if args.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
-    from .quant import memory_plan
+    from .memory import memory_plan
 
     gpu = args.gpu_memory
     if gpu is None and torch.cuda.is_available():
         gpu = torch.cuda.mem_get_info()[0]  # what is free on this GPU now
     try:
-        plan = memory_plan(cfg, None if args.quantize == "none" else args.quantize, context=args.context,
-                           group_size=args.group_size, quantize_attention=args.quantize_attention,
-                           dtype=getattr(torch, args.dtype), gpu_bytes=gpu, cpu_bytes=args.cpu_memory)
+        plan = memory_plan(
+            cfg,
+            None if args.quantize == "none" else args.quantize,
+            context=args.context,
+            group_size=args.group_size,
+            quantize_attention=args.quantize_attention,
+            dtype=getattr(torch, args.dtype),
+            gpu_bytes=gpu,
+            cpu_bytes=args.cpu_memory,
+        )
     except ValueError as e:
         raise UsageError(f"--group-size: {e}") from None
     print(f"model: {name}")
-    print(f"  {cfg.num_hidden_layers} layers ({cfg.layer_kinds.count('global')} global NoPE, "
-          f"{cfg.layer_kinds.count('chunked')} chunked, chunk {cfg.attention_chunk_size}), hidden {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads x {cfg.head_dim}, "
-          f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}")
+    print(
+        f"  {cfg.num_hidden_layers} layers ({cfg.layer_kinds.count('global')} global NoPE, "
+        f"{cfg.layer_kinds.count('chunked')} chunked, chunk {cfg.attention_chunk_size}), hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads x {cfg.head_dim}, "
+        f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}"
+    )
     print("\n".join(plan.lines()))
     if args.context > cfg.max_position_embeddings:
-        print(f"  NOTE: {args.context:,} tokens is past the model's max_position_embeddings "
-              f"({cfg.max_position_embeddings:,})")
+        print(
+            f"  NOTE: {args.context:,} tokens is past the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings:,})"
+        )
     return 0
-
-
-def add_niah_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``longctx niah`` (``benchmarks/niah.py`` adds its own to the same set)."""
-    from .tasks.niah import TASKS
-
-    p.add_argument("--task", default="single", choices=TASKS, help="which needle task (default: single)")
-    p.add_argument("--lengths", type=parse_lengths, default="1k,2k,4k",
-                   help="context lengths in tokens, comma-separated, e.g. 1k,32k,1m (default: 1k,2k,4k)")
-    p.add_argument("--depths", type=parse_depths, default="0,0.25,0.5,0.75,1",
-                   help="needle depths, comma-separated: fractions in [0, 1] (0,0.5,1), or percents in "
-                        "[0, 100] (0,50,100) when any value is above 1 (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--samples", type=count(1), default=2, help="samples per cell (default: 2)")
-    p.add_argument("--seed", type=count(0), default=0, help="seed of the haystacks and needles (default: 0)")
-    p.add_argument("--haystack", type=haystack_arg, default="english",
-                   help="english | noise | a folder or file to ingest (default: english)")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--chunk-size", type=count(1), default=1024, help="prefill chunk in tokens (default: 1024)")
-    p.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
-    p.add_argument("--out", type=Path, default=Path("niah_results"),
-                   help="folder for <task>.jsonl and <task>.png (default: niah_results)")
-    p.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
-    p.add_argument("--sparse-pages", type=count(1), default=None, metavar="K", help=SPARSE_HELP)
 
 
 def niah_inputs(args: argparse.Namespace) -> tuple[Model, dict]:
@@ -241,8 +259,16 @@ def niah_inputs(args: argparse.Namespace) -> tuple[Model, dict]:
         from .text.ingest import ingest
 
         haystack = ingest([haystack])
-    return model, dict(task=args.task, lengths=args.lengths, depths=args.depths, samples=args.samples,
-                       seed=args.seed, haystack=haystack, chunk_size=args.chunk_size, sparse=_sparse(args))
+    return model, dict(
+        task=args.task,
+        lengths=args.lengths,
+        depths=args.depths,
+        samples=args.samples,
+        seed=args.seed,
+        haystack=haystack,
+        chunk_size=args.chunk_size,
+        sparse=_sparse(args),
+    )
 
 
 def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None]:
@@ -257,8 +283,15 @@ def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None
     res = niah.run(model, **kw, out=out_jsonl, reuse_prefix=not args.no_reuse)
     elapsed = time.perf_counter() - t0
     eff = res.effective_length(0.9)
-    body = ["```", res.table("exact"), "", res.table("substring"), "```", "",
-            f"effective length (substring accuracy >= 90 % at every length up to it): {eff['effective_length']} tokens"]
+    body = [
+        "```",
+        res.table("exact"),
+        "",
+        res.table("substring"),
+        "```",
+        "",
+        f"effective length (substring accuracy >= 90 % at every length up to it): {eff['effective_length']} tokens",
+    ]
     print("\n".join(body[1:4] + body[6:]))
     png = args.out / f"{args.task}.png"
     name = "embedded model" if args.model is None else Path(args.model).name
@@ -285,8 +318,16 @@ def cmd_compare(args) -> int:
     except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError
         raise UsageError(f"{'--group-size' if 'group_size' in str(e) else '--model'}: {e}") from None
     set_threads(args.threads, next(iter(variants.values())))
-    cmp = compare(variants, tasks=args.tasks, lengths=args.lengths, depths=args.depths, samples=args.samples,
-                  seed=args.seed, out=args.out, data=args.qa)
+    cmp = compare(
+        variants,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        depths=args.depths,
+        samples=args.samples,
+        seed=args.seed,
+        out=args.out,
+        data=args.qa,
+    )
     print(cmp.to_markdown())
     try:
         cmp.plot(args.out / "compare.png")
@@ -296,92 +337,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .tasks import niah, ruler
-
-    ap = Parser(prog="longctx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version=f"longctx {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="command", title="commands")
-
-    def common(p):
-        p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-        p.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
-        p.add_argument("--max-new-tokens", type=count(1), default=64, help="answer tokens at most (default: 64)")
-        p.add_argument("--chunk-size", type=count(1), default=2048, help="prefill chunk in tokens (default: 2048)")
-        p.add_argument("--max-context", type=parse_length, default=None,
-                       help="tokens corpus + question + answer may take (default: the model's maximum)")
-        p.add_argument("--overflow", default="error", choices=["error", "drop", "truncate"],
-                       help="a corpus over the context: error (default), drop whole documents from the end, "
-                            "or truncate (also cut the first one that does not fit)")
-        p.add_argument("--temperature", type=nonneg_float, default=0.0,
-                       help="0 (default): greedy; else sampled, seeded by --seed per question")
-        p.add_argument("--seed", type=count(0), default=0, help="seed for sampled answers (default: 0)")
-
-    p = sub.add_parser("ask", help="ask questions about files and folders",
-                       description="Ask questions about files and folders; the answer is printed as it is "
-                                   "generated, with the documents it drew on.")
-    p.add_argument("paths", nargs="+", help="files and folders to read (.txt, .md, .html, .pdf)")
-    p.add_argument("-q", "--question", type=question_arg, action="append", required=True,
-                   help="a question; repeat for several")
-    p.add_argument("--citations", type=count(0), default=3, help="documents to list per answer (default: 3)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed) instead of failing")
-    p.add_argument("--session", type=Path, default=None, metavar="DIR",
-                   help="reuse the prefilled corpus saved in DIR (made there on first use)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per question (answer, citations, token counts, seconds)")
-    p.add_argument("--sparse-pages", type=count(1), default=None, metavar="K", help=SPARSE_HELP)
-    common(p)
-    p.set_defaults(fn=cmd_ask)
-    p = sub.add_parser("batch", help="run a JSONL file of QA jobs (resumable; shards under torchrun)",
-                       description="Answer a JSONL file of QA jobs into a JSONL file of answers (resumable; "
-                                   "shards under torchrun). Exit status 1 when any question failed.")
-    p.add_argument("jobs", type=existing_path, help="the jobs file, one JSON job per line")
-    p.add_argument("--out", type=Path, required=True, help="the answers file (JSONL; a rerun resumes it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common(p)
-    p.set_defaults(fn=cmd_batch)
-    p = sub.add_parser("niah", help="the needle-in-a-haystack benchmark: a depth x length grid",
-                       description="Needle-in-a-haystack benchmark: a depth x length grid; writes <out>/<task>.jsonl "
-                                   "(resumable) and <out>/<task>.png.")
-    add_niah_arguments(p)
-    p.set_defaults(fn=cmd_niah)
-    p = sub.add_parser("compare", help="models x quantizations side by side: a table and <out>/compare.png")
-    p.add_argument("--model", action="append", help="checkpoint folder; repeat for several (default: embedded)")
-    p.add_argument("--quantize", type=lambda s: names(("none", "int8", "int4"), s), default="none",
-                   help="e.g. none,int8,int4")
-    p.add_argument("--group-size", type=count(1), default=64, help="int4 group size (default: 64)")
-    p.add_argument("--tasks", type=lambda s: names(niah.TASKS + ruler.TASKS, s), default="single,multi_key",
-                   help="comma-separated: " + ", ".join(niah.TASKS + ruler.TASKS))
-    p.add_argument("--qa", type=existing_path, default=None, help="SQuAD/HotpotQA-style JSON(L) file for task qa")
-    p.add_argument("--lengths", type=parse_lengths, default="1k", help="comma-separated, e.g. 1k,4k (default: 1k)")
-    p.add_argument("--depths", type=parse_depths, default="0.25,0.75", help="as for niah (default: 0.25,0.75)")
-    p.add_argument("--samples", type=count(1), default=4, help="samples per cell (default: 4)")
-    p.add_argument("--seed", type=count(0), default=0, help="seed of the cells (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
-    p.add_argument("--out", type=Path, default=Path("compare_results"), help="folder (default: compare_results)")
-    p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser("info", help="model summary and memory plan for a context length",
-                       description="Model summary and memory plan (weights and KV cache) for a context length.")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--preset", default=None, choices=["scout", "tiny"], help="a built-in configuration instead")
-    p.add_argument("--context", type=parse_length, default=parse_length("128k"),
-                   help="context length in tokens, e.g. 128k, 1m (default: 128k)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: the checkpoint's dtype (bfloat16 for a preset)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the experts (and attention with --quantize-attention)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim (default: 128)")
-    p.add_argument("--quantize-attention", action="store_true", help="quantize attention projections too")
-    p.add_argument("--gpu-memory", type=parse_bytes, default=None, metavar="SIZE",
-                   help="GPU budget, e.g. 80GiB (default: what is free on this machine's GPU; none without one)")
-    p.add_argument("--cpu-memory", type=parse_bytes, default=None, metavar="SIZE",
-                   help="CPU budget for offloaded KV, e.g. 256GiB (default: unbounded; the rest goes to disk)")
-    p.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
-    p.set_defaults(fn=cmd_info)
-    return ap
+COMMANDS = {"ask": cmd_ask, "batch": cmd_batch, "niah": cmd_niah, "compare": cmd_compare, "info": cmd_info}
 
 
 def _one_line(e: BaseException) -> str:
@@ -399,22 +355,32 @@ def main(argv=None) -> int:
     from .cache import CacheError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .tasks.batch import BatchInterrupted
     from .text.ingest import IngestError
     from .text.tokenizer import TokenizerError
 
-    from .tasks.batch import BatchInterrupted
-
     try:
-        return args.fn(args)
+        return COMMANDS[args.cmd](args)
     except BatchInterrupted as e:  # the answer in flight was written; the shell's status for the signal
         print(f"longctx {args.cmd}: {_one_line(e)}", file=sys.stderr)
         return 128 + e.signum
-    except (UsageError, CheckpointError, ConfigError, CacheError, IngestError, TokenizerError, ValueError,
-            OSError) as e:
+    except (
+        UsageError,
+        CheckpointError,
+        ConfigError,
+        CacheError,
+        IngestError,
+        TokenizerError,
+        ValueError,
+        OSError,
+    ) as e:
         # QAError and BudgetError are ValueErrors; a missing file an OSError.
         print(f"longctx {args.cmd}: {_one_line(e)}", file=sys.stderr)
         return 2
 
+
+# parse_* and add_niah_arguments: used by benchmarks/niah.py and the tests from here.
+__all__ = ["add_niah_arguments", "main", "niah_grid", "niah_inputs", "parse_depths", "parse_length", "parse_lengths"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,6 +33,7 @@ _CT_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj$")
 class _CTScheme:
     """One compressed-tensors config group's weight args: bits, group size (None: per
     channel), symmetric (False: ``weight_zero_point`` stored), and its targets."""
+
     bits: int
     group_size: int | None
     symmetric: bool
@@ -60,8 +61,10 @@ def read_config(raw: dict, where: Path) -> tuple[list[_CTScheme], list[str]] | N
         return None
 
     def refuse(what: str):
-        return CheckpointError(f"{where}: quantization_config {what} is not supported (longctx loads "
-                               "compressed-tensors pack-quantized int4/int8 weight-only checkpoints)")
+        return CheckpointError(
+            f"{where}: quantization_config {what} is not supported (longctx loads "
+            "compressed-tensors pack-quantized int4/int8 weight-only checkpoints)"
+        )
 
     method = qc.get("quant_method")
     if method != "compressed-tensors":
@@ -122,8 +125,10 @@ def prepare_model(model: Model, keys: dict[str, str], schemes, ignore, where: Pa
             hf_mod = key.removesuffix(".weight")
             targeted = any("Linear" in s.targets or _match(s.targets, hf_mod) for s in schemes)
             if targeted and not _match(ignore, hf_mod) and hf_to_longctx(hf_mod) is not None:
-                raise CheckpointError(f"{where}: {hf_mod} is targeted by the quantization config and not in "
-                                      "'ignore', but is stored unquantized (.weight)")
+                raise CheckpointError(
+                    f"{where}: {hf_mod} is targeted by the quantization config and not in "
+                    "'ignore', but is stored unquantized (.weight)"
+                )
     out: dict[str, _CTScheme] = {}
     experts: dict[str, set[_CTScheme]] = {}
     for name, (hf_mod, s) in packed.items():
@@ -138,9 +143,13 @@ def prepare_model(model: Model, keys: dict[str, str], schemes, ignore, where: Pa
             raise CheckpointError(f"{where}: unexpected quantized module {hf_mod} (not in this config)") from None
         if not isinstance(lin, torch.nn.Linear):
             raise CheckpointError(f"{where}: {hf_mod} is stored quantized but is not a linear layer here")
-        setattr(model.get_submodule(parent_name), attr,
-                QuantizedLinear(lin.in_features, lin.out_features, s.bits, s.group_size, zero=not s.symmetric,
-                                device="meta"))
+        setattr(
+            model.get_submodule(parent_name),
+            attr,
+            QuantizedLinear(
+                lin.in_features, lin.out_features, s.bits, s.group_size, zero=not s.symmetric, device="meta"
+            ),
+        )
         out[name] = s
     for name, found in experts.items():
         if len(found) != 1:
@@ -167,8 +176,11 @@ def expected_names(model: Model, quantized: dict[str, _CTScheme]) -> set[str]:
     for name, s in quantized.items():
         parts = [p for p in _CT_PARTS if p != "weight_zero_point" or not s.symmetric]
         mod = model.get_submodule(name)
-        mods = ([f"{name}.{e}.{p}_proj" for e in range(mod.n) for p in ("gate", "up", "down")]
-                if isinstance(mod, QuantizedExperts) else [name])
+        mods = (
+            [f"{name}.{e}.{p}_proj" for e in range(mod.n) for p in ("gate", "up", "down")]
+            if isinstance(mod, QuantizedExperts)
+            else [name]
+        )
         need.update(f"{m}.{p}" for m in mods for p in parts)
     return need
 
@@ -223,8 +235,9 @@ def assign(model: Model, name: str, t: torch.Tensor, device, dtype, where: str) 
     else:
         t = t.to(dtype or t.dtype)
     if tuple(t.shape) != want:
-        raise CheckpointError(f"{where}: tensor {name} has shape {list(t.shape)} after unpacking, "
-                              f"the config needs {list(want)}")
+        raise CheckpointError(
+            f"{where}: tensor {name} has shape {list(t.shape)} after unpacking, the config needs {list(want)}"
+        )
     if slot.device.type == "meta" or (part == "weight_scale" and slot.dtype != t.dtype):
         slot = torch.empty(slot.shape, dtype=t.dtype, device=device)
         setattr(mod, prefix + buf, slot)
@@ -238,9 +251,11 @@ def assign(model: Model, name: str, t: torch.Tensor, device, dtype, where: str) 
 def linear_tensors(name: str, w, scale, zero, K: int) -> dict[str, torch.Tensor]:
     """One linear's compressed-tensors tensors (checkpoint names relative to module ``name``)."""
     bits = bits_of(w)
-    out = {f"{name}.weight_packed": (w if bits == 4 else pack_int32(w, 8)).contiguous(),
-           f"{name}.weight_scale": scale.contiguous(),
-           f"{name}.weight_shape": torch.tensor([w.shape[0], K], dtype=torch.int64)}
+    out = {
+        f"{name}.weight_packed": (w if bits == 4 else pack_int32(w, 8)).contiguous(),
+        f"{name}.weight_scale": scale.contiguous(),
+        f"{name}.weight_shape": torch.tensor([w.shape[0], K], dtype=torch.int64),
+    }
     if zero is not None:
         out[f"{name}.weight_zero_point"] = pack_int32(zero.T, bits).T.contiguous()
     return out
@@ -257,10 +272,29 @@ def write_config(model: Model, mods: dict) -> dict:
     for i, ((bits, gs, sym), names) in enumerate(sorted(schemes.items(), key=str)):
         targets = ["Linear"] if len(schemes) == 1 else [f"re:^model\\.{re.escape(n)}(\\.\\d+\\.\\w+)?$" for n in names]
         groups[f"group_{i}"] = {
-            "targets": targets, "input_activations": None, "output_activations": None,
-            "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False, "actorder": None,
-                        "strategy": "channel" if gs is None else "group", "group_size": gs}}
-    ignore = [longctx_to_hf(f"{n}.weight").removesuffix(".weight") for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in _LINEAR_SUFFIXES]
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
+            "targets": targets,
+            "input_activations": None,
+            "output_activations": None,
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": sym,
+                "dynamic": False,
+                "actorder": None,
+                "strategy": "channel" if gs is None else "group",
+                "group_size": gs,
+            },
+        }
+    ignore = [
+        longctx_to_hf(f"{n}.weight").removesuffix(".weight")
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in _LINEAR_SUFFIXES
+    ]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }

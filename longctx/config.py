@@ -21,10 +21,22 @@ class ConfigError(ValueError):
 # Sizes that must be positive ints. Checked before anything is derived or allocated: a config
 # is untrusted input (a downloaded config.json), and a zero, negative, fractional or string
 # size otherwise fails deep inside torch, or not at all.
-_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "intermediate_size", "intermediate_size_mlp", "num_local_experts",
-                  "num_experts_per_tok", "interleave_moe_layer_step", "no_rope_layer_interval", "floor_scale",
-                  "max_position_embeddings")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "intermediate_size_mlp",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "interleave_moe_layer_step",
+    "no_rope_layer_interval",
+    "floor_scale",
+    "max_position_embeddings",
+)
 _POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
 _BOOLS = ("use_qk_norm", "tie_word_embeddings", "chunk_markers")
 # Per-layer lists are built from num_hidden_layers before the weights are seen: bound it so that
@@ -114,6 +126,7 @@ class ModelConfig:
 
     def _validate_scalars(self) -> None:
         """Types, ranges and finiteness of every field, before anything is derived from them."""
+
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"ModelConfig.{name}: {why}, got {getattr(self, name)!r:.80}")
 
@@ -130,8 +143,9 @@ class ModelConfig:
                 raise bad(name, "must be a positive finite number")
         if not isinstance(self.attn_scale, (int, float)) or isinstance(self.attn_scale, bool):
             raise bad("attn_scale", "must be a number")
-        if self.attention_chunk_size is not None and (not _is_int(self.attention_chunk_size)
-                                                      or self.attention_chunk_size < 1):
+        if self.attention_chunk_size is not None and (
+            not _is_int(self.attention_chunk_size) or self.attention_chunk_size < 1
+        ):
             raise bad("attention_chunk_size", "must be a positive int (or None when no layer is chunked)")
         if self.num_hidden_layers > MAX_LAYERS:
             raise bad("num_hidden_layers", f"is over {MAX_LAYERS}")
@@ -174,7 +188,10 @@ class ModelConfig:
         if len(self.no_rope_layers) != self.num_hidden_layers:
             raise bad("no_rope_layers", f"has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise bad("num_key_value_heads", f"{self.num_key_value_heads} does not divide {self.num_attention_heads} query heads")
+            raise bad(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} does not divide {self.num_attention_heads} query heads",
+            )
         if self.head_dim % 2:
             raise bad("head_dim", "must be even for RoPE on interleaved pairs")
         if any(not 0 <= i < self.num_hidden_layers for i in self.moe_layers):
@@ -215,7 +232,11 @@ class ModelConfig:
         """Parameter count of the text model (embedding and untied head included)."""
         d, hd = self.hidden_size, self.head_dim
         attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        moe = self.num_local_experts * 3 * d * self.intermediate_size + 3 * d * self.intermediate_size + self.num_local_experts * d
+        moe = (
+            self.num_local_experts * 3 * d * self.intermediate_size
+            + 3 * d * self.intermediate_size
+            + self.num_local_experts * d
+        )
         dense = 3 * d * self.intermediate_size_mlp
         n_moe = len(self.moe_layers)
         layers = self.num_hidden_layers * (attn + 2 * d) + n_moe * moe + (self.num_hidden_layers - n_moe) * dense
@@ -229,21 +250,32 @@ class ModelConfig:
 
     # ---- presets and HF round trip ---------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         """``"scout"``: Llama-4-Scout-17B-16E text model. ``"tiny"``: a few-MB test model."""
         if name == "scout":
             return cls()
         if name == "tiny":
             return cls(
-                vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
-                num_local_experts=4, attention_chunk_size=32, floor_scale=32,
-                max_position_embeddings=1 << 22, bos_token_id=256, eos_token_id=[257, 263, 264], pad_token_id=274,
+                vocab_size=512,
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                intermediate_size=64,
+                intermediate_size_mlp=128,
+                num_local_experts=4,
+                attention_chunk_size=32,
+                floor_scale=32,
+                max_position_embeddings=1 << 22,
+                bos_token_id=256,
+                eos_token_id=[257, 263, 264],
+                pad_token_id=274,
             )
         raise ConfigError(f"unknown preset {name!r}; known: 'scout', 'tiny'")
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Read a HF ``config.json`` dict: a text config or a multimodal one with ``text_config``.
 
         RoPE may be ``rope_theta`` + ``rope_scaling`` (published Scout configs) or
@@ -286,7 +318,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_bytes())

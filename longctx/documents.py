@@ -23,5 +23,8 @@ __all__ = [
     "ingest",
 ]
 
-warnings.warn("longctx.documents is deprecated; use longctx (ingest, Corpus, ...) or longctx.text",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "longctx.documents is deprecated; use longctx (ingest, Corpus, ...) or longctx.text",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -73,8 +73,10 @@ def as_prompt(prompt) -> torch.Tensor:
     (one row) or a list of equal-length lists. TypeError / ValueError naming ``prompt``."""
     if isinstance(prompt, (list, tuple)):
         rows = [prompt] if all(isinstance(t, int) for t in prompt) else prompt
-        if not all(isinstance(r, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in r)
-                   for r in rows):
+        if not all(
+            isinstance(r, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in r)
+            for r in rows
+        ):
             raise TypeError("prompt must be token ids: a list of ints, a list of lists of ints or a tensor")
         if len({len(r) for r in rows}) > 1:
             raise ValueError(f"prompt rows must have one length, got {sorted({len(r) for r in rows})}")
@@ -93,8 +95,9 @@ def as_prompt(prompt) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, chunk_size: int | None = 2048,
-            progress: bool | None = None) -> torch.Tensor:
+def prefill(
+    model: Model, tokens: torch.Tensor, cache: KVCache, chunk_size: int | None = 2048, progress: bool | None = None
+) -> torch.Tensor:
     """Feed tokens (B, T) into ``cache`` in pieces of ``chunk_size`` (None: all at once).
 
     Returns the last position's logits (B, V) in fp32. ``progress``: a tqdm bar in tokens
@@ -119,8 +122,9 @@ def prefill(model: Model, tokens: torch.Tensor, cache: KVCache, chunk_size: int 
     return logits[:, -1].float()
 
 
-def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Next token per row from logits (B, V): greedy at temperature 0, else softmax(logits/T)
     restricted to the smallest set of tokens whose probability reaches ``top_p``."""
     if temperature <= 0:
@@ -145,9 +149,17 @@ class Generation:
 
 
 @torch.inference_mode()
-def decode_steps(model: Model, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: int, stop_ids,
-                 temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Generator[list[int | None], None, Generation]:
+def decode_steps(
+    model: Model,
+    cache: KVCache,
+    logits: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Generator[list[int | None], None, Generation]:
     """The decode loop, one step per ``next``: from ``logits`` (B, V), the prediction after the
     last token in ``cache``, each step samples one token per row (``sample``), yields per row
     the token kept at this step or None (the row has stopped), and feeds the tokens back
@@ -182,13 +194,30 @@ def decode_steps(model: Model, cache: KVCache, logits: torch.Tensor, *, max_new_
     return Generation(out, stopped, 0.0, time.perf_counter() - t0)
 
 
-def decode(model: Model, cache: KVCache, logits: torch.Tensor, *, max_new_tokens: int, stop_ids,
-           temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           on_token: Callable[[int, list[int | None]], None] | None = None) -> Generation:
+def decode(
+    model: Model,
+    cache: KVCache,
+    logits: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, list[int | None]], None] | None = None,
+) -> Generation:
     """``decode_steps`` run to the end; ``on_token(step, new)`` runs after each step with, per
     row, the token kept at this step or None (the row has stopped)."""
-    steps = decode_steps(model, cache, logits, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                         temperature=temperature, top_p=top_p, generator=generator)
+    steps = decode_steps(
+        model,
+        cache,
+        logits,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+    )
     step = 0
     while True:
         try:
@@ -232,15 +261,25 @@ class TextStream:
             self._started = True
         text = self._held + text
         body = text.rstrip()
-        self._held = text[len(body):]
+        self._held = text[len(body) :]
         return body
 
 
 @torch.inference_mode()
-def generate(model: Model, prompt, *, max_new_tokens: int = 64, cache: KVCache | None = None,
-             chunk_size: int | None = 2048, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids=None, generator: torch.Generator | None = None, progress: bool | None = None,
-             on_token: Callable[[int, list[int | None]], None] | None = None) -> Generation:
+def generate(
+    model: Model,
+    prompt,
+    *,
+    max_new_tokens: int = 64,
+    cache: KVCache | None = None,
+    chunk_size: int | None = 2048,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids=None,
+    generator: torch.Generator | None = None,
+    progress: bool | None = None,
+    on_token: Callable[[int, list[int | None]], None] | None = None,
+) -> Generation:
     """Prefill ``prompt`` into ``cache`` (a new one if None), then ``decode``.
 
     prompt: token ids (B, T) or one row (T,): a tensor, an array, a list of ints or a list of
@@ -257,17 +296,27 @@ def generate(model: Model, prompt, *, max_new_tokens: int = 64, cache: KVCache |
     start = 0 if cache is None else cache.length
     limit = model.config.max_position_embeddings
     if start + prompt.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt of {prompt.shape[1]} tokens + max_new_tokens {max_new_tokens}"
-                         + (f" after {start} cached tokens" if start else "")
-                         + f" need {start + prompt.shape[1] + max_new_tokens} positions; the model's "
-                         f"max_position_embeddings is {limit}")
+        raise ValueError(
+            f"prompt of {prompt.shape[1]} tokens + max_new_tokens {max_new_tokens}"
+            + (f" after {start} cached tokens" if start else "")
+            + f" need {start + prompt.shape[1] + max_new_tokens} positions; the model's "
+            f"max_position_embeddings is {limit}"
+        )
     if cache is None:
         cache = model.new_cache(batch=prompt.shape[0])
     t0 = time.perf_counter()
     logits = prefill(model, prompt, cache, chunk_size, progress)
     prefill_s = time.perf_counter() - t0
-    gen = decode(model, cache, logits, max_new_tokens=max_new_tokens,
-                 stop_ids=model.config.stop_ids if stop_ids is None else stop_ids, temperature=temperature,
-                 top_p=top_p, generator=generator, on_token=on_token)
+    gen = decode(
+        model,
+        cache,
+        logits,
+        max_new_tokens=max_new_tokens,
+        stop_ids=model.config.stop_ids if stop_ids is None else stop_ids,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        on_token=on_token,
+    )
     gen.prefill_s = prefill_s
     return gen

@@ -132,10 +132,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"device: {device!r} is not a device torch knows ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: {device!r} asked for, but this torch build sees no CUDA GPU "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+            raise ConfigError(
+                f"device: {device!r} asked for, but this torch build sees no CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ConfigError(
+                f"device: {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
     elif dev.type not in ("cpu", "meta"):
         raise ConfigError(f"device: {device!r} is not supported (use 'cpu', 'cuda', 'cuda:N' or 'auto')")
     return dev

@@ -41,8 +41,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe[layer] else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: ChunkedCache | GlobalCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: ChunkedCache | GlobalCache | None,
+    ) -> torch.Tensor:
         """x (B, T, d) at positions start..start+T-1 -> (B, T, d); see ``Attention.forward``."""
         h = x + self.self_attn(self.input_layernorm(x), start, rope, kv)
         return h + self.feed_forward(self.post_attention_layernorm(h))
@@ -88,14 +93,16 @@ class Model(nn.Module):
             cache.advance(tokens)
         return self.norm(x)
 
-    def new_cache(self, batch: int = 1, offload: OffloadPolicy | None = None,
-                  sparse: SparseDecode | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int = 1, offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None
+    ) -> KVCache:
         """An empty KV cache for ``batch`` sequences; ``offload`` places global-layer segments;
         ``sparse`` keeps page summaries and makes one-token decode steps read only the selected
         pages (``longctx.sparse``; default: exact attention)."""
         device = self.embed_tokens.weight.device
-        return KVCache(self.config.layer_kinds, self.config.attention_chunk_size, batch, device,
-                       self.fingerprint, offload, sparse)
+        return KVCache(
+            self.config.layer_kinds, self.config.attention_chunk_size, batch, device, self.fingerprint, offload, sparse
+        )
 
     @property
     def fingerprint(self) -> str:

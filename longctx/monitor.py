@@ -19,7 +19,7 @@ so the model code stays as it is and the outputs are bit-identical with or witho
   ("kv_staging": sealed segments copied to their tier by ``Placer.place``, and on CUDA
   lower-tier segments streamed up by ``offload.stage``, which on other devices copies
   nothing) are timed by wrappers that replace the ``Placer.place`` method and the ``stage``
-  name in ``longctx.attention`` and ``longctx.cache`` while the monitor is active, and are
+  name in ``longctx.attention`` and ``longctx.stats`` while the monitor is active, and are
   restored on exit (these are functions, not modules, so they have no hooks). Both run
   inside attention, so their time is taken out of the attention part: the parts are
   disjoint, and what no part covers (residual additions, RoPE angles, the cache's
@@ -51,10 +51,11 @@ import torch
 from torch import nn
 
 from . import attention as _attention_module
-from . import cache as _cache_module
+from . import stats as _stats_module
 from .moe import MLP, MoE
 from .monitor_report import PHASES, ExpertLoad, Phase, Report, RoutingCollapse, Step
 from .offload import Placer
+
 
 @dataclass
 class _Forward:
@@ -93,8 +94,11 @@ class Monitor:
     def __init__(self, model: nn.Module, *, collapse_share: float | None = None, min_tokens: int = 256):
         if not (isinstance(model, nn.Module) and hasattr(model, "layers") and hasattr(model, "embed_tokens")):
             raise TypeError(f"Monitor needs a longctx Model, got {type(model).__name__}")
-        if collapse_share is not None and (isinstance(collapse_share, bool) or not isinstance(
-                collapse_share, (int, float)) or not 0 < collapse_share <= 1):
+        if collapse_share is not None and (
+            isinstance(collapse_share, bool)
+            or not isinstance(collapse_share, (int, float))
+            or not 0 < collapse_share <= 1
+        ):
             raise ValueError(f"collapse_share must be None or a number in (0, 1], got {collapse_share!r}")
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {min_tokens!r}")
@@ -136,9 +140,13 @@ class Monitor:
             rep = self.report()
             for e in rep.experts:
                 if e.layer in rep.collapsed:
-                    warnings.warn(f"routing collapse in MoE layer {e.layer}: expert {e.busiest} received "
-                                  f"{e.busiest_share:.1%} of {e.tokens} tokens (threshold "
-                                  f"{rep.threshold(e):.1%})", RoutingCollapse, stacklevel=2)
+                    warnings.warn(
+                        f"routing collapse in MoE layer {e.layer}: expert {e.busiest} received "
+                        f"{e.busiest_share:.1%} of {e.tokens} tokens (threshold "
+                        f"{rep.threshold(e):.1%})",
+                        RoutingCollapse,
+                        stacklevel=2,
+                    )
         return False
 
     def _install(self) -> None:
@@ -159,7 +167,7 @@ class Monitor:
                 self._handles.append(ff.router.register_forward_hook(self._counter(self.moe_layers.index(i), ff.top_k)))
         patches = [(Placer, "place", self._timed_place)]
         if self._cuda:  # elsewhere ``stage`` copies nothing: segments are read where they are
-            patches += [(_attention_module, "stage", self._timed_stage), (_cache_module, "stage", self._timed_stage)]
+            patches += [(_attention_module, "stage", self._timed_stage), (_stats_module, "stage", self._timed_stage)]
         for owner, name, wrap in patches:
             original = getattr(owner, name)
             self._patched.append((owner, name, original))
@@ -256,8 +264,9 @@ class Monitor:
             self._fwd = None  # the model raises its own error
             return
         B, T = tokens.shape
-        self._fwd = _Forward("prefill" if T > 1 else "decode", T, B, 0 if cache is None else cache.length,
-                             cache, self._mark())
+        self._fwd = _Forward(
+            "prefill" if T > 1 else "decode", T, B, 0 if cache is None else cache.length, cache, self._mark()
+        )
 
     def _model_post(self, mod, args, kwargs, out) -> None:
         fwd, self._fwd = self._fwd, None
@@ -287,8 +296,17 @@ class Monitor:
                 parts["kv_staging"] = parts.get("kv_staging", 0.0) + staged
                 if f"attention.{kind}" in parts:
                     parts[f"attention.{kind}"] -= staged
-        return Step(fwd.phase, fwd.tokens, fwd.batch, fwd.position, self._seconds(fwd.start, fwd.end), parts,
-                    fwd.kv_bytes, fwd.device_bytes, fwd.peak_host_rss_bytes)
+        return Step(
+            fwd.phase,
+            fwd.tokens,
+            fwd.batch,
+            fwd.position,
+            self._seconds(fwd.start, fwd.end),
+            parts,
+            fwd.kv_bytes,
+            fwd.device_bytes,
+            fwd.peak_host_rss_bytes,
+        )
 
     # ---- reading ------------------------------------------------------------------------------
     def report(self) -> Report:
@@ -299,9 +317,14 @@ class Monitor:
         while self._waiting:
             self._steps.append(self._resolve(self._waiting.popleft()))
         counts = self._counts.cpu().tolist()
-        experts = [ExpertLoad.of(layer, self.model.layers[layer].feed_forward.top_k,
-                                 row[: self.model.layers[layer].feed_forward.n_experts])
-                   for layer, row in zip(self.moe_layers, counts)]
+        experts = [
+            ExpertLoad.of(
+                layer,
+                self.model.layers[layer].feed_forward.top_k,
+                row[: self.model.layers[layer].feed_forward.n_experts],
+            )
+            for layer, row in zip(self.moe_layers, counts)
+        ]
         steps = list(self._steps)
         phases = {}
         for name in PHASES:
@@ -313,15 +336,28 @@ class Monitor:
                 for k, v in s.parts.items():
                     parts[k] = parts.get(k, 0.0) + v
             seconds, tokens = sum(s.seconds for s in mine), sum(s.batch * s.tokens for s in mine)
-            phases[name] = Phase(name, len(mine), tokens, seconds, tokens / seconds if seconds > 0 else 0.0,
-                                 parts, seconds - sum(parts.values()))
+            phases[name] = Phase(
+                name,
+                len(mine),
+                tokens,
+                seconds,
+                tokens / seconds if seconds > 0 else 0.0,
+                parts,
+                seconds - sum(parts.values()),
+            )
         name = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self._cuda else "")
         return Report(
-            device=name, experts=experts, steps=steps, phases=phases,
+            device=name,
+            experts=experts,
+            steps=steps,
+            phases=phases,
             kv_bytes=steps[-1].kv_bytes if steps else _tier_bytes(None),
             peak_kv_bytes=max((sum(s.kv_bytes.values()) for s in steps), default=0),
             peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if self._cuda else None,
-            peak_host_rss_bytes=_peak_rss(), collapse_share=self.collapse_share, min_tokens=self.min_tokens)
+            peak_host_rss_bytes=_peak_rss(),
+            collapse_share=self.collapse_share,
+            min_tokens=self.min_tokens,
+        )
 
     def plot(self, path=None):
         """``self.report().plot(path)``: one figure of expert load, throughput and KV per tier."""

@@ -9,6 +9,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
+from .notebook import html_table
 
 PHASES = ("prefill", "decode")
 
@@ -55,8 +56,18 @@ class ExpertLoad:
         busiest = max(range(E), key=counts.__getitem__)
         std = math.sqrt(sum((c - mean) ** 2 for c in counts) / E)
         tokens = total // top_k
-        return cls(layer, top_k, counts, tokens, counts[busiest] / mean, entropy,
-                   entropy / math.log(E) if E > 1 else 1.0, busiest, counts[busiest] / tokens, std / mean)
+        return cls(
+            layer,
+            top_k,
+            counts,
+            tokens,
+            counts[busiest] / mean,
+            entropy,
+            entropy / math.log(E) if E > 1 else 1.0,
+            busiest,
+            counts[busiest] / tokens,
+            std / mean,
+        )
 
 
 @dataclass
@@ -128,8 +139,9 @@ class Report:
     collapsed: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        self.collapsed = [e.layer for e in self.experts
-                          if e.tokens >= max(self.min_tokens, 1) and e.busiest_share > self.threshold(e)]
+        self.collapsed = [
+            e.layer for e in self.experts if e.tokens >= max(self.min_tokens, 1) and e.busiest_share > self.threshold(e)
+        ]
 
     def threshold(self, load: ExpertLoad) -> float:
         """The busiest-share limit for ``load``'s layer: ``collapse_share``, or by default
@@ -150,14 +162,18 @@ class Report:
         lines = []
         for p in self.phases.values():
             split = ", ".join(f"{k} {v / p.seconds:.0%}" for k, v in p.parts.items()) if p.seconds else ""
-            lines.append(f"{p.phase}: {p.forwards} forwards, {p.tokens} tokens, {p.seconds:.3f} s, "
-                         f"{p.tokens_per_s:.1f} tok/s ({split})")
+            lines.append(
+                f"{p.phase}: {p.forwards} forwards, {p.tokens} tokens, {p.seconds:.3f} s, "
+                f"{p.tokens_per_s:.1f} tok/s ({split})"
+            )
         for e in self.experts:
             if e.tokens:
                 flag = "  COLLAPSED" if e.layer in self.collapsed else ""
-                lines.append(f"layer {e.layer}: {e.tokens} tokens, busiest expert {e.busiest} "
-                             f"{e.busiest_share:.0%}, max/mean {e.max_over_mean:.2f}, "
-                             f"entropy {e.entropy_normalised:.2f} of max, cv {e.cv:.2f}{flag}")
+                lines.append(
+                    f"layer {e.layer}: {e.tokens} tokens, busiest expert {e.busiest} "
+                    f"{e.busiest_share:.0%}, max/mean {e.max_over_mean:.2f}, "
+                    f"entropy {e.entropy_normalised:.2f} of max, cv {e.cv:.2f}{flag}"
+                )
         kv = ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in self.kv_bytes.items())
         dev = "" if self.peak_device_bytes is None else f", peak device {self.peak_device_bytes / 2**20:.1f} MiB"
         lines.append(f"KV {kv}{dev}, peak host RSS {self.peak_host_rss_bytes / 2**20:.1f} MiB")
@@ -175,38 +191,79 @@ class Report:
                 lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
                 out.append(f"{prefix}_{name}{{{lab}}} {value}" if lab else f"{prefix}_{name} {value}")
 
-        metric("expert_tokens_total", "counter", "Tokens routed to each expert of each MoE layer.",
-               [({"layer": e.layer, "expert": i}, c) for e in self.experts for i, c in enumerate(e.counts)])
-        metric("expert_busiest_share", "gauge", "Fraction of a MoE layer's tokens sent to its busiest expert.",
-               [({"layer": e.layer}, e.busiest_share) for e in self.experts if e.tokens])
+        metric(
+            "expert_tokens_total",
+            "counter",
+            "Tokens routed to each expert of each MoE layer.",
+            [({"layer": e.layer, "expert": i}, c) for e in self.experts for i, c in enumerate(e.counts)],
+        )
+        metric(
+            "expert_busiest_share",
+            "gauge",
+            "Fraction of a MoE layer's tokens sent to its busiest expert.",
+            [({"layer": e.layer}, e.busiest_share) for e in self.experts if e.tokens],
+        )
         phases = self.phases.values()
-        metric("forwards_total", "counter", "Model forwards per phase.",
-               [({"phase": p.phase}, p.forwards) for p in phases])
-        metric("tokens_total", "counter", "Tokens processed per phase.",
-               [({"phase": p.phase}, p.tokens) for p in phases])
-        metric("seconds_total", "counter", "Forward seconds per phase and part.",
-               [({"phase": p.phase, "part": k}, v)
-                for p in phases for k, v in {**p.parts, "unaccounted": p.unaccounted}.items()])
-        metric("kv_bytes", "gauge", "KV cache bytes per tier after the last forward.",
-               [({"tier": t}, b) for t, b in self.kv_bytes.items()])
+        metric(
+            "forwards_total", "counter", "Model forwards per phase.", [({"phase": p.phase}, p.forwards) for p in phases]
+        )
+        metric(
+            "tokens_total", "counter", "Tokens processed per phase.", [({"phase": p.phase}, p.tokens) for p in phases]
+        )
+        metric(
+            "seconds_total",
+            "counter",
+            "Forward seconds per phase and part.",
+            [
+                ({"phase": p.phase, "part": k}, v)
+                for p in phases
+                for k, v in {**p.parts, "unaccounted": p.unaccounted}.items()
+            ],
+        )
+        metric(
+            "kv_bytes",
+            "gauge",
+            "KV cache bytes per tier after the last forward.",
+            [({"tier": t}, b) for t, b in self.kv_bytes.items()],
+        )
         if self.peak_device_bytes is not None:
             metric("peak_device_bytes", "gauge", "Peak CUDA memory allocated.", [({}, self.peak_device_bytes)])
         metric("peak_host_rss_bytes", "gauge", "Peak resident set of the process.", [({}, self.peak_host_rss_bytes)])
         return "\n".join(out) + "\n"
 
     def _repr_html_(self) -> str:
-        phases = _html_table(
+        phases = html_table(
             ("phase", "forwards", "tokens", "seconds", "tok/s", "split"),
-            [(p.phase, p.forwards, p.tokens, f"{p.seconds:.3f}", f"{p.tokens_per_s:.1f}",
-              ", ".join(f"{k} {v / p.seconds:.0%}" for k, v in p.parts.items()) if p.seconds else "")
-             for p in self.phases.values()])
-        experts = _html_table(
+            [
+                (
+                    p.phase,
+                    p.forwards,
+                    p.tokens,
+                    f"{p.seconds:.3f}",
+                    f"{p.tokens_per_s:.1f}",
+                    ", ".join(f"{k} {v / p.seconds:.0%}" for k, v in p.parts.items()) if p.seconds else "",
+                )
+                for p in self.phases.values()
+            ],
+        )
+        experts = html_table(
             ("layer", "tokens", "busiest", "share", "max/mean", "entropy / max", "cv", "counts"),
-            [(e.layer, e.tokens, e.busiest,
-              f"{e.busiest_share:.1%}" + (" collapsed" if e.layer in self.collapsed else ""),
-              f"{e.max_over_mean:.2f}", f"{e.entropy_normalised:.2f}", f"{e.cv:.2f}", " ".join(map(str, e.counts)))
-             for e in self.experts if e.tokens])
-        memory = _html_table(("KV tier", "MiB"), [(t, f"{b / 2**20:.1f}") for t, b in self.kv_bytes.items()])
+            [
+                (
+                    e.layer,
+                    e.tokens,
+                    e.busiest,
+                    f"{e.busiest_share:.1%}" + (" collapsed" if e.layer in self.collapsed else ""),
+                    f"{e.max_over_mean:.2f}",
+                    f"{e.entropy_normalised:.2f}",
+                    f"{e.cv:.2f}",
+                    " ".join(map(str, e.counts)),
+                )
+                for e in self.experts
+                if e.tokens
+            ],
+        )
+        memory = html_table(("KV tier", "MiB"), [(t, f"{b / 2**20:.1f}") for t, b in self.kv_bytes.items()])
         peaks = f"peak host RSS {self.peak_host_rss_bytes / 2**20:.1f} MiB"
         if self.peak_device_bytes is not None:
             peaks += f", peak device {self.peak_device_bytes / 2**20:.1f} MiB"
@@ -257,9 +314,3 @@ class Report:
         if path is not None:
             fig.savefig(path, dpi=110)
         return fig
-
-
-def _html_table(header, rows) -> str:
-    cell = lambda tag, v: f"<{tag}>{html.escape(str(v))}</{tag}>"
-    body = "".join("<tr>" + "".join(cell("td", v) for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{''.join(cell('th', h) for h in header)}</tr>{body}</table>"

@@ -82,7 +82,8 @@ class Placer:
         if pol.disk_dir is None:
             raise CacheError(
                 f"KV cache is over its memory budgets (device {pol.device_bytes} B, cpu {pol.cpu_bytes} B) "
-                "and OffloadPolicy.disk_dir is not set; give a folder for the disk tier or raise a budget")
+                "and OffloadPolicy.disk_dir is not set; give a folder for the disk tier or raise a budget"
+            )
         return "disk"
 
     def check_room(self, nbytes: int) -> None:
@@ -223,9 +224,13 @@ def stage(segments: Sequence[Segment], device: torch.device) -> Iterator[list[Se
 def kv_to(k: torch.Tensor, v: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """k and v (B, H, n, D) copied to ``device`` without blocking the host; in one transfer
     when they are the two halves of one block, as a sealed segment's (2, B, H, n, D) storage is."""
-    if (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
-            and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-            and v.storage_offset() == k.storage_offset() + k.numel()):
+    if (
+        k.is_contiguous()
+        and v.is_contiguous()
+        and k.shape == v.shape
+        and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        and v.storage_offset() == k.storage_offset() + k.numel()
+    ):
         kv = torch.as_strided(k, (2, *k.shape), (k.numel(), *k.stride()), k.storage_offset())
         kv = kv.to(device, non_blocking=True)
         return kv[0], kv[1]

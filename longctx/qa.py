@@ -6,5 +6,8 @@ import warnings
 from .tasks.batch import run_batch  # noqa: F401
 from .tasks.qa import Answer, Citation, QAError, Session  # noqa: F401
 
-warnings.warn("longctx.qa is deprecated; use longctx (Session, run_batch, ...), longctx.tasks.qa or "
-              "longctx.tasks.batch", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "longctx.qa is deprecated; use longctx (Session, run_batch, ...), longctx.tasks.qa or longctx.tasks.batch",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -176,8 +176,9 @@ def attend(q: torch.Tensor, cache: GlobalCache, q_start: int, scale: float) -> t
     return out, lse
 
 
-def record(stats: AttentionMass, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lse: torch.Tensor,
-           scale: float) -> None:
+def record(
+    stats: AttentionMass, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lse: torch.Tensor, scale: float
+) -> None:
     """Add to ``stats`` the mass that one query token q (B, Hq, 1, D) put on the keys it read,
     k (B, Hkv, n, D) at positions ``pos`` (B, Hkv, n), given its lse (B, Hq, 1) over them."""
     B, Hq, _, D = q.shape
@@ -230,8 +231,10 @@ def save(cache: KVCache, folder: Path) -> dict:
         idx = getattr(layer, "pages", None)
         if idx is not None and idx.kmin is not None:
             n = idx.pages
-            save_file({"kmin": idx.kmin[:, :, :n].cpu().contiguous(), "kmax": idx.kmax[:, :, :n].cpu().contiguous()},
-                      str(folder / f"pages{i:03d}.safetensors"))
+            save_file(
+                {"kmin": idx.kmin[:, :, :n].cpu().contiguous(), "kmax": idx.kmax[:, :, :n].cpu().contiguous()},
+                str(folder / f"pages{i:03d}.safetensors"),
+            )
     return {"sparse": asdict(cache.sparse)}
 
 
@@ -246,8 +249,9 @@ def load(cache: KVCache, folder: Path, manifest: Manifest, meta: dict) -> None:
     saved = meta.get("sparse")
     if saved is None or saved.get("page_tokens") != cache.sparse.page_tokens:
         got = "no page summaries" if saved is None else f"page_tokens={saved.get('page_tokens')}"
-        raise CacheError(f"{folder / 'cache.json'}: saved with {got}, sparse decode asks "
-                         f"page_tokens={cache.sparse.page_tokens}")
+        raise CacheError(
+            f"{folder / 'cache.json'}: saved with {got}, sparse decode asks page_tokens={cache.sparse.page_tokens}"
+        )
     length = meta["length"]
     for i, layer in enumerate(cache.layers):
         idx = getattr(layer, "pages", None)
@@ -266,4 +270,3 @@ def load(cache: KVCache, folder: Path, manifest: Manifest, meta: dict) -> None:
                 raise CacheError(f"{path}: page summary {name} is {got}, expected {shape} {ref.dtype}")
         idx.kmin, idx.kmax = t["kmin"].to(idx.device), t["kmax"].to(idx.device)
         idx.length = length
-

@@ -49,7 +49,7 @@ def _leftovers(folder: Path) -> Iterator[tuple[str, Path]]:
         for kind in ("tmp", "old"):
             prefix = f".{folder.name}.{kind}-"
             if entry.name.startswith(prefix):
-                pid = entry.name[len(prefix):].split("-")[0]
+                pid = entry.name[len(prefix) :].split("-")[0]
                 if not pid.isdigit() or not _alive(int(pid)):
                     yield kind, Path(entry.path)
 
@@ -142,8 +142,11 @@ def write_manifest(folder: Path) -> None:
     """Write ``folder/manifest.json``: the size and SHA-256 of every other file in ``folder``
     (not its subfolders, which carry their own), and a SHA-256 of that list, so that damage
     to the manifest itself is found too. Write it after the last file."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     body = {"format": MANIFEST_FORMAT, "files": files, "sha256": _digest(files)}
     (folder / MANIFEST).write_text(json.dumps(body, separators=(",", ":")))
 

@@ -35,10 +35,23 @@ def tiny_config(**overrides) -> ModelConfig:
     """The ``tiny`` preset with a 5-token attention chunk and floor_scale 3, so that chunk
     boundaries and temperature tuning are crossed within a few dozen tokens."""
     base = dataclasses.asdict(ModelConfig.preset("tiny"))
-    base.update(vocab_size=97, attention_chunk_size=5, floor_scale=3, no_rope_layers=[],
-                moe_layers=None, rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 1.0, "original_max_position_embeddings": 8},
-                bos_token_id=1, eos_token_id=[2], pad_token_id=0)
+    base.update(
+        vocab_size=97,
+        attention_chunk_size=5,
+        floor_scale=3,
+        no_rope_layers=[],
+        moe_layers=None,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 16.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8,
+        },
+        bos_token_id=1,
+        eos_token_id=[2],
+        pad_token_id=0,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -59,9 +72,15 @@ def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.25) -> Model:
 def text_model(tokenizer, seed: int = 0, **overrides) -> Model:
     """A random tiny model over ``tokenizer``'s vocabulary (attention chunk 32), tokenizer
     attached, for tests that go through text: NIAH, QA sessions, the CLI."""
-    cfg = tiny_config(vocab_size=tokenizer.vocab_size, attention_chunk_size=32, floor_scale=64,
-                      bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.eot_id],
-                      pad_token_id=tokenizer.pad_id, **overrides)
+    cfg = tiny_config(
+        vocab_size=tokenizer.vocab_size,
+        attention_chunk_size=32,
+        floor_scale=64,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=[tokenizer.eot_id],
+        pad_token_id=tokenizer.pad_id,
+        **overrides,
+    )
     model = random_model(cfg, seed=seed, std=0.1)
     model.tokenizer = tokenizer
     return model

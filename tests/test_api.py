@@ -44,11 +44,14 @@ def no_prefill(monkeypatch):
 # ---- misuse -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad, error, names", [
-    ("reports/", TypeError, "longctx.ingest"),
-    (Path("reports"), TypeError, "longctx.ingest"),
-    (["reports/"], TypeError, "corpus"),
-])
+@pytest.mark.parametrize(
+    "bad, error, names",
+    [
+        ("reports/", TypeError, "longctx.ingest"),
+        (Path("reports"), TypeError, "longctx.ingest"),
+        (["reports/"], TypeError, "corpus"),
+    ],
+)
 def test_session_needs_a_corpus(model, no_prefill, bad, error, names):
     with pytest.raises(error, match=names):
         Session(model, bad)
@@ -59,26 +62,31 @@ def test_empty_corpus_and_bad_session_options_are_refused_before_prefill(model, 
         Session(model, ingest([]))
     with pytest.raises(QAError, match="corpus has no documents.*skipped"):
         Session(model, ingest([tmp_path / "absent.txt"], errors="skip"))
-    for kw, error, name in [({"chunk_size": 0}, ValueError, "chunk_size"),
-                            ({"chunk_size": "64"}, TypeError, "chunk_size"),
-                            ({"max_context": -1}, ValueError, "max_context"),
-                            ({"overflow": "cut"}, ValueError, "overflow"),
-                            ({"budget": 0}, ValueError, "budget")]:
+    for kw, error, name in [
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": "64"}, TypeError, "chunk_size"),
+        ({"max_context": -1}, ValueError, "max_context"),
+        ({"overflow": "cut"}, ValueError, "overflow"),
+        ({"budget": 0}, ValueError, "budget"),
+    ]:
         with pytest.raises(error, match=name):
             Session(model, corpus, **kw)
 
 
-@pytest.mark.parametrize("question, kw, error, name", [
-    ("", {}, QAError, "question"),
-    ("   ", {}, QAError, "question"),
-    (None, {}, TypeError, "question"),
-    ("Where?", {"max_new_tokens": -1}, ValueError, "max_new_tokens"),
-    ("Where?", {"max_new_tokens": "5"}, TypeError, "max_new_tokens"),
-    ("Where?", {"max_new_tokens": 2.0}, TypeError, "max_new_tokens"),
-    ("Where?", {"temperature": -1.0}, ValueError, "temperature"),
-    ("Where?", {"top_p": 0.0}, ValueError, "top_p"),
-    ("Where?", {"max_context": 0}, ValueError, "max_context"),
-])
+@pytest.mark.parametrize(
+    "question, kw, error, name",
+    [
+        ("", {}, QAError, "question"),
+        ("   ", {}, QAError, "question"),
+        (None, {}, TypeError, "question"),
+        ("Where?", {"max_new_tokens": -1}, ValueError, "max_new_tokens"),
+        ("Where?", {"max_new_tokens": "5"}, TypeError, "max_new_tokens"),
+        ("Where?", {"max_new_tokens": 2.0}, TypeError, "max_new_tokens"),
+        ("Where?", {"temperature": -1.0}, ValueError, "temperature"),
+        ("Where?", {"top_p": 0.0}, ValueError, "top_p"),
+        ("Where?", {"max_context": 0}, ValueError, "max_context"),
+    ],
+)
 def test_ask_refuses_bad_arguments_before_prefill(session, monkeypatch, question, kw, error, name):
     monkeypatch.setattr(Session, "_answer", lambda *a, **k: pytest.fail("ask went past its checks"))
     with pytest.raises(error, match=name):
@@ -91,8 +99,10 @@ def test_generate_takes_a_plain_list_as_one_row_and_checks_its_arguments(model):
     c = generate(model, torch.tensor([5, 6, 7, 8]), max_new_tokens=3, stop_ids=[])
     assert a.tokens == b.tokens == c.tokens and len(a.tokens) == 1
     for prompt, kw, error, name in [
-        ("some text", {}, TypeError, "prompt"), ([], {}, ValueError, "prompt"),
-        ([[1, 2], [3]], {}, ValueError, "prompt"), (torch.ones(1, 3), {}, TypeError, "prompt"),
+        ("some text", {}, TypeError, "prompt"),
+        ([], {}, ValueError, "prompt"),
+        ([[1, 2], [3]], {}, ValueError, "prompt"),
+        (torch.ones(1, 3), {}, TypeError, "prompt"),
         ([1, 2], {"max_new_tokens": -1}, ValueError, "max_new_tokens"),
         ([1, 2], {"max_new_tokens": "5"}, TypeError, "max_new_tokens"),
         ([1, 2], {"chunk_size": 0}, ValueError, "chunk_size"),
@@ -112,19 +122,22 @@ def test_generate_checks_the_models_position_limit(model):
         model.config.max_position_embeddings = limit
 
 
-@pytest.mark.parametrize("kw, error, name", [
-    ({"lengths": 1024}, TypeError, "lengths"),
-    ({"lengths": "1k"}, TypeError, "lengths"),
-    ({"lengths": ["1x"]}, ValueError, "lengths"),
-    ({"lengths": [0]}, ValueError, "lengths"),
-    ({"lengths": [1.5]}, TypeError, "lengths"),
-    ({"depths": 0.5}, TypeError, "depths"),
-    ({"depths": [50]}, ValueError, "depths"),
-    ({"depths": ["0.5"]}, TypeError, "depths"),
-    ({"samples": 0}, ValueError, "samples"),
-    ({"max_new_tokens": "32"}, TypeError, "max_new_tokens"),
-    ({"task": "singel"}, ValueError, "task"),
-])
+@pytest.mark.parametrize(
+    "kw, error, name",
+    [
+        ({"lengths": 1024}, TypeError, "lengths"),
+        ({"lengths": "1k"}, TypeError, "lengths"),
+        ({"lengths": ["1x"]}, ValueError, "lengths"),
+        ({"lengths": [0]}, ValueError, "lengths"),
+        ({"lengths": [1.5]}, TypeError, "lengths"),
+        ({"depths": 0.5}, TypeError, "depths"),
+        ({"depths": [50]}, ValueError, "depths"),
+        ({"depths": ["0.5"]}, TypeError, "depths"),
+        ({"samples": 0}, ValueError, "samples"),
+        ({"max_new_tokens": "32"}, TypeError, "max_new_tokens"),
+        ({"task": "singel"}, ValueError, "task"),
+    ],
+)
 def test_niah_run_refuses_bad_grids_before_any_work(model, tmp_path, kw, error, name):
     with pytest.raises(error, match=name):
         niah.run(model, **kw, out=tmp_path / "r.jsonl", progress=False)
@@ -141,9 +154,11 @@ def test_pack_and_batch_refuse_bad_arguments(corpus, model, tmp_path):
         corpus.pack(None)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"corpus": "x", "questions": ["?"]}) + "\n")
-    for kw, error, name in [({"max_new_tokens": -1}, ValueError, "max_new_tokens"),
-                            ({"overflow": "cut"}, ValueError, "overflow"),
-                            ({"temperature": "hot"}, TypeError, "temperature")]:
+    for kw, error, name in [
+        ({"max_new_tokens": -1}, ValueError, "max_new_tokens"),
+        ({"overflow": "cut"}, ValueError, "overflow"),
+        ({"temperature": "hot"}, TypeError, "temperature"),
+    ]:
         with pytest.raises(error, match=name):
             run_batch(model, jobs, tmp_path / "out.jsonl", progress=False, **kw)
     with pytest.raises(FileNotFoundError, match="jobs_jsonl"):
@@ -186,9 +201,20 @@ def check_notebook_face(obj, *, max_repr: int = 1000) -> str:
 
 
 def fake_records(n_lengths: int = 9, n_depths: int = 5) -> list[dict]:
-    return [{"task": "single", "length": 1024 << j, "depth": i / (n_depths - 1), "sample": 0, "exact": (i + j) % 3 > 0,
-             "substring": (i + j) % 3 > 0, "answer": "The special magic number is 1234567. " * 40,
-             "needles": [{"text": "x" * 500}]} for i in range(n_depths) for j in range(n_lengths)]
+    return [
+        {
+            "task": "single",
+            "length": 1024 << j,
+            "depth": i / (n_depths - 1),
+            "sample": 0,
+            "exact": (i + j) % 3 > 0,
+            "substring": (i + j) % 3 > 0,
+            "answer": "The special magic number is 1234567. " * 40,
+            "needles": [{"text": "x" * 500}],
+        }
+        for i in range(n_depths)
+        for j in range(n_lengths)
+    ]
 
 
 def test_results_repr_html_dict_and_pandas(monkeypatch):
@@ -212,21 +238,28 @@ def test_heatmap_returns_a_figure_and_leaves_the_backend_alone(tmp_path):
     from matplotlib.figure import Figure
 
     had_pyplot = "matplotlib.pyplot" in sys.modules
-    backend = matplotlib.rcParams._get_backend_or_none() if hasattr(matplotlib.rcParams, "_get_backend_or_none") \
+    backend = (
+        matplotlib.rcParams._get_backend_or_none()
+        if hasattr(matplotlib.rcParams, "_get_backend_or_none")
         else dict.__getitem__(matplotlib.rcParams, "backend")
+    )
     res = niah.Results(fake_records(3, 3))
     fig = res.heatmap()
     assert isinstance(fig, Figure) and fig.axes[0].get_xlabel() == "context length (tokens)"
     assert res.heatmap(tmp_path / "sub" / "h.png", title="t").axes[0].get_title() == "t"
     assert (tmp_path / "sub" / "h.png").read_bytes()[:4] == b"\x89PNG"
-    after = matplotlib.rcParams._get_backend_or_none() if hasattr(matplotlib.rcParams, "_get_backend_or_none") \
+    after = (
+        matplotlib.rcParams._get_backend_or_none()
+        if hasattr(matplotlib.rcParams, "_get_backend_or_none")
         else dict.__getitem__(matplotlib.rcParams, "backend")
+    )
     assert after == backend and ("matplotlib.pyplot" in sys.modules) == had_pyplot
 
 
 def test_answer_corpus_session_packed_faces(model, tok, session):
-    cites = [Citation(i, f"Document number {i} " * 5, f"/data/{'deep/' * 10}doc{i}.txt", None, 0.01)
-             for i in range(100)]
+    cites = [
+        Citation(i, f"Document number {i} " * 5, f"/data/{'deep/' * 10}doc{i}.txt", None, 0.01) for i in range(100)
+    ]
     big = Answer("word " * 2000, cites, 0.0, 12, 300, 0.1, 0.5, "length", "What? " * 300)
     check_notebook_face(big)
     assert big.to_dict()["citations"][3]["doc_id"] == 3 and big.to_dict()["question"].startswith("What?")

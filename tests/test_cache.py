@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from longctx import offload
-from longctx.cache import (AttentionMass, CacheError, ChunkedCache, GlobalCache, KVCache, OffloadPolicy, atomic_folder,
-                           token_hash)
-from longctx.generate import generate, prefill, sample
-
 from conftest import random_model, tiny_config
+from longctx import offload
+from longctx.cache import (
+    AttentionMass,
+    CacheError,
+    ChunkedCache,
+    GlobalCache,
+    KVCache,
+    OffloadPolicy,
+    atomic_folder,
+    token_hash,
+)
+from longctx.generate import generate, prefill, sample
 
 T = 47  # > 9 attention chunks of 5; temperature tuning active (floor_scale 3)
 
@@ -81,8 +88,10 @@ def decode_logits(model, tokens, cache, n_prompt):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
 def test_results_equal_on_every_tier(model, tokens, tmp_path, device, monkeypatch):
     """Device-resident, CPU and disk segments give the same logits. On CPU every tier takes the
     same code path, so the logits are bit-equal. On CUDA, lower tiers are copied up in staged
@@ -152,8 +161,9 @@ def test_save_load_round_trip_and_refusals(model, tokens, tmp_path):
     cache = model.new_cache(2, OffloadPolicy(segment_tokens=8))
     prefill(model, tokens[:, :30], cache, 10)
     cache.save(tmp_path / "c")
-    loaded = KVCache.load(tmp_path / "c", model, tokens=tokens[:, :30],
-                          offload=OffloadPolicy(device_bytes=0, segment_tokens=8))
+    loaded = KVCache.load(
+        tmp_path / "c", model, tokens=tokens[:, :30], offload=OffloadPolicy(device_bytes=0, segment_tokens=8)
+    )
     with torch.no_grad():
         want = model(tokens[:, 30:], cache.fork())
         got = model(tokens[:, 30:], loaded)
@@ -251,8 +261,11 @@ def test_attention_mass_is_the_same_on_every_tier_and_in_a_fork(model, tokens, t
     """The citation statistic reads offloaded segments through the same staging as attention:
     CPU and disk segments give the mass of device-resident ones, bit for bit on CPU. A fork
     records independently of its parent, and ``record_attention(False)`` stops recording."""
-    policies = [OffloadPolicy(segment_tokens=8), OffloadPolicy(device_bytes=0, segment_tokens=8),
-                OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path, segment_tokens=8)]
+    policies = [
+        OffloadPolicy(segment_tokens=8),
+        OffloadPolicy(device_bytes=0, segment_tokens=8),
+        OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path, segment_tokens=8),
+    ]
     masses = []
     for policy in policies:
         cache = model.new_cache(2, policy)

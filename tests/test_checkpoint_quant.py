@@ -28,9 +28,22 @@ def write_hf(folder, seed=0, init="hf", **overrides):
     initialisation (std 0.02, as a trained model's weights are small); "wide": std 0.25."""
     if init == "hf":
         torch.manual_seed(seed)
-        cfg = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, intermediate_size=32, intermediate_size_mlp=48, num_local_experts=4,
-                   attention_chunk_size=5, floor_scale=3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg = dict(
+            vocab_size=97,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=48,
+            num_local_experts=4,
+            attention_chunk_size=5,
+            floor_scale=3,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         cfg.update(overrides)
         model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**cfg)).eval()
     else:
@@ -119,26 +132,45 @@ def pack_checkpoint(src, dst, *, bits, group, symmetric=True, attention=False, s
         if not symmetric:
             zero = torch.randint(-3, 4, (out, K // G), generator=g, dtype=torch.int8)
             state[f"{name}.weight_zero_point"] = loop_pack(zero.T, bits).T.contiguous()  # packed along out
-        deq[name] = ((q.float() - zero.float().repeat_interleave(G, 1)) * scale.float().repeat_interleave(G, 1))
+        deq[name] = (q.float() - zero.float().repeat_interleave(G, 1)) * scale.float().repeat_interleave(G, 1)
     ignore = ["lm_head", "re:.*router$"] + ([] if attention else ["re:.*self_attn.*"])
     cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "ignore": ignore, "config_groups": {"group_0": {
-            "targets": ["Linear"], "input_activations": None, "output_activations": None,
-            "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
-                        "strategy": "channel" if group is None else "group", "group_size": group, "actorder": None}}}}
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "ignore": ignore,
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "output_activations": None,
+                "weights": {
+                    "num_bits": bits,
+                    "type": "int",
+                    "symmetric": symmetric,
+                    "dynamic": False,
+                    "strategy": "channel" if group is None else "group",
+                    "group_size": group,
+                    "actorder": None,
+                },
+            }
+        },
+    }
     dst.mkdir()
     save_file(state, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(cfg))
     return deq
 
 
-@pytest.mark.parametrize("bits,group,symmetric,attention,layout", [
-    (4, 16, True, False, "causal-lm"),
-    (8, None, True, True, "causal-lm"),
-    (4, 32, False, False, "conditional-generation"),
-    (8, 16, False, True, "causal-lm"),
-])
+@pytest.mark.parametrize(
+    "bits,group,symmetric,attention,layout",
+    [
+        (4, 16, True, False, "causal-lm"),
+        (8, None, True, True, "causal-lm"),
+        (4, 32, False, False, "conditional-generation"),
+        (8, 16, False, True, "causal-lm"),
+    ],
+)
 def test_independently_packed_checkpoint(tmp_path, bits, group, symmetric, attention, layout, one_thread):
     """longctx on a packed checkpoint == the plain model carrying the dequantized weights."""
     src = write_hf(tmp_path / "hf", init="wide")
@@ -191,14 +223,34 @@ REFUSED = {
     "bitsandbytes": {"quant_method": "bitsandbytes", "load_in_4bit": True},
     "unknown": {"quant_method": "mystery"},
     "float-quantized": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}},
-    "'float'": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
-        "g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}},
-    "actorder": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
-        "g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
-                                                 "group_size": 16, "actorder": "group"}}}},
-    "input_activations": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
-        "g": {"targets": ["Linear"], "input_activations": {"num_bits": 8},
-              "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}},
+    "'float'": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+        },
+    },
+    "actorder": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "g": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "actorder": "group"},
+            }
+        },
+    },
+    "input_activations": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "g": {
+                "targets": ["Linear"],
+                "input_activations": {"num_bits": 8},
+                "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+            }
+        },
+    },
 }
 
 

@@ -45,8 +45,21 @@ def test_info_memory_plan_for_scout(capsys):
 def test_ask_prints_answer_and_citations(ckpt, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
     (tmp_path / "b.md").write_text("# Peaks\n\nMountains rise above the clouds. " * 5)
-    rc = main(["ask", str(tmp_path / "a.txt"), str(tmp_path / "b.md"), "-q", "Where does the river run?",
-               "-q", "What rises?", "--model", str(ckpt), "--max-new-tokens", "4"])
+    rc = main(
+        [
+            "ask",
+            str(tmp_path / "a.txt"),
+            str(tmp_path / "b.md"),
+            "-q",
+            "Where does the river run?",
+            "-q",
+            "What rises?",
+            "--model",
+            str(ckpt),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and out.count("Q: ") == 2 and out.count("A: ") == 2
     assert "Peaks" in out and "a" in out
@@ -61,7 +74,9 @@ def test_batch_command(ckpt, tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "x.txt").write_text("Some text about apples. " * 10)
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps({"id": "j", "corpus": str(tmp_path / "docs"), "questions": ["Fruit?", "Colour?"]}) + "\n")
+    jobs.write_text(
+        json.dumps({"id": "j", "corpus": str(tmp_path / "docs"), "questions": ["Fruit?", "Colour?"]}) + "\n"
+    )
     out = tmp_path / "out.jsonl"
     assert main(["batch", str(jobs), "--out", str(out), "--model", str(ckpt), "--max-new-tokens", "3"]) == 0
     recs = [json.loads(l) for l in out.read_text().splitlines()]
@@ -81,8 +96,17 @@ def test_info_units_and_missing_default(capsys, monkeypatch, tmp_path):
 
 def test_ask_session_folder_is_made_once_then_reused(ckpt, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
-    args = [str(tmp_path / "a.txt"), "-q", "Where?", "--model", str(ckpt), "--max-new-tokens", "4",
-            "--session", str(tmp_path / "sess")]
+    args = [
+        str(tmp_path / "a.txt"),
+        "-q",
+        "Where?",
+        "--model",
+        str(ckpt),
+        "--max-new-tokens",
+        "4",
+        "--session",
+        str(tmp_path / "sess"),
+    ]
     assert main(["ask", *args]) == 0
     first = capsys.readouterr()
     assert "saved the prefilled session" in first.err
@@ -134,14 +158,34 @@ def test_examples_run_on_a_checkpoint(ckpt, tmp_path):
     root = Path(__file__).parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "answers.jsonl"
-    run = subprocess.run([sys.executable, str(root / "examples" / "batch_job.py"), "--model", str(ckpt), "--out",
-                          str(out), "--max-new-tokens", "3"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "batch_job.py"),
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "3",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     recs = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [(r["job"], r["error"] is None) for r in recs] == [("all-reports", True)] * 3 + [("two-files", True)] * 2 \
-        + [("missing-corpus", False)]
-    run = subprocess.run([sys.executable, str(root / "examples" / "qa_notebook.py"), "--model", str(ckpt)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert [(r["job"], r["error"] is None) for r in recs] == [("all-reports", True)] * 3 + [("two-files", True)] * 2 + [
+        ("missing-corpus", False)
+    ]
+    run = subprocess.run(
+        [sys.executable, str(root / "examples" / "qa_notebook.py"), "--model", str(ckpt)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("Q: ") == 3 and "reloaded:" in run.stdout  # two asked, one streamed
 
@@ -199,8 +243,9 @@ def test_every_option_of_every_command_has_help_and_threads():
         assert "--threads" in options, name
         for a in p._actions:
             assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
-    assert {"--seed", "--temperature", "--overflow", "--json"} <= {o for a in commands["ask"]._actions
-                                                                   for o in a.option_strings}
+    assert {"--seed", "--temperature", "--overflow", "--json"} <= {
+        o for a in commands["ask"]._actions for o in a.option_strings
+    }
     assert "percent" in commands["niah"].format_help()
 
 
@@ -215,8 +260,21 @@ def test_version(capsys):
 def test_ask_json_is_one_object_per_question_and_equals_the_streamed_text(ckpt, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
     (tmp_path / "b.md").write_text("# Peaks\n\nMountains rise above the clouds. " * 5)
-    args = ["ask", str(tmp_path / "a.txt"), str(tmp_path / "b.md"), "-q", "Where does the river run?", "-q",
-            "What rises?", "--model", str(ckpt), "--max-new-tokens", "12", "--citations", "2"]
+    args = [
+        "ask",
+        str(tmp_path / "a.txt"),
+        str(tmp_path / "b.md"),
+        "-q",
+        "Where does the river run?",
+        "-q",
+        "What rises?",
+        "--model",
+        str(ckpt),
+        "--max-new-tokens",
+        "12",
+        "--citations",
+        "2",
+    ]
     assert main([*args, "--json"]) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["question"] for r in recs] == ["Where does the river run?", "What rises?"]
@@ -232,14 +290,38 @@ def test_ask_json_is_one_object_per_question_and_equals_the_streamed_text(ckpt, 
 def test_ask_seed_makes_sampling_reproducible_and_overflow_drops(ckpt, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("The river runs to the sea. " * 20)
     (tmp_path / "b.txt").write_text("The lake is still. " * 200)
-    sampled = ["ask", str(tmp_path / "a.txt"), "-q", "Where?", "--model", str(ckpt), "--max-new-tokens", "8",
-               "--temperature", "1.0", "--seed", "7", "--json"]
+    sampled = [
+        "ask",
+        str(tmp_path / "a.txt"),
+        "-q",
+        "Where?",
+        "--model",
+        str(ckpt),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+        "--json",
+    ]
     assert main(sampled) == 0
     first = json.loads(capsys.readouterr().out)["answer"]
     assert main(sampled) == 0
     assert json.loads(capsys.readouterr().out)["answer"] == first
-    too_long = ["ask", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "-q", "Where?", "--model", str(ckpt),
-                "--max-new-tokens", "4", "--max-context", "400"]
+    too_long = [
+        "ask",
+        str(tmp_path / "a.txt"),
+        str(tmp_path / "b.txt"),
+        "-q",
+        "Where?",
+        "--model",
+        str(ckpt),
+        "--max-new-tokens",
+        "4",
+        "--max-context",
+        "400",
+    ]
     assert main(too_long) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "--overflow" in err
@@ -258,8 +340,7 @@ def test_batch_exit_status_and_summary(ckpt, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"longctx batch: 2 answered, 0 failed (see {tmp_path / 'ok.jsonl'})"
     jobs.write_text(good + "\n" + json.dumps({"id": "bad", "corpus": "absent", "questions": ["?"]}) + "\n{oops\n")
     assert main([*argv, "--out", str(tmp_path / "mixed.jsonl")]) == 1
-    assert capsys.readouterr().err.strip() == \
-        f"longctx batch: 2 answered, 2 failed (see {tmp_path / 'mixed.jsonl'})"
+    assert capsys.readouterr().err.strip() == f"longctx batch: 2 answered, 2 failed (see {tmp_path / 'mixed.jsonl'})"
 
 
 def test_threads_auto_is_one_for_a_small_model_and_a_number_is_kept(ckpt, tmp_path, monkeypatch, capsys):
@@ -290,7 +371,7 @@ def test_threads_auto_is_one_for_a_small_model_and_a_number_is_kept(ckpt, tmp_pa
 
 
 def test_info_prints_the_quantized_memory_plan(capsys):
-    """`longctx info` prints quant.memory_plan (whose figures test_memory_plan checks against the
+    """`longctx info` prints memory.memory_plan (whose figures test_memory_plan checks against the
     config): Scout int4 is the 58.8 GiB the issue states; an 80 GiB card keeps ~417K tokens."""
     assert main(["info", "--preset", "scout", "--quantize", "int4", "--context", "10m", "--gpu-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
@@ -310,8 +391,17 @@ def test_info_refuses_a_bad_memory_size(capsys, size):
 
 def test_ask_sparse_pages_covering_every_page_answers_as_exact(ckpt, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("The river runs to the sea. " * 60)
-    args = ["ask", str(tmp_path / "a.txt"), "-q", "Where does the river run?", "--model", str(ckpt),
-            "--max-new-tokens", "6", "--json"]
+    args = [
+        "ask",
+        str(tmp_path / "a.txt"),
+        "-q",
+        "Where does the river run?",
+        "--model",
+        str(ckpt),
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
     assert main(args) == 0
     exact = json.loads(capsys.readouterr().out)
     assert main([*args, "--sparse-pages", "1000"]) == 0  # more pages than the context has: exact attention

@@ -17,8 +17,10 @@ from longctx.checkpoint import DEFAULT_MODEL, load_model
 from longctx.generate import generate, prefill
 
 ROOT = Path(__file__).parents[1]
-pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").exists(),
-                                reason="embedded model not trained (examples/train_tiny_model.py)")
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL / "model.safetensors").exists(),
+    reason="embedded model not trained (examples/train_tiny_model.py)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,9 @@ def test_loads_offline_in_well_under_a_second():
 
 
 def test_chunked_prefill_beyond_training_length_equals_full_forward(model):
-    cell = niah.make_cell(model.tokenizer, "single", 3000, 0.3, 0, 0,
-                          niah.make_haystack(model.tokenizer, "english", 3000))
+    cell = niah.make_cell(
+        model.tokenizer, "single", 3000, 0.3, 0, 0, niah.make_haystack(model.tokenizer, "english", 3000)
+    )
     tokens = torch.tensor([cell.prompt])
     with torch.no_grad():
         full = model(tokens)[:, -1].float()
@@ -99,8 +102,9 @@ def test_answers_a_fixed_set_of_questions(model, task):
     """A handful of answers of the shipped model through the library's path (chunked prefill,
     KV cache, greedy decode): one needle, one needle among 3 distractors, no needle ("not
     stated"); keys never seen in training. The full grids are in benchmarks/results/."""
-    res = niah.run(model, task=task, lengths=[1024], depths=[0.0, 1.0], samples=6, seed=11,
-                   progress=False, max_new_tokens=8)
+    res = niah.run(
+        model, task=task, lengths=[1024], depths=[0.0, 1.0], samples=6, seed=11, progress=False, max_new_tokens=8
+    )
     # The shipped model gets all 12 of each (measured); one miss is allowed for float
     # differences across platforms that could flip a close greedy choice. A model without
     # retrieval gets 0 of the needle tasks (the card's grids: 90-100 % per length).
@@ -117,8 +121,9 @@ def test_names_the_document_that_holds_a_key(model, train):
     sents = needles.encoded_sentences(tok)
     rng, answers = random.Random(11), []
     for _ in range(10):
-        prompt, later = train.document_example(tok, rng, 1024, "eval", sents, docs=(5, 20),
-                                               chunk=model.config.attention_chunk_size, align=True)
+        prompt, later = train.document_example(
+            tok, rng, 1024, "eval", sents, docs=(5, 20), chunk=model.config.attention_chunk_size, align=True
+        )
         out = generate(model, torch.tensor([prompt]), max_new_tokens=16, chunk_size=512, progress=False)
         answers.append((tok.decode(out.tokens[0]).strip(), later[0][2].strip()))
     # The shipped model gets all 10, with questions at a chunk start (as `qa.Session` asks
@@ -134,8 +139,24 @@ def test_training_is_reproducible(tmp_path, train):
     benchmarks/results/tiny_model_reproducibility.md. The deterministic mode it
     trains under is switched off again afterwards."""
     threads = torch.get_num_threads()
-    args = ["--steps", "3", "--tokens", "1024", "--turns", "2", "--threads", "2", "--max-len", "256",
-            "--eval-lengths", "256", "--eval-samples", "1", "--probe-every", "0"]
+    args = [
+        "--steps",
+        "3",
+        "--tokens",
+        "1024",
+        "--turns",
+        "2",
+        "--threads",
+        "2",
+        "--max-len",
+        "256",
+        "--eval-lengths",
+        "256",
+        "--eval-samples",
+        "1",
+        "--probe-every",
+        "0",
+    ]
     try:
         for name in ("a", "b"):
             train.main([*args, "--out", str(tmp_path / name)])
@@ -174,20 +195,30 @@ def test_index_backward_with_repeated_indices_is_bit_stable_in_training_mode(tra
 def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
     """``--recipe`` (the shipped model's command) gives the same weights as its two stages run
     by hand, and keeps the first stage's log; here with a few-step stand-in for RECIPE."""
-    monkeypatch.setattr(train, "RECIPE", ("--steps 3 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
-                                          "--steps 2 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3"))
+    monkeypatch.setattr(
+        train,
+        "RECIPE",
+        (
+            "--steps 3 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
+            "--steps 2 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
+        ),
+    )
     shared = ["--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256", "--probe-every", "0"]
     tail = ["--eval-lengths", "256", "--eval-samples", "1"]
     threads = torch.get_num_threads()
     try:
         train.main(["--recipe", *shared, *tail, "--out", str(tmp_path / "recipe")])
         train.main([*train.RECIPE[0].split(), *shared, "--out", str(tmp_path / "one")])
-        train.main([*train.RECIPE[1].split(), *shared, *tail, "--init", str(tmp_path / "one"), "--out", str(tmp_path / "two")])
+        train.main(
+            [*train.RECIPE[1].split(), *shared, *tail, "--init", str(tmp_path / "one"), "--out", str(tmp_path / "two")]
+        )
     finally:
         torch.set_num_threads(threads)
     recipe, by_hand = tmp_path / "recipe", tmp_path / "two"
     assert (recipe / "model.safetensors").read_bytes() == (by_hand / "model.safetensors").read_bytes()
-    assert (recipe / "train_stage1.log").read_text().count("\n") == (tmp_path / "one" / "train.log").read_text().count("\n")
+    assert (recipe / "train_stage1.log").read_text().count("\n") == (tmp_path / "one" / "train.log").read_text().count(
+        "\n"
+    )
     assert "Made by `python examples/train_tiny_model.py --recipe`" in (recipe / "CARD.md").read_text()
     with pytest.raises(SystemExit):
         train.main(["--recipe", "--seed", "5", "--out", str(tmp_path / "clash")])
@@ -236,12 +267,17 @@ def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
     assert len(to_id) >= 4
     for b, _, _, q, m in to_id:
         assert x[b, m - 1] == bracket and x[b, m] == y[b, q] and m < q  # a marker's id, the one predicted
-        local = {int(r[2]): (int(r[3]), int(r[4])) for r in guide[(guide[:, 0] == b) & (guide[:, 1] == 0)].tolist()
-                 if r[3] == m and r[2] in (0, 1)}
+        local = {
+            int(r[2]): (int(r[3]), int(r[4]))
+            for r in guide[(guide[:, 0] == b) & (guide[:, 1] == 0)].tolist()
+            if r[3] == m and r[2] in (0, 1)
+        }
         k = local[0][1]
         assert local[1][1] == k - 1 and k < m and k // 128 == m // 128  # the key, in the marker's chunk
-        assert tok.decode(x[b, k + 1:k + 4].tolist()) == " is: "  # the needle's key ends at k
-        asked = {int(r[2]): int(r[4]) for r in guide[(guide[:, 0] == b) & (guide[:, 1] == 0) & (guide[:, 3] == q)].tolist()}
+        assert tok.decode(x[b, k + 1 : k + 4].tolist()) == " is: "  # the needle's key ends at k
+        asked = {
+            int(r[2]): int(r[4]) for r in guide[(guide[:, 0] == b) & (guide[:, 1] == 0) & (guide[:, 3] == q)].tolist()
+        }
         assert x[b, asked[0]] == x[b, k] and x[b, asked[1]] == x[b, k - 1]  # the key as the question spells it
         nxt = guide[(guide[:, 0] == b) & (guide[:, 1] == 1) & (guide[:, 2] == 2) & (guide[:, 3] == q + 1)]
         assert nxt[:, 4].tolist() == [m + 1] and x[b, m + 1] == y[b, q + 1]  # then induction: the title

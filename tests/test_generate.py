@@ -67,8 +67,17 @@ def test_decode_equals_the_token_by_token_loop_with_per_row_stops(model, prompt,
     cache = model.new_cache(batch=2)
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     seen = []
-    got = decode(model, cache, prefill(model, prompt, cache), max_new_tokens=8, stop_ids=stops,
-                 temperature=temperature, top_p=top_p, generator=gen, on_token=lambda step, new: seen.append(new))
+    got = decode(
+        model,
+        cache,
+        prefill(model, prompt, cache),
+        max_new_tokens=8,
+        stop_ids=stops,
+        temperature=temperature,
+        top_p=top_p,
+        generator=gen,
+        on_token=lambda step, new: seen.append(new),
+    )
     assert got.tokens == want and got.stopped == why and why[0] == "stop"
     # The callback saw each kept token once, in order, and None for a row once it has stopped.
     for b in range(2):
@@ -104,8 +113,11 @@ def stream_pieces(chunks: list[bytes]) -> list[str]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40), st.lists(st.integers(0, 200), max_size=12),
-       st.integers(0, 3))
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=40),
+    st.lists(st.integers(0, 200), max_size=12),
+    st.integers(0, 3),
+)
 def test_text_stream_joins_to_the_one_shot_decode(text, cuts, drop):
     """Any cutting of any text's bytes into tokens (cuts inside characters included), also with
     the last character left unfinished: joined pieces == decode(errors="replace").strip()."""

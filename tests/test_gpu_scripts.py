@@ -26,15 +26,36 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_record  # noqa: E402
 import scout_int4  # noqa: E402
 
-from longctx import quant  # noqa: E402
+import gpu_record  # noqa: E402
+from longctx import memory  # noqa: E402
 from longctx.moe import Experts  # noqa: E402
 
-TINY = ["--device", "cpu", "--preset", "tiny", "--layers", "1", "--group-size", "32", "--lengths", "24,40",
-        "--chunk", "16", "--decode-extra", "4", "--decode-steps", "2", "--warmup-steps", "1", "--moe-reps", "1",
-        "--threads", "1"]
+TINY = [
+    "--device",
+    "cpu",
+    "--preset",
+    "tiny",
+    "--layers",
+    "1",
+    "--group-size",
+    "32",
+    "--lengths",
+    "24,40",
+    "--chunk",
+    "16",
+    "--decode-extra",
+    "4",
+    "--decode-steps",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--moe-reps",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +70,7 @@ def test_built_model_is_quantized_from_the_start_and_matches_the_memory_plan(tin
     ex = model.layers[0].feed_forward.experts
     assert ex.gate_up_q.dtype == torch.int32 and ex.gate_up_scale.dtype == torch.bfloat16
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
-    plan = quant.memory_plan(cfg, "int4", context=0, group_size=32, dtype=torch.bfloat16)
+    plan = memory.memory_plan(cfg, "int4", context=0, group_size=32, dtype=torch.bfloat16)
     assert scout_int4.weight_bytes(model) == plan.weights
     # The int4 words are random bits: every value -8..7 occurs, and scales give weights of ~0.02.
     w = ex.dequantize(torch.float32)[0]
@@ -71,8 +92,10 @@ def test_decode_read_bytes_counted_by_hand(tiny):
     router, norms, head, embedding_row = E * d * bf16, 3 * d * bf16, V * d * bf16, d * bf16
     parts = scout_int4.weight_bytes(model)
     assert parts["experts"] == E * expert
-    assert scout_int4.decode_read_bytes(model, parts) == \
-        expert + shared + attention + router + norms + head + embedding_row
+    assert (
+        scout_int4.decode_read_bytes(model, parts)
+        == expert + shared + attention + router + norms + head + embedding_row
+    )
 
 
 def test_moe_kernel_check_and_pass_through_the_triton_kernel(monkeypatch):
@@ -100,8 +123,13 @@ def test_token_counts_and_bandwidth():
 
 def test_scout_int4_tiny_run_writes_its_record_and_a_jsonl_line(tmp_path):
     env = {**os.environ, "GPU_COMMIT": "abc1234"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scout_int4.py"), *TINY, "--record",
-                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scout_int4.py"), *TINY, "--record", "--results", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     [line] = (tmp_path / "gpu.jsonl").read_text().splitlines()
     entry = json.loads(line)
@@ -127,8 +155,21 @@ def test_scout_int4_tiny_run_writes_its_record_and_a_jsonl_line(tmp_path):
 
 def test_a_failed_run_still_records_what_it_measured(tmp_path):
     # An int4 group of 7 does not divide the tiny model's widths: the build phase fails.
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scout_int4.py"), *TINY, "--group-size", "7",
-                          "--record", "--results", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scout_int4.py"),
+            *TINY,
+            "--group-size",
+            "7",
+            "--record",
+            "--results",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "group_size=7" in out.stderr
     [entry] = gpu_record.read(tmp_path, "scout_int4_tiny_l1")
     fig = entry["figures"]
@@ -139,8 +180,16 @@ def test_a_failed_run_still_records_what_it_measured(tmp_path):
 
 def test_a_run_cut_by_sigterm_records_the_phases_before(tmp_path):
     # What `timeout` does at a step's limit: SIGTERM while decoding (here: an endless decode).
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "scout_int4.py"), *TINY, "--decode-steps", "1000000",
-           "--record", "--results", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "scout_int4.py"),
+        *TINY,
+        "--decode-steps",
+        "1000000",
+        "--record",
+        "--results",
+        str(tmp_path),
+    ]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as p:
         for line in p.stdout:
             if line.startswith("--- decode"):
@@ -158,8 +207,12 @@ def test_a_run_cut_by_sigterm_records_the_phases_before(tmp_path):
 
 def test_gpu_record_appends_lines_and_keeps_json_strict(tmp_path, monkeypatch):
     monkeypatch.setenv("GPU_COMMIT", "deadbee")
-    a = gpu_record.append("one", {"ms": 1.5, "bad": float("nan"), "nested": {"t": (1, float("inf"))}},
-                          command="python x.py", results=tmp_path / "sub")
+    a = gpu_record.append(
+        "one",
+        {"ms": 1.5, "bad": float("nan"), "nested": {"t": (1, float("inf"))}},
+        command="python x.py",
+        results=tmp_path / "sub",
+    )
     gpu_record.append("two", {"ms": 2}, command="python y.py", results=tmp_path / "sub")
     rows = gpu_record.read(tmp_path / "sub")
     assert [r["name"] for r in rows] == ["one", "two"] and rows[0] == a
@@ -185,8 +238,9 @@ ALL_STEPS = "quanttests scout tests attention16k decode1m long tune attention de
 
 def dry_run(tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GPU_SESSION_DRY": "1", "PY": sys.executable, "OUT": str(tmp_path / "out")}
-    return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_gpu_session_is_valid_bash_and_its_default_fits_a_call(tmp_path):
@@ -224,8 +278,9 @@ def test_every_command_of_the_gpu_session_exists_with_its_flags(tmp_path):
         script = argv[1]
         assert (ROOT / script).is_file(), (name, script)
         if script not in helps:
-            h = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=120)
+            h = subprocess.run(
+                [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+            )
             assert h.returncode == 0, h.stderr
             helps[script] = h.stdout
         flags = [a.split("=")[0] for a in argv[2:] if a.startswith("--")]

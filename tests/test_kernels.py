@@ -46,15 +46,14 @@ def naive_attention(q, k, v, *, q_start, k_start, causal, chunk, scale=None, dty
     r = Hq // k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
-    s = (q @ k.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
+    s = (q @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
     p = torch.arange(q_start, q_start + M, device=q.device)[:, None]
     j = torch.arange(k_start, k_start + N, device=q.device)[None, :]
     mask = torch.ones(M, N, dtype=torch.bool, device=q.device)
     if causal:
         mask &= j <= p
     if chunk is not None:
-        mask &= (torch.div(j, chunk, rounding_mode="floor")
-                 == torch.div(p, chunk, rounding_mode="floor"))
+        mask &= torch.div(j, chunk, rounding_mode="floor") == torch.div(p, chunk, rounding_mode="floor")
     s = s.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(s.float(), dim=-1)
     out = torch.softmax(s, dim=-1).nan_to_num(0.0) @ v  # rows with no key: softmax is nan -> 0
@@ -159,8 +158,7 @@ def test_fused_cpu_key_blocks(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,Hq,Hkv,M,N,D,q_start,k_start,causal,chunk", CASES + BIG_CASES)
-def test_triton_within_bar(triton_device, B, Hq, Hkv, M, N, D, q_start, k_start, causal, chunk,
-                           dtype):
+def test_triton_within_bar(triton_device, B, Hq, Hkv, M, N, D, q_start, k_start, causal, chunk, dtype):
     # NOTE: fp16/fp32 only here: the interpreter's tl.dot is wrong on bfloat16 (see below).
     q, k, v = make_qkv(B, Hq, Hkv, M, N, D, dtype, triton_device)
     mask = dict(q_start=q_start, k_start=k_start, causal=causal, chunk=chunk)
@@ -223,16 +221,22 @@ def test_kernel_compiles_for_hopper(dtype, D, rows, G):
     e.g. code that only fails in the compiled frontend or tiles that overflow shared memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, dtype, str(D), str(rows), str(G)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT, dtype, str(D), str(rows), str(G)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if res.returncode == 3:
         pytest.skip("no ahead-of-time compile for sm_90 in this triton install")
     assert res.returncode == 0, res.stderr[-3000:]
 
 
 @needs_triton
-@pytest.mark.skipif(HAS_CUDA, reason="triton was imported in compiled mode here; a GPU-less run "
-                    "tests the interpreter path")
+@pytest.mark.skipif(
+    HAS_CUDA, reason="triton was imported in compiled mode here; a GPU-less run tests the interpreter path"
+)
 def test_interpreter_bf16_workaround(monkeypatch):
     """Under the interpreter bf16 inputs are upcast before the kernel (tl.dot on bf16 is
     garbage there); the dispatcher must still return bf16 within the bar."""
@@ -271,8 +275,12 @@ def test_triton_cuts_keys_beyond_int32_offsets(triton_device, monkeypatch):
 
 @settings(deadline=None, max_examples=40)
 @given(
-    M=st.integers(1, 70), N=st.integers(1, 90), r=st.sampled_from([1, 2, 5]),
-    q_start=st.integers(0, 80), k_start=st.integers(0, 80), causal=st.booleans(),
+    M=st.integers(1, 70),
+    N=st.integers(1, 90),
+    r=st.sampled_from([1, 2, 5]),
+    q_start=st.integers(0, 80),
+    k_start=st.integers(0, 80),
+    causal=st.booleans(),
     chunk=st.one_of(st.none(), st.integers(1, 40)),
 )
 def test_reference_blockwise_equals_naive(M, N, r, q_start, k_start, causal, chunk):
@@ -299,17 +307,23 @@ def split_points(draw_cuts, n):
 
 @settings(deadline=None, max_examples=40)
 @given(
-    N=st.integers(1, 120), cuts=st.lists(st.integers(0, 120), max_size=6),
-    M=st.integers(1, 30), q_start=st.integers(0, 150), causal=st.booleans(),
-    chunk=st.one_of(st.none(), st.integers(1, 50)), order=st.randoms(use_true_random=False),
+    N=st.integers(1, 120),
+    cuts=st.lists(st.integers(0, 120), max_size=6),
+    M=st.integers(1, 30),
+    q_start=st.integers(0, 150),
+    causal=st.booleans(),
+    chunk=st.one_of(st.none(), st.integers(1, 50)),
+    order=st.randoms(use_true_random=False),
 )
 def test_merge_of_segments_equals_unsplit(N, cuts, M, q_start, causal, chunk, order):
     k_start = 10
     q, k, v = make_qkv(1, 4, 2, M, N, 16, torch.float32, seed=N)
     mask = dict(q_start=q_start, causal=causal, chunk=chunk)
     whole = flash_attention(q, k, v, k_start=k_start, impl="reference", **mask)
-    parts = [flash_attention(q, k[:, :, a:b], v[:, :, a:b], k_start=k_start + a,
-                             impl="reference", **mask) for a, b in split_points(cuts, N)]
+    parts = [
+        flash_attention(q, k[:, :, a:b], v[:, :, a:b], k_start=k_start + a, impl="reference", **mask)
+        for a, b in split_points(cuts, N)
+    ]
     order.shuffle(parts)  # order-independent
     out, lse = merge_attention(parts)
     assert max_err(out, whole[0]) < 1e-5
@@ -320,8 +334,10 @@ def test_merge_of_triton_segments(triton_device):
     q, k, v = make_qkv(1, 5, 1, 20, 150, 64, torch.float16, triton_device)
     mask = dict(q_start=140, causal=True, chunk=64)
     whole = flash_attention(q, k, v, k_start=0, impl="triton", **mask)
-    parts = [flash_attention(q, k[:, :, a:b], v[:, :, a:b], k_start=a, impl="triton", **mask)
-             for a, b in [(0, 45), (45, 46), (46, 129), (129, 150)]]
+    parts = [
+        flash_attention(q, k[:, :, a:b], v[:, :, a:b], k_start=a, impl="triton", **mask)
+        for a, b in [(0, 45), (45, 46), (46, 129), (129, 150)]
+    ]
     out, lse = merge_attention(parts[::-1])
     assert out.dtype == torch.float16
     assert max_err(out, whole[0]) < 2e-3
@@ -461,21 +477,24 @@ def test_reference_runs_without_triton(monkeypatch):
         flash_attention(q, k, v, q_start=4, k_start=0, impl="triton")
 
 
-@pytest.mark.parametrize("make,exc,match", [
-    (lambda q, k, v: (q[0], k, v, {}), ValueError, "4-D"),
-    (lambda q, k, v: (q, k[..., :8], v[..., :8], {}), ValueError, "head dim mismatch"),
-    (lambda q, k, v: (q[:, :3], k[:, :2], v[:, :2], {}), ValueError, "multiple of KV heads"),
-    (lambda q, k, v: (q, k, v[:, :, :5], {}), ValueError, "shapes differ"),
-    (lambda q, k, v: (q, k[:1], v[:1], {}), ValueError, "batch mismatch"),
-    (lambda q, k, v: (q.half(), k, v, {}), TypeError, "share a dtype"),
-    (lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "dtype"),
-    (lambda q, k, v: (q.numpy(), k, v, {}), TypeError, "torch.Tensor"),
-    (lambda q, k, v: (q, k, v, {"q_start": -1}), ValueError, "q_start must be >= 0"),
-    (lambda q, k, v: (q, k, v, {"k_start": 1.5}), TypeError, "k_start must be an int"),
-    (lambda q, k, v: (q, k, v, {"q_start": True}), TypeError, "bool"),
-    (lambda q, k, v: (q, k, v, {"chunk": 0}), ValueError, "chunk must be a positive"),
-    (lambda q, k, v: (q, k, v, {"impl": "fast"}), ValueError, "impl must be"),
-])
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda q, k, v: (q[0], k, v, {}), ValueError, "4-D"),
+        (lambda q, k, v: (q, k[..., :8], v[..., :8], {}), ValueError, "head dim mismatch"),
+        (lambda q, k, v: (q[:, :3], k[:, :2], v[:, :2], {}), ValueError, "multiple of KV heads"),
+        (lambda q, k, v: (q, k, v[:, :, :5], {}), ValueError, "shapes differ"),
+        (lambda q, k, v: (q, k[:1], v[:1], {}), ValueError, "batch mismatch"),
+        (lambda q, k, v: (q.half(), k, v, {}), TypeError, "share a dtype"),
+        (lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "dtype"),
+        (lambda q, k, v: (q.numpy(), k, v, {}), TypeError, "torch.Tensor"),
+        (lambda q, k, v: (q, k, v, {"q_start": -1}), ValueError, "q_start must be >= 0"),
+        (lambda q, k, v: (q, k, v, {"k_start": 1.5}), TypeError, "k_start must be an int"),
+        (lambda q, k, v: (q, k, v, {"q_start": True}), TypeError, "bool"),
+        (lambda q, k, v: (q, k, v, {"chunk": 0}), ValueError, "chunk must be a positive"),
+        (lambda q, k, v: (q, k, v, {"impl": "fast"}), ValueError, "impl must be"),
+    ],
+)
 def test_bad_arguments(make, exc, match):
     q, k, v = make_qkv(2, 4, 2, 5, 6, 16, torch.float32)
     q, k, v, kw = make(q, k, v)

@@ -9,35 +9,57 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import random_model, tiny_config
 from longctx.checkpoint import CheckpointError, hf_to_longctx, load_model, longctx_to_hf, save_model
 from longctx.config import ConfigError, ModelConfig
 from longctx.model import Model
 from longctx.moe import MoE
 
-from conftest import random_model, tiny_config
-
 transformers = pytest.importorskip("transformers")
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 1.0, "original_max_position_embeddings": 8}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 16.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 1.0,
+    "original_max_position_embeddings": 8,
+}
 
 # Each case: Llama4TextConfig overrides. All cross >= 3 chunk boundaries (T=23, chunk 5) with
 # temperature tuning active (floor_scale 3) and random norm weights.
 CASES = {
     "moe-every-layer_gqa2_qknorm": dict(interleave_moe_layer_step=1, num_attention_heads=4, num_key_value_heads=2),
-    "moe-step2_gqa1_no-qknorm": dict(interleave_moe_layer_step=2, num_attention_heads=4, num_key_value_heads=4,
-                                    use_qk_norm=False),
-    "gqa5_nope-every-2nd_top2": dict(num_attention_heads=10, num_key_value_heads=2, no_rope_layer_interval=2,
-                                     num_experts_per_tok=2),
-    "default-rope_no-temperature": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                        attn_temperature_tuning=False),
+    "moe-step2_gqa1_no-qknorm": dict(
+        interleave_moe_layer_step=2, num_attention_heads=4, num_key_value_heads=4, use_qk_norm=False
+    ),
+    "gqa5_nope-every-2nd_top2": dict(
+        num_attention_heads=10, num_key_value_heads=2, no_rope_layer_interval=2, num_experts_per_tok=2
+    ),
+    "default-rope_no-temperature": dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn_temperature_tuning=False
+    ),
 }
 
 
 def hf_model(seed: int, **overrides):
-    cfg = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               head_dim=16, intermediate_size=32, intermediate_size_mlp=48, num_local_experts=4,
-               attention_chunk_size=5, floor_scale=3, rope_parameters=LLAMA3, attn_implementation="eager",
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = dict(
+        vocab_size=97,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=32,
+        intermediate_size_mlp=48,
+        num_local_experts=4,
+        attention_chunk_size=5,
+        floor_scale=3,
+        rope_parameters=LLAMA3,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**cfg)).eval()
@@ -134,10 +156,12 @@ def test_gate_scales_expert_input_not_output():
     h = torch.randn(6, cfg.hidden_size)
     with torch.no_grad():
         idx, gate = moe.route(h)
-        want = moe.shared_expert(h) + torch.stack([moe.experts.expert(int(e), g * row[None])[0]
-                                                   for e, g, row in zip(idx[:, 0], gate[:, 0], h)])
-        wrong = moe.shared_expert(h) + torch.stack([g * moe.experts.expert(int(e), row[None])[0]
-                                                    for e, g, row in zip(idx[:, 0], gate[:, 0], h)])
+        want = moe.shared_expert(h) + torch.stack(
+            [moe.experts.expert(int(e), g * row[None])[0] for e, g, row in zip(idx[:, 0], gate[:, 0], h)]
+        )
+        wrong = moe.shared_expert(h) + torch.stack(
+            [g * moe.experts.expert(int(e), row[None])[0] for e, g, row in zip(idx[:, 0], gate[:, 0], h)]
+        )
         got = moe(h[None])[0]
     torch.testing.assert_close(got, want)
     assert (got - wrong).abs().max() > 1e-3
@@ -166,21 +190,44 @@ def test_config_reads_published_and_transformers5_forms():
     assert scout.layer_kinds[:4] == ["chunked", "chunked", "chunked", "global"]
     assert scout.layer_kinds.count("global") == 12 and all(scout.is_moe)
     published = {  # the shape of the 2025 Scout config.json (text part), attn_temperature_tuning as int
-        "text_config": {"hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40,
-                        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192,
-                        "intermediate_size_mlp": 16384, "num_local_experts": 16, "vocab_size": 202048,
-                        "rope_theta": 500000.0, "attn_temperature_tuning": 4, "floor_scale": 8192,
-                        "attn_scale": 0.1, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
-                        "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
-                        "no_rope_layers": [], "interleave_moe_layer_step": 1, "use_qk_norm": True,
-                        "attention_chunk_size": 8192, "max_position_embeddings": 10485760,
-                        "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
-                        "pad_token_id": 200018, "model_type": "llama4_text"}}
+        "text_config": {
+            "hidden_size": 5120,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384,
+            "num_local_experts": 16,
+            "vocab_size": 202048,
+            "rope_theta": 500000.0,
+            "attn_temperature_tuning": 4,
+            "floor_scale": 8192,
+            "attn_scale": 0.1,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 16.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "no_rope_layers": [],
+            "interleave_moe_layer_step": 1,
+            "use_qk_norm": True,
+            "attention_chunk_size": 8192,
+            "max_position_embeddings": 10485760,
+            "bos_token_id": 200000,
+            "eos_token_id": [200001, 200007, 200008],
+            "pad_token_id": 200018,
+            "model_type": "llama4_text",
+        }
+    }
     assert ModelConfig.from_hf(published) == scout
     dropped = ("rope_theta", "rope_scaling", "attn_temperature_tuning")
     rope = {"rope_theta": 500000.0, **published["text_config"]["rope_scaling"]}
-    hf5 = transformers.Llama4TextConfig(**{k: v for k, v in published["text_config"].items() if k not in dropped},
-                                        rope_parameters=rope)
+    hf5 = transformers.Llama4TextConfig(
+        **{k: v for k, v in published["text_config"].items() if k not in dropped}, rope_parameters=rope
+    )
     assert ModelConfig.from_hf(hf5.to_dict()) == scout
 
 
@@ -194,40 +241,52 @@ def test_config_errors_name_the_field():
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("field, value, why", [
-    ("hidden_size", 0, "must be a positive int"),
-    ("hidden_size", -64, "must be a positive int"),
-    ("hidden_size", 64.5, "must be a positive int"),
-    ("hidden_size", "64", "must be a positive int"),
-    ("num_hidden_layers", 1e5, "must be a positive int"),  # JSON 1e5 is a float
-    ("num_hidden_layers", 10**9, "is over 10000"),
-    ("num_attention_heads", True, "must be a positive int"),
-    ("head_dim", 0, "must be a positive int"),
-    ("head_dim", 15, "must be even"),
-    ("vocab_size", 0, "must be a positive int"),
-    ("num_local_experts", 0, "must be a positive int"),
-    ("num_experts_per_tok", 5, "with 4 experts"),
-    ("attention_chunk_size", 0, "must be a positive int"),
-    ("interleave_moe_layer_step", 0, "must be a positive int"),
-    ("rope_theta", NAN, "finite"),
-    ("rope_theta", -1.0, "positive finite number"),
-    ("rms_norm_eps", NAN, "finite"),
-    ("rms_norm_eps", INF, "finite"),
-    ("rms_norm_eps", 0.0, "positive finite number"),
-    ("attn_scale", NAN, "finite"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": NAN, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
-                      "original_max_position_embeddings": 8}, "finite"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 0}, "factor must be a positive number"),
-    ("rope_scaling", "llama3", "must be a dict or null"),
-    ("moe_layers", [0, 9], "out of range"),
-    ("moe_layers", [1, 1], "lists a layer twice"),
-    ("moe_layers", ["1"], "list of ints"),
-    ("no_rope_layers", [1, 1, 2, 0], "entries must be 0"),
-    ("no_rope_layers", [1, 0], "has 2 entries for 4 layers"),
-    ("eos_token_id", [], "non-empty list"),
-    ("bos_token_id", -1, "token id"),
-    ("tie_word_embeddings", "yes", "true or false"),
-])
+@pytest.mark.parametrize(
+    "field, value, why",
+    [
+        ("hidden_size", 0, "must be a positive int"),
+        ("hidden_size", -64, "must be a positive int"),
+        ("hidden_size", 64.5, "must be a positive int"),
+        ("hidden_size", "64", "must be a positive int"),
+        ("num_hidden_layers", 1e5, "must be a positive int"),  # JSON 1e5 is a float
+        ("num_hidden_layers", 10**9, "is over 10000"),
+        ("num_attention_heads", True, "must be a positive int"),
+        ("head_dim", 0, "must be a positive int"),
+        ("head_dim", 15, "must be even"),
+        ("vocab_size", 0, "must be a positive int"),
+        ("num_local_experts", 0, "must be a positive int"),
+        ("num_experts_per_tok", 5, "with 4 experts"),
+        ("attention_chunk_size", 0, "must be a positive int"),
+        ("interleave_moe_layer_step", 0, "must be a positive int"),
+        ("rope_theta", NAN, "finite"),
+        ("rope_theta", -1.0, "positive finite number"),
+        ("rms_norm_eps", NAN, "finite"),
+        ("rms_norm_eps", INF, "finite"),
+        ("rms_norm_eps", 0.0, "positive finite number"),
+        ("attn_scale", NAN, "finite"),
+        (
+            "rope_scaling",
+            {
+                "rope_type": "llama3",
+                "factor": NAN,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 8,
+            },
+            "finite",
+        ),
+        ("rope_scaling", {"rope_type": "llama3", "factor": 0}, "factor must be a positive number"),
+        ("rope_scaling", "llama3", "must be a dict or null"),
+        ("moe_layers", [0, 9], "out of range"),
+        ("moe_layers", [1, 1], "lists a layer twice"),
+        ("moe_layers", ["1"], "list of ints"),
+        ("no_rope_layers", [1, 1, 2, 0], "entries must be 0"),
+        ("no_rope_layers", [1, 0], "has 2 entries for 4 layers"),
+        ("eos_token_id", [], "non-empty list"),
+        ("bos_token_id", -1, "token id"),
+        ("tie_word_embeddings", "yes", "true or false"),
+    ],
+)
 def test_untrusted_config_values_are_refused_naming_the_field(tmp_path, field, value, why):
     """A config.json is untrusted input: every bad type, range or non-finite value is a
     ConfigError naming the field, raised before anything is derived or allocated."""
@@ -247,15 +306,20 @@ def test_a_config_that_is_not_a_json_object_is_a_config_error(tmp_path, text):
         ModelConfig.from_file(path)
 
 
-@pytest.mark.parametrize("field, value", [("num_hidden_layers", 5000), ("head_dim", 10**9),
-                                          ("num_local_experts", 100_000), ("vocab_size", 10**8)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_hidden_layers", 5000), ("head_dim", 10**9), ("num_local_experts", 100_000), ("vocab_size", 10**8)],
+)
 def test_a_config_implying_more_weights_than_the_files_hold_is_refused_before_allocation(tmp_path, field, value):
     save_model(random_model(tiny_config()), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update({field: value, "no_rope_layers": [], "moe_layers": None})  # per-layer lists derived anew
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"config\.json: describes [\d,]+ parameters .* but the weight files "
-                                              rf"hold [\d,]+ B.*{field}={value}"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"config\.json: describes [\d,]+ parameters .* but the weight files "
+        rf"hold [\d,]+ B.*{field}={value}",
+    ):
         load_model(tmp_path)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import longctx
 from conftest import random_model, tiny_config
-from longctx import attention, cache, offload
+from longctx import attention, offload, stats
 from longctx.generate import generate, prefill
 from longctx.monitor import Monitor, RoutingCollapse
 from longctx.offload import OffloadPolicy
@@ -38,8 +38,9 @@ def hook_counts(model: nn.Module) -> list[int]:
 def test_expert_counts_equal_a_recount_from_the_router():
     model = moe_model()
     inputs = {i: [] for i, b in enumerate(model.layers) if hasattr(b.feed_forward, "router")}
-    grab = [model.layers[i].feed_forward.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0]))
-            for i in inputs]
+    grab = [
+        model.layers[i].feed_forward.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0])) for i in inputs
+    ]
     with Monitor(model, min_tokens=10**9) as mon:
         gen = generate(model, tokens(50), max_new_tokens=6, chunk_size=16, stop_ids=[])
     for h in grab:
@@ -82,7 +83,7 @@ PLACE = offload.Placer.place
 
 def wrapped() -> list[bool]:
     """Which of the functions the monitor may wrap are replaced now (``stage`` only on CUDA)."""
-    return [PLACE is not offload.Placer.place, attention.stage is not offload.stage, cache.stage is not offload.stage]
+    return [PLACE is not offload.Placer.place, attention.stage is not offload.stage, stats.stage is not offload.stage]
 
 
 def test_hooks_and_wrappers_are_removed_after_exit_and_after_an_exception():
@@ -164,8 +165,10 @@ def test_timings_follow_prefill_and_decode_and_parts_add_up():
         generate(model, tokens(600), max_new_tokens=5, chunk_size=128, stop_ids=[])
     rep = mon.report()
     assert [(s.phase, s.tokens, s.position) for s in rep.steps] == (
-        [("prefill", 128, p) for p in (0, 128, 256, 384)] + [("prefill", 88, 512)]
-        + [("decode", 1, p) for p in (600, 601, 602, 603)])
+        [("prefill", 128, p) for p in (0, 128, 256, 384)]
+        + [("prefill", 88, 512)]
+        + [("decode", 1, p) for p in (600, 601, 602, 603)]
+    )
     assert rep.phases["prefill"].forwards == 5 and rep.phases["prefill"].tokens == 600
     assert rep.phases["decode"].forwards == 4 and rep.phases["decode"].tokens == 4
     for s in rep.steps:

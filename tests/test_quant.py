@@ -8,11 +8,11 @@ import importlib.util
 
 import pytest
 import torch
+
 from conftest import random_model, tiny_config
+from longctx import quant
 from longctx.kernels import moe_matmul, quant_matmul
 from longctx.kernels import quant as kq
-
-from longctx import quant
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -27,7 +27,7 @@ def loop_pack(q: torch.Tensor, bits: int) -> torch.Tensor:
         words = []
         for w0 in range(0, len(row), per):
             word = 0
-            for j, v in enumerate(row[w0:w0 + per]):
+            for j, v in enumerate(row[w0 : w0 + per]):
                 word |= (v + (1 << (bits - 1))) << (bits * j)
             words.append(word - (1 << 32) if word >= 1 << 31 else word)
         rows.append(words)
@@ -106,7 +106,7 @@ def test_triton_equals_reference(triton_device, E, N, K, bits, group, counts, dt
     lo = 0
     for e, n in enumerate(counts):
         W = kq.dequantize(w[e], s[e], None if z is None else z[e], K=K, dtype=dtype)
-        torch.testing.assert_close(ref[lo:lo + n], x[lo:lo + n] @ W.T, rtol=0, atol=0)
+        torch.testing.assert_close(ref[lo : lo + n], x[lo : lo + n] @ W.T, rtol=0, atol=0)
         lo += n
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from text.text_samples import make_pdf  # tests/text/text_samples.py
 
 from conftest import text_model
 from longctx.checkpoint import save_model
-from text.text_samples import make_pdf  # tests/text/text_samples.py
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
@@ -56,9 +56,11 @@ def workdir(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("readme")
     (root / "reports").mkdir()
     (root / "reports" / "a-harbor.md").write_text(
-        "# Tidal Harbor\n\nBoats leave at dawn. One of the special magic numbers for quiet-otter is: 4823917.\n")
+        "# Tidal Harbor\n\nBoats leave at dawn. One of the special magic numbers for quiet-otter is: 4823917.\n"
+    )
     (root / "reports" / "b-orchard.md").write_text(
-        "# Golden Orchard\n\nThe apples ripen in late summer and the cider is pressed in October.\n")
+        "# Golden Orchard\n\nThe apples ripen in late summer and the cider is pressed in October.\n"
+    )
     (root / "contract.pdf").write_bytes(make_pdf([["The tenant pays rent on the first day of each month."]]))
     # A random tiny Llama 4 whose widths int4 (group 128) can quantize, with the embedded tokenizer.
     tiny = text_model(tok, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256)
@@ -92,7 +94,8 @@ def test_cli_blocks_run(workdir, monkeypatch, capsys):
 
     monkeypatch.chdir(workdir)
     (workdir / "jobs.jsonl").write_text(
-        '{"id": "j1", "corpus": "reports/", "questions": ["What is the special magic number for quiet-otter?"]}\n')
+        '{"id": "j1", "corpus": "reports/", "questions": ["What is the special magic number for quiet-otter?"]}\n'
+    )
     commands = [line for body in blocks("bash") for line in body.splitlines() if line.startswith("longctx ")]
     assert len(commands) >= 6
     for line in commands:

@@ -20,13 +20,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx import storage
-from longctx import offload
-from longctx.cache import CacheError, KVCache, OffloadPolicy
-from longctx.storage import MANIFEST, recover, write_manifest
-from longctx.generate import prefill
-
 from conftest import random_model, tiny_config
+from longctx import offload, storage
+from longctx.cache import CacheError, KVCache, OffloadPolicy
+from longctx.generate import prefill
+from longctx.storage import MANIFEST, recover, write_manifest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
@@ -48,8 +46,10 @@ def built(model, tokens, n: int) -> KVCache:
 
 
 def same_kv(a: KVCache, b: KVCache) -> bool:
-    return all(ta.keys() == tb.keys() and all(torch.equal(ta[k].cpu(), tb[k].cpu()) for k in ta)
-               for ta, tb in ((x.tensors(), y.tensors()) for x, y in zip(a.layers, b.layers)))
+    return all(
+        ta.keys() == tb.keys() and all(torch.equal(ta[k].cpu(), tb[k].cpu()) for k in ta)
+        for ta, tb in ((x.tensors(), y.tensors()) for x, y in zip(a.layers, b.layers))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +206,11 @@ def test_a_full_disk_refuses_the_save_before_writing(model, tokens, saved, tmp_p
     target = tmp_path / "c"
     shutil.copytree(saved, target)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
-    with pytest.raises(CacheError, match=rf"{target}: cannot save the KV cache \(not enough free space\); "
-                                         r"it needs about \d+ B, 100 B free"):
+    with pytest.raises(
+        CacheError,
+        match=rf"{target}: cannot save the KV cache \(not enough free space\); "
+        r"it needs about \d+ B, 100 B free",
+    ):
         built(model, tokens, 30).save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     monkeypatch.undo()
@@ -220,12 +223,16 @@ def test_offload_disk_tier_checks_free_space_before_a_prefill(model, tokens, tmp
     per_token = model.config.kv_bytes_per_token(4)["global"]
     cache.check_room(30, per_token)  # plenty of room
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(CacheError, match=rf"{tmp_path / 'kv'}: not enough free space for the KV disk tier: "
-                                         rf"needs {30 * 2 * per_token} B, 1000 B free"):
+    with pytest.raises(
+        CacheError,
+        match=rf"{tmp_path / 'kv'}: not enough free space for the KV disk tier: "
+        rf"needs {30 * 2 * per_token} B, 1000 B free",
+    ):
         cache.check_room(30, per_token)
     # Room on the device and CPU budgets is counted first.
-    roomy = model.new_cache(2, OffloadPolicy(device_bytes=30 * 2 * per_token, cpu_bytes=0,
-                                             disk_dir=tmp_path / "kv", segment_tokens=8))
+    roomy = model.new_cache(
+        2, OffloadPolicy(device_bytes=30 * 2 * per_token, cpu_bytes=0, disk_dir=tmp_path / "kv", segment_tokens=8)
+    )
     roomy.check_room(30, per_token)
     # A segment that no longer fits is refused when it is placed, not by a SIGBUS mid-write.
     with pytest.raises(CacheError, match="not enough free space for the KV disk tier"):

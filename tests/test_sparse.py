@@ -39,9 +39,11 @@ def decode(model, cache, tokens, n_prefill):
 
 
 def policies(tmp_path, seg):
-    return {"device": OffloadPolicy(segment_tokens=seg),
-            "cpu": OffloadPolicy(device_bytes=0, segment_tokens=seg),
-            "disk": OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path / "kv", segment_tokens=seg)}
+    return {
+        "device": OffloadPolicy(segment_tokens=seg),
+        "cpu": OffloadPolicy(device_bytes=0, segment_tokens=seg),
+        "disk": OffloadPolicy(device_bytes=0, cpu_bytes=0, disk_dir=tmp_path / "kv", segment_tokens=seg),
+    }
 
 
 @pytest.mark.parametrize("tier", ["device", "cpu", "disk"])
@@ -69,8 +71,10 @@ def test_full_budget_equals_exact_property(model, tokens, n_prefill, steps, page
 
 
 def bounds_of(cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(g.pages.kmin[:, :, : g.pages.pages].clone(), g.pages.kmax[:, :, : g.pages.pages].clone())
-            for g in sparse.layers(cache)]
+    return [
+        (g.pages.kmin[:, :, : g.pages.pages].clone(), g.pages.kmax[:, :, : g.pages.pages].clone())
+        for g in sparse.layers(cache)
+    ]
 
 
 def test_bounds_are_the_pages_min_and_max_whatever_the_chunking(model, tokens, one_thread):
@@ -207,8 +211,9 @@ def test_session_answers_report_the_share_read_and_survive_save_and_load(tok, tm
     from longctx.text.ingest import ingest
 
     model = text_model(tok)
-    corpus = ingest([("Rivers", "The river runs to the sea. " * 20),
-                     ("Peaks", "Mountains rise above the clouds. " * 25)])
+    corpus = ingest(
+        [("Rivers", "The river runs to the sea. " * 20), ("Peaks", "Mountains rise above the clouds. " * 25)]
+    )
     q = "What rises above the clouds?"
     exact = Session(model, corpus, chunk_size=64).ask(q, max_new_tokens=4)
     full = Session(model, corpus, chunk_size=64, sparse=SparseDecode(top_pages=ALL, page_tokens=16))
@@ -225,8 +230,12 @@ def test_session_answers_report_the_share_read_and_survive_save_and_load(tok, tm
 
 
 def test_settings_are_checked():
-    for bad in (dict(top_pages=-1), dict(top_pages=1, page_tokens=0), dict(top_pages=1, recent_pages=0),
-                dict(top_pages=True)):
+    for bad in (
+        dict(top_pages=-1),
+        dict(top_pages=1, page_tokens=0),
+        dict(top_pages=1, recent_pages=0),
+        dict(top_pages=True),
+    ):
         with pytest.raises(ValueError, match="SparseDecode"):
             SparseDecode(**bad)
 

@@ -34,10 +34,29 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, K, V, start_n, n_hi, pos_q, q_chunk_lo,
-          k_start, chunk, scale_log2, stride_kn, stride_vn,
-          MASKED: tl.constexpr, CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
-          BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr):
+def _tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    start_n,
+    n_hi,
+    pos_q,
+    q_chunk_lo,
+    k_start,
+    chunk,
+    scale_log2,
+    stride_kn,
+    stride_vn,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One key tile [start_n, start_n + BLOCK_N) of the online softmax.
 
     K, V point at this (batch, KV head)'s first key. Works in base 2: scores are
@@ -79,17 +98,45 @@ def _tile(acc, m_i, l_i, q, K, V, start_n, n_hi, pos_q, q_chunk_lo,
 
 
 @triton.jit(do_not_specialize=["q_start", "k_start"])
-def _attn_fwd(Q, K, V, O, L,
-              stride_qb, stride_qh, stride_qm,
-              stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn,
-              stride_os, stride_ob, stride_oh, stride_om,
-              stride_ls, stride_lb, stride_lh,
-              n_groups, M, N, q_start, k_start, chunk, scale_log2, split_len,
-              GQA: tl.constexpr, G: tl.constexpr,
-              CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    L,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_os,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    n_groups,
+    M,
+    N,
+    q_start,
+    k_start,
+    chunk,
+    scale_log2,
+    split_len,
+    GQA: tl.constexpr,
+    G: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Grid: (row blocks, B * n_groups, splits). A program owns BLOCK_M rows of one row group:
     the G query heads [grp*G, grp*G + G) laid end to end (row = h_local * M + query index).
     G = 1 for prefill; G = GQA (all heads of one KV head) for decode."""
@@ -136,8 +183,7 @@ def _attn_fwd(Q, K, V, O, L,
     full_end = n_lo + ((full_hi - n_lo) // BLOCK_N) * BLOCK_N
 
     offs_d = tl.arange(0, HEAD_D)
-    q_off = (b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-             + qi.to(tl.int64) * stride_qm)
+    q_off = b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + qi.to(tl.int64) * stride_qm
     q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     K += b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -150,26 +196,71 @@ def _attn_fwd(Q, K, V, O, L,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     for start_n in range(n_lo, full_end, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, start_n, n_hi,
-                              pos_q, q_chunk_lo, k_start, chunk, scale_log2, stride_kn, stride_vn,
-                              False, CAUSAL, CHUNKED, BLOCK_N, HEAD_D, PRECISION)
+        acc, m_i, l_i = _tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            K,
+            V,
+            start_n,
+            n_hi,
+            pos_q,
+            q_chunk_lo,
+            k_start,
+            chunk,
+            scale_log2,
+            stride_kn,
+            stride_vn,
+            False,
+            CAUSAL,
+            CHUNKED,
+            BLOCK_N,
+            HEAD_D,
+            PRECISION,
+        )
     for start_n in range(full_end, n_hi, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, start_n, n_hi,
-                              pos_q, q_chunk_lo, k_start, chunk, scale_log2, stride_kn, stride_vn,
-                              True, CAUSAL, CHUNKED, BLOCK_N, HEAD_D, PRECISION)
+        acc, m_i, l_i = _tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            K,
+            V,
+            start_n,
+            n_hi,
+            pos_q,
+            q_chunk_lo,
+            k_start,
+            chunk,
+            scale_log2,
+            stride_kn,
+            stride_vn,
+            True,
+            CAUSAL,
+            CHUNKED,
+            BLOCK_N,
+            HEAD_D,
+            PRECISION,
+        )
 
     # Rows with no visible key: out = 0, lse = -inf (they vanish in an LSE merge).
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,  # * ln 2
-                   float("-inf"))
-    o_off = (pid_s.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob
-             + head.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om)
-    tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    l_off = (pid_s.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb
-             + head.to(tl.int64) * stride_lh + qi)
+    lse = tl.where(
+        has_key,
+        (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,  # * ln 2
+        float("-inf"),
+    )
+    o_off = (
+        pid_s.to(tl.int64) * stride_os
+        + b.to(tl.int64) * stride_ob
+        + head.to(tl.int64) * stride_oh
+        + qi.to(tl.int64) * stride_om
+    )
+    tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    l_off = pid_s.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + qi
     tl.store(L + l_off, lse, mask=row_ok)
 
 
@@ -190,9 +281,20 @@ def _blocks(head_dim: int, m_rows: int, dtype: torch.dtype, device: torch.device
     return block_m, block_n, (8 if block_m >= 128 else 4), stages
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, k_start: int,
-           causal: bool, chunk: int | None, scale: float, pack_heads: bool, num_splits: int,
-           out_dtype: torch.dtype | None = None):
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    chunk: int | None,
+    scale: float,
+    pack_heads: bool,
+    num_splits: int,
+    out_dtype: torch.dtype | None = None,
+):
     """Launch the kernel on already-validated tensors (see ``attention._check``).
 
     q (B, Hq, M, D), k/v (B, Hkv, N, D), last dim unit-stride, same device and dtype.
@@ -225,14 +327,39 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, k
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(rows, block_m), B * n_groups, S)
     _attn_fwd[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *so, *sl,
-        n_groups, M, N, q_start, k_start, chunk if chunk else 1, scale * _LOG2E, split_len,
-        GQA=gqa, G=G, CAUSAL=bool(causal), CHUNKED=chunk is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        *so,
+        *sl,
+        n_groups,
+        M,
+        N,
+        q_start,
+        k_start,
+        chunk if chunk else 1,
+        scale * _LOG2E,
+        split_len,
+        GQA=gqa,
+        G=G,
+        CAUSAL=bool(causal),
+        CHUNKED=chunk is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_D=D,
+        PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, lse

@@ -23,10 +23,35 @@ INTERPRET = interpret_requested()
 
 
 @triton.jit
-def _moe_mm(X, W, S, Z, O, blk_expert, blk_row0, blk_row1, N, K, group_size,
-            sxm, sxk, swe, swn, swk, sse, ssn, ssg, som, son,
-            BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _moe_mm(
+    X,
+    W,
+    S,
+    Z,
+    O,
+    blk_expert,
+    blk_row0,
+    blk_row1,
+    N,
+    K,
+    group_size,
+    sxm,
+    sxk,
+    swe,
+    swn,
+    swk,
+    sse,
+    ssn,
+    ssg,
+    som,
+    son,
+    BITS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     b = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(blk_expert + b).to(tl.int64)
@@ -53,8 +78,11 @@ def _moe_mm(X, W, S, Z, O, blk_expert, blk_row0, blk_row1, N, K, group_size,
         s = tl.load(S + e * sse + cols[None, :] * ssn + g * ssg, mask=wmask, other=0.0).to(tl.float32)
         w = (q.to(tl.float32) * s).to(X.dtype.element_ty)  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    tl.store(O + rows[:, None] * som + cols[None, :] * son, acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        O + rows[:, None] * som + cols[None, :] * son,
+        acc.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def _blocks(counts: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,8 +99,9 @@ def _blocks(counts: list[int], block_m: int, device) -> tuple[torch.Tensor, torc
     return as_t(expert), as_t(row0), as_t(row1)
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-           counts: list[int]) -> torch.Tensor:
+def launch(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, counts: list[int]
+) -> torch.Tensor:
     """x (T, K) sorted by expert, T > 0; arguments checked by ``quant.moe_matmul``."""
     T, K = x.shape
     E, N, _ = w.shape
@@ -85,9 +114,34 @@ def launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     scale = scale.contiguous()
     z = scale if zero is None else zero.contiguous()  # same shape, so the same strides; any pointer when off
     grid = (be.numel(), triton.cdiv(N, block_n))
-    _moe_mm[grid](x, w, scale, z, out, be, r0, r1, N, K, K // scale.shape[-1],
-                  x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                  scale.stride(0), scale.stride(1), scale.stride(2), out.stride(0), out.stride(1),
-                  BITS=bits, HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+    _moe_mm[grid](
+        x,
+        w,
+        scale,
+        z,
+        out,
+        be,
+        r0,
+        r1,
+        N,
+        K,
+        K // scale.shape[-1],
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        scale.stride(0),
+        scale.stride(1),
+        scale.stride(2),
+        out.stride(0),
+        out.stride(1),
+        BITS=bits,
+        HAS_ZERO=zero is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
     return out

@@ -37,6 +37,7 @@ def launch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Ten
     out = torch.empty((B, Hkv, N), dtype=torch.float32, device=q.device)
     block_n = 64
     grid = (B * Hkv, triton.cdiv(N, block_n))
-    _page_scores[grid](q, kmin, kmax, out, N, q.shape[1] // Hkv, HEAD_D=D, BLOCK_N=block_n,
-                       BLOCK_D=triton.next_power_of_2(D))
+    _page_scores[grid](
+        q, kmin, kmax, out, N, q.shape[1] // Hkv, HEAD_D=D, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D)
+    )
     return out

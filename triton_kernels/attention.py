@@ -51,8 +51,7 @@ def _as_position(name: str, value) -> int:
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int (an absolute token position), "
-                        f"got {type(value).__name__}") from None
+        raise TypeError(f"{name} must be an int (an absolute token position), got {type(value).__name__}") from None
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
@@ -83,7 +82,7 @@ def _check(q, k, v, q_start, k_start, chunk, scale):
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv}) for GQA")
     q_start = _as_position("q_start", q_start)
     k_start = _as_position("k_start", k_start)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     return q_start, k_start, _as_chunk(chunk), scale
 
 
@@ -166,8 +165,12 @@ def _launch(q, k, v, **kw):
         return mod.launch(q, k, v, **kw)
     outs, lses = [], []
     for n0 in range(0, N, piece):
-        o, lse = mod.launch(q, k[:, :, n0:n0 + piece], v[:, :, n0:n0 + piece],
-                            **dict(kw, k_start=kw["k_start"] + n0, out_dtype=torch.float32))
+        o, lse = mod.launch(
+            q,
+            k[:, :, n0 : n0 + piece],
+            v[:, :, n0 : n0 + piece],
+            **dict(kw, k_start=kw["k_start"] + n0, out_dtype=torch.float32),
+        )
         outs.append(o.reshape(-1, *q.shape))
         lses.append(lse.reshape(-1, *q.shape[:3]))
     return _merge_stacked(torch.cat(outs), torch.cat(lses))
@@ -176,9 +179,18 @@ def _launch(q, k, v, **kw):
 # ----------------------------------------------------------------------------- public API
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int,
-                    k_start: int, causal: bool = True, chunk: int | None = None,
-                    scale: float | None = None, impl: str = "auto"):
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int,
+    k_start: int,
+    causal: bool = True,
+    chunk: int | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+):
     """Attention of q over k/v with the absolute-position mask (see the module docstring).
 
     Args: q (B, Hq, M, D); k, v (B, Hkv, N, D); q_start / k_start: absolute positions of the
@@ -191,13 +203,26 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_star
     if M == 0 or N == 0:
         return _empty_result(q)
     if use_triton:
-        out, lse = _launch(q, k, v, q_start=q_start, k_start=k_start, causal=causal,
-                           chunk=chunk, scale=scale, pack_heads=M < 16, num_splits=1)
+        out, lse = _launch(
+            q,
+            k,
+            v,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            chunk=chunk,
+            scale=scale,
+            pack_heads=M < 16,
+            num_splits=1,
+        )
         return out.to(q.dtype), lse
     fused = _FUSED_CPU is not None and q.device.type == "cpu"
     if impl == "torch" and not fused:
-        why = (f"tensors are on {q.device.type}" if q.device.type != "cpu"
-               else "this torch has no aten._scaled_dot_product_flash_attention_for_cpu")
+        why = (
+            f"tensors are on {q.device.type}"
+            if q.device.type != "cpu"
+            else "this torch has no aten._scaled_dot_product_flash_attention_for_cpu"
+        )
         raise RuntimeError(f"impl='torch' needs CPU tensors and torch's fused CPU attention op: {why}")
     if impl in ("auto", "torch") and fused:
         return _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale)
@@ -220,15 +245,27 @@ def merge_attention(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     device = out0.device
     for i, (o, lse) in enumerate(parts):
         if o.shape[:-1] != lse.shape or o.shape != out0.shape:
-            raise ValueError(f"part {i}: out {tuple(o.shape)} / lse {tuple(lse.shape)} do not "
-                             f"match part 0: out {tuple(out0.shape)} / lse {tuple(lse0.shape)}")
-    out, lse = _merge_stacked(torch.stack([o.to(device=device, dtype=torch.float32) for o, _ in parts]),
-                              torch.stack([lse.to(device=device, dtype=torch.float32) for _, lse in parts]))
+            raise ValueError(
+                f"part {i}: out {tuple(o.shape)} / lse {tuple(lse.shape)} do not "
+                f"match part 0: out {tuple(out0.shape)} / lse {tuple(lse0.shape)}"
+            )
+    out, lse = _merge_stacked(
+        torch.stack([o.to(device=device, dtype=torch.float32) for o, _ in parts]),
+        torch.stack([lse.to(device=device, dtype=torch.float32) for _, lse in parts]),
+    )
     return out.to(out0.dtype), lse
 
 
-def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = True,
-                     chunk: int | None = None, scale: float | None = None, impl: str = "auto"):
+def decode_attention(
+    q: torch.Tensor,
+    segments,
+    *,
+    q_start: int,
+    causal: bool = True,
+    chunk: int | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+):
     """Attention of a few queries over a long KV held as segments (flash-decoding).
 
     Args: q (B, Hq, M, D), M small (1..16 typical); segments: iterable of (k, v, k_start) with
@@ -263,12 +300,21 @@ def decode_attention(q: torch.Tensor, segments, *, q_start: int, causal: bool = 
         _, ks, _, scale_c = _check(q, k, v, lo, ks + n_lo, chunk, scale)
         if use_triton:
             splits = _decode_splits(q, k.shape[1], n_hi - n_lo)
-            out, lse = _launch(q, k, v, q_start=lo, k_start=ks, causal=causal, chunk=chunk,
-                               scale=scale_c, pack_heads=True, num_splits=splits,
-                               out_dtype=torch.float32)
+            out, lse = _launch(
+                q,
+                k,
+                v,
+                q_start=lo,
+                k_start=ks,
+                causal=causal,
+                chunk=chunk,
+                scale=scale_c,
+                pack_heads=True,
+                num_splits=splits,
+                out_dtype=torch.float32,
+            )
         else:
-            out, lse = _reference(q, k, v, lo, ks, causal, chunk, scale_c,
-                                  out_dtype=torch.float32)
+            out, lse = _reference(q, k, v, lo, ks, causal, chunk, scale_c, out_dtype=torch.float32)
         parts.append((out.reshape(-1, *q.shape), lse.reshape(-1, *q.shape[:3])))
     if not parts:
         return _empty_result(q)
@@ -344,8 +390,9 @@ def _fused_cpu(q, k, v, q_start, k_start, causal, chunk, scale):
         if n_hi > n_open:
             visible = visibility_mask(lo, hi, k_start + n_open, k_start + n_hi, causal, chunk)
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(r, 1)
-            o, lse = _FUSED_CPU(qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(),
-                                attn_mask=mask, scale=scale)[:2]
+            o, lse = _FUSED_CPU(
+                qb, k[:, :, n_open:n_hi].float(), v[:, :, n_open:n_hi].float(), attn_mask=mask, scale=scale
+            )[:2]
             seen = visible.any(dim=1).repeat(r)  # rows that see no key here: out 0, lse -inf
             parts.append((torch.where(seen[:, None], o, 0.0), torch.where(seen, lse, float("-inf"))))
         if len(parts) == 1:

@@ -80,8 +80,9 @@ def int_values(w: torch.Tensor, K: int) -> torch.Tensor:
     return unpack_int32(w, 4, K) if bits_of(w) == 4 else w
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, *, K: int,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, *, K: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``(q - zero) * scale`` ``[..., N, K]`` in ``dtype`` (default: the scale's), computed in fp32."""
     q = int_values(w, K).to(torch.int32)
     G = _group(K, scale)
@@ -157,7 +158,7 @@ def _reference(x, w, scale, zero, counts):
     for e, n in enumerate(counts):
         if n:
             W = dequantize(w[e], scale[e], None if zero is None else zero[e], K=x.shape[1], dtype=x.dtype)
-            out[lo:lo + n] = x[lo:lo + n] @ W.T
+            out[lo : lo + n] = x[lo : lo + n] @ W.T
         lo += n
     return out
 
@@ -205,11 +206,11 @@ def _cpu(x, w, scale, zero, counts, cache):
             z = None if zero is None else zero[e]
             if e not in cache:
                 cache[e] = cpu_packed(w[e], scale[e], z, x.shape[1])
-            xe = x[lo:lo + n]
+            xe = x[lo : lo + n]
             if cache[e] is None:
-                out[lo:lo + n] = xe @ dequantize(w[e], scale[e], z, K=x.shape[1], dtype=x.dtype).T
+                out[lo : lo + n] = xe @ dequantize(w[e], scale[e], z, K=x.shape[1], dtype=x.dtype).T
             else:
-                out[lo:lo + n] = _cpu_packed_mm(xe.contiguous(), cache[e])
+                out[lo : lo + n] = _cpu_packed_mm(xe.contiguous(), cache[e])
         lo += n
     return out
 
@@ -225,9 +226,16 @@ def _triton(x, w, scale, zero, counts):
 # ----------------------------------------------------------------------------- public API
 
 
-def moe_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, *,
-               counts: Sequence[int] | torch.Tensor, impl: str = "auto", cpu_cache: dict | None = None
-               ) -> torch.Tensor:
+def moe_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    *,
+    counts: Sequence[int] | torch.Tensor,
+    impl: str = "auto",
+    cpu_cache: dict | None = None,
+) -> torch.Tensor:
     """Grouped matmul of expert-sorted tokens with quantized expert weights (module docstring).
 
     x (T, K) float; w (E, N, ceil(K/8)) int32 or (E, N, K) int8; scale (E, N, n_groups);
@@ -244,14 +252,36 @@ def moe_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torc
     return _reference(x, w, scale, zero, counts)
 
 
-def quant_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, *,
-                 impl: str = "auto", cpu_cache: dict | None = None) -> torch.Tensor:
+def quant_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+    cpu_cache: dict | None = None,
+) -> torch.Tensor:
     """``x (..., K) @ dequantize(w).T`` -> (..., N): w (N, ·), scale (N, n_groups) (one expert)."""
     flat = x.reshape(-1, x.shape[-1])
-    out = moe_matmul(flat, w[None], scale[None], None if zero is None else zero[None], counts=[flat.shape[0]],
-                     impl=impl, cpu_cache=cpu_cache)
+    out = moe_matmul(
+        flat,
+        w[None],
+        scale[None],
+        None if zero is None else zero[None],
+        counts=[flat.shape[0]],
+        impl=impl,
+        cpu_cache=cpu_cache,
+    )
     return out.view(*x.shape[:-1], w.shape[0])
 
 
-__all__ = ["bits_of", "dequantize", "int_values", "moe_matmul", "pack_int32", "quant_matmul", "quantize",
-           "unpack_int32"]
+__all__ = [
+    "bits_of",
+    "dequantize",
+    "int_values",
+    "moe_matmul",
+    "pack_int32",
+    "quant_matmul",
+    "quantize",
+    "unpack_int32",
+]

@@ -56,6 +56,7 @@ class BatchInterrupted(InterruptedError):
         super().__init__(message)
         self.signum, self.answered = signum, answered
 
+
 # Output: one JSON object per line, {"job", "id", "question", "answer", "citations", "error"}.
 
 
@@ -82,8 +83,12 @@ def _parse_jobs(jobs_jsonl: Path) -> list[dict]:
             if not isinstance(corpus, list) or not corpus or not all(isinstance(p, str) for p in corpus):
                 raise ValueError('"corpus" must be a path or a non-empty list of paths')
             base = Path(jobs_jsonl).parent
-            job["paths"] = [str(base / Path(p).expanduser()) if not Path(p).expanduser().is_absolute()
-                            else str(Path(p).expanduser()) for p in corpus]
+            job["paths"] = [
+                str(base / Path(p).expanduser())
+                if not Path(p).expanduser().is_absolute()
+                else str(Path(p).expanduser())
+                for p in corpus
+            ]
             job["id"] = str(job.get("id", f"line{n}"))
             if job["id"] in seen:
                 raise ValueError(f"job id {job['id']!r} already used on line {seen[job['id']]}")
@@ -101,8 +106,13 @@ def _parse_jobs(jobs_jsonl: Path) -> list[dict]:
             seen[job["id"]] = n
             jobs.append(job)
         except ValueError as e:  # every way jsonl.parse finds a line bad, too
-            jobs.append({"id": f"line{n}", "error": f"{jobs_jsonl}:{n}: malformed job ({e})",
-                         "questions": [{"id": "-", "question": None}]})
+            jobs.append(
+                {
+                    "id": f"line{n}",
+                    "error": f"{jobs_jsonl}:{n}: malformed job ({e})",
+                    "questions": [{"id": "-", "question": None}],
+                }
+            )
     return jobs
 
 
@@ -123,8 +133,11 @@ def _distributed(model: Model) -> tuple[int, int, bool]:
     if cuda:
         local = os.environ.get("LOCAL_RANK")
         if local is not None and model.device.index != int(local):
-            warnings.warn(f"the model is on {model.device} but LOCAL_RANK is {local}: under torchrun load it on "
-                          f"cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU)", stacklevel=3)
+            warnings.warn(
+                f"the model is on {model.device} but LOCAL_RANK is {local}: under torchrun load it on "
+                f"cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU)",
+                stacklevel=3,
+            )
         torch.cuda.set_device(model.device)
     # NOTE: ranks meet only at the end, where the fastest waits for the slowest; the default
     # collective timeout (10-30 min) would kill a long uneven batch, so wait up to a week.
@@ -158,20 +171,43 @@ class _Signals:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        print(f"longctx batch: {signal.Signals(signum).name}: finishing the answer in flight "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"longctx batch: {signal.Signals(signum).name}: finishing the answer in flight "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def check(self, out: Path, answered: int) -> None:
         """Raise ``BatchInterrupted`` if a signal came."""
         if self.signum is not None:
             name = signal.Signals(self.signum).name
-            raise BatchInterrupted(f"interrupted by {name} after writing {answered} answers to {out}; run the "
-                                   "same command again to answer the rest", self.signum, answered)
+            raise BatchInterrupted(
+                f"interrupted by {name} after writing {answered} answers to {out}; run the "
+                "same command again to answer the rest",
+                self.signum,
+                answered,
+            )
 
 
-def _answer(model: Model, jobs: list[dict], out_jsonl: Path, mine: Path, world: int, rank: int, signals: _Signals, *,
-            max_new_tokens: int, temperature: float, seed: int, chunk_size: int, offload: OffloadPolicy | None,
-            max_context: int | None, overflow: str, progress: bool) -> None:
+def _answer(
+    model: Model,
+    jobs: list[dict],
+    out_jsonl: Path,
+    mine: Path,
+    world: int,
+    rank: int,
+    signals: _Signals,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    chunk_size: int,
+    offload: OffloadPolicy | None,
+    max_context: int | None,
+    overflow: str,
+    progress: bool,
+) -> None:
     """Answer this rank's unanswered questions of ``jobs`` into ``mine`` (locked by the caller),
     checking ``signals`` after each written answer and before each job."""
     rank_files = jsonl.rank_files(out_jsonl)
@@ -179,8 +215,13 @@ def _answer(model: Model, jobs: list[dict], out_jsonl: Path, mine: Path, world: 
     for path in {out_jsonl, *rank_files} - {mine}:  # answers of earlier runs, any layout
         done |= {e.key for e in jsonl.read(path, _key)}
     todo = [j for i, j in enumerate(jobs) if i % world == rank]
-    bar = tqdm(total=sum(len(j["questions"]) for j in todo), desc=f"batch (rank {rank})" if world > 1 else "batch",
-               unit="q", disable=not progress, position=rank)
+    bar = tqdm(
+        total=sum(len(j["questions"]) for j in todo),
+        desc=f"batch (rank {rank})" if world > 1 else "batch",
+        unit="q",
+        disable=not progress,
+        position=rank,
+    )
     last: tuple[tuple, Session] | None = None  # the latest corpus session, reused by the next job
     written = 0
     with bar, open(mine, "a", encoding="utf-8") as fh:
@@ -199,8 +240,15 @@ def _answer(model: Model, jobs: list[dict], out_jsonl: Path, mine: Path, world: 
                     last = None  # free the previous corpus's cache before prefilling the next
                     try:
                         corpus = ingest(job["paths"], progress=False)
-                        session = Session(model, corpus, offload=offload, chunk_size=chunk_size,
-                                          max_context=max_context, overflow=overflow, progress=False)
+                        session = Session(
+                            model,
+                            corpus,
+                            offload=offload,
+                            chunk_size=chunk_size,
+                            max_context=max_context,
+                            overflow=overflow,
+                            progress=False,
+                        )
                         last = (key, session)
                     except (IngestError, ValueError, CacheError, OSError) as e:  # QAError, BudgetError too
                         error = f"corpus: {e}"
@@ -211,11 +259,18 @@ def _answer(model: Model, jobs: list[dict], out_jsonl: Path, mine: Path, world: 
                     if temperature > 0:
                         gen = torch.Generator(device=model.device).manual_seed(_seed(seed, job["id"], q["id"]))
                     try:
-                        a = session.ask(q["question"], max_new_tokens=max_new_tokens, temperature=temperature,
-                                        generator=gen)
-                        rec.update(answer=a.text, stopped=a.stopped, citations=[
-                            {"title": c.title, "source": c.source, "page": c.page, "share": round(c.share, 6)}
-                            for c in a.citations[:5]], error=None)
+                        a = session.ask(
+                            q["question"], max_new_tokens=max_new_tokens, temperature=temperature, generator=gen
+                        )
+                        rec.update(
+                            answer=a.text,
+                            stopped=a.stopped,
+                            citations=[
+                                {"title": c.title, "source": c.source, "page": c.page, "share": round(c.share, 6)}
+                                for c in a.citations[:5]
+                            ],
+                            error=None,
+                        )
                     except (QAError, CacheError) as e:
                         rec["error"] = str(e)
                 else:
@@ -248,9 +303,20 @@ def _merge(jobs: list[dict], out_jsonl: Path, mine: Path, world: int, rank: int,
         jsonl.merge(out_jsonl, _key, [e.line for p in rank_files for e in jsonl.read(p, _key)], order)
 
 
-def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, temperature: float = 0.0,
-              seed: int = 0, chunk_size: int = 2048, offload: OffloadPolicy | None = None,
-              max_context: int | None = None, overflow: str = "error", progress: bool = True) -> Path:
+def run_batch(
+    model: Model,
+    jobs_jsonl,
+    out_jsonl,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chunk_size: int = 2048,
+    offload: OffloadPolicy | None = None,
+    max_context: int | None = None,
+    overflow: str = "error",
+    progress: bool = True,
+) -> Path:
     """Answer every question of every job in ``jobs_jsonl`` into ``out_jsonl``; returns it.
 
     A job: {"id", "corpus": a folder/file or a list of them (relative to the jobs file's
@@ -282,9 +348,23 @@ def run_batch(model: Model, jobs_jsonl, out_jsonl, *, max_new_tokens: int = 64, 
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     jobs = _parse_jobs(jobs_jsonl)
     with jsonl.locked(mine), _Signals() as signals:  # BatchLockedError at once if another process writes it
-        _answer(model, jobs, out_jsonl, mine, world, rank, signals, max_new_tokens=max_new_tokens,
-                temperature=temperature, seed=seed, chunk_size=chunk_size, offload=offload,
-                max_context=max_context, overflow=overflow, progress=progress)
+        _answer(
+            model,
+            jobs,
+            out_jsonl,
+            mine,
+            world,
+            rank,
+            signals,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            chunk_size=chunk_size,
+            offload=offload,
+            max_context=max_context,
+            overflow=overflow,
+            progress=progress,
+        )
         _merge(jobs, out_jsonl, mine, world, rank, created)
     return out_jsonl
 

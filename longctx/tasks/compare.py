@@ -43,8 +43,13 @@ def _binom_tail(k: int, n: int, p: float, upper: bool) -> float:
         return 1.0 if (upper or k >= n) else 0.0
     ks = range(k, n + 1) if upper else range(0, k + 1)
     lp, lq = math.log(p), math.log1p(-p)
-    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp
-                                 + (n - i) * lq) for i in ks))
+    return min(
+        1.0,
+        sum(
+            math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
+            for i in ks
+        ),
+    )
 
 
 def mcnemar_exact(losses: int, gains: int) -> float:
@@ -84,8 +89,14 @@ def paired_difference(ref: list[bool], other: list[bool]) -> dict:
     m = gains + losses
     lo, hi = clopper_pearson(gains, m) if m else (0.5, 0.5)
     scale = m / n if n else 0.0
-    return {"difference": (gains - losses) / n if n else 0.0, "ci95": (scale * (2 * lo - 1), scale * (2 * hi - 1)),
-            "p": mcnemar_exact(losses, gains), "gains": gains, "losses": losses, "n": n}
+    return {
+        "difference": (gains - losses) / n if n else 0.0,
+        "ci95": (scale * (2 * lo - 1), scale * (2 * hi - 1)),
+        "p": mcnemar_exact(losses, gains),
+        "gains": gains,
+        "losses": losses,
+        "n": n,
+    }
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -107,8 +118,10 @@ def next_token_stats(variants: dict[str, Model], tokens: list[int], chunk: int =
     kl = dict.fromkeys(names, 0.0)
     ids = torch.tensor([tokens])
     for lo in range(0, len(tokens), chunk):
-        logp = {k: torch.log_softmax(m(ids[:, lo : lo + chunk].to(m.device), caches[k])[0].float().cpu(), -1)
-                for k, m in variants.items()}
+        logp = {
+            k: torch.log_softmax(m(ids[:, lo : lo + chunk].to(m.device), caches[k])[0].float().cpu(), -1)
+            for k, m in variants.items()
+        }
         ref = logp[names[0]]
         for k in names:
             agree[k] += int((logp[k].argmax(-1) == ref.argmax(-1)).sum())
@@ -148,9 +161,11 @@ class Comparison:
         return list(self.records)
 
     def _hits(self, name: str, task=None, length=None) -> dict[tuple, bool]:
-        return {(r["task"], r["length"], r["depth"], r["sample"]): bool(metric_value(r, self.metric))
-                for r in self.records[name]
-                if (task is None or r["task"] == task) and (length is None or r["length"] == length)}
+        return {
+            (r["task"], r["length"], r["depth"], r["sample"]): bool(metric_value(r, self.metric))
+            for r in self.records[name]
+            if (task is None or r["task"] == task) and (length is None or r["length"] == length)
+        }
 
     def accuracy(self, name: str, task=None, length=None) -> dict:
         """{"accuracy", "ci95" (Wilson), "k", "n"} of a variant, over all its cells or one
@@ -176,8 +191,12 @@ class Comparison:
         pct = lambda x: f"{100 * x:.0f}"  # noqa: E731
         first, rest = self.names[0], self.names[1:]
         head = f"| task | length | {first} | " + " | ".join(f"{n} | Δ {n} vs {first}" for n in rest) + " |"
-        lines = [f"{self.metric} match, % (95 % interval); Δ in points, paired on the same cells (exact McNemar p)",
-                 "", head, "|---|---|---|" + "---|---|" * len(rest)]
+        lines = [
+            f"{self.metric} match, % (95 % interval); Δ in points, paired on the same cells (exact McNemar p)",
+            "",
+            head,
+            "|---|---|---|" + "---|---|" * len(rest),
+        ]
 
         def row(task, length, label_t, label_l):
             cells = []
@@ -186,20 +205,28 @@ class Comparison:
                 cells.append(f"{pct(a['accuracy'])} ({pct(a['ci95'][0])}-{pct(a['ci95'][1])})")
                 if n != first:
                     d = self.difference(n, task, length)
-                    cells.append(f"{100 * d['difference']:+.0f} ({100 * d['ci95'][0]:+.0f}, "
-                                 f"{100 * d['ci95'][1]:+.0f}), p={d['p']:.2g}")
+                    cells.append(
+                        f"{100 * d['difference']:+.0f} ({100 * d['ci95'][0]:+.0f}, "
+                        f"{100 * d['ci95'][1]:+.0f}), p={d['p']:.2g}"
+                    )
             return f"| {label_t} | {label_l} | " + " | ".join(cells) + " |"
 
         lines += [row(t, L, t, length_label(L)) for t, L in self.groups()]
         lines += [row(None, None, "**all**", "all")]
-        lines += ["", "| variant | weights (MiB) | prefill (tokens/s) | decode (ms/token) | next-token agreement | "
-                  "mean KL (nats) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| variant | weights (MiB) | prefill (tokens/s) | decode (ms/token) | next-token agreement | "
+            "mean KL (nats) |",
+            "|---|---|---|---|---|---|",
+        ]
         for n in self.names:
             s = self.stats.get(n, {})
             get = lambda k, f: f.format(s[k]) if k in s else "-"  # noqa: E731,B023
             mib = f"{s['weight_bytes'] / 2**20:.2f}" if "weight_bytes" in s else "-"
-            lines.append(f"| {n} | {mib} | {get('prefill_tok_s', '{:,.0f}')} | {get('decode_ms', '{:.2f}')} | "
-                         f"{get('agreement', '{:.4f}')} | {get('kl', '{:.2e}')} |")
+            lines.append(
+                f"| {n} | {mib} | {get('prefill_tok_s', '{:,.0f}')} | {get('decode_ms', '{:.2f}')} | "
+                f"{get('agreement', '{:.4f}')} | {get('kl', '{:.2e}')} |"
+            )
         return "\n".join(lines)
 
     def plot(self, path=None, title: str | None = None):
@@ -238,10 +265,13 @@ class Comparison:
         """{"metric", "stats", "accuracy": per variant, task and length, "difference": the same
         against the first variant, "records"}."""
         groups = self.groups()
-        return {"metric": self.metric, "stats": self.stats,
-                "accuracy": {n: {f"{t}/{L}": self.accuracy(n, t, L) for t, L in groups} for n in self.names},
-                "difference": {n: {f"{t}/{L}": self.difference(n, t, L) for t, L in groups} for n in self.names[1:]},
-                "records": self.records}
+        return {
+            "metric": self.metric,
+            "stats": self.stats,
+            "accuracy": {n: {f"{t}/{L}": self.accuracy(n, t, L) for t, L in groups} for n in self.names},
+            "difference": {n: {f"{t}/{L}": self.difference(n, t, L) for t, L in groups} for n in self.names[1:]},
+            "records": self.records,
+        }
 
 
 def load_variants(models, schemes=("none",), group_size: int = 64, device="cpu") -> dict[str, Model]:
@@ -260,9 +290,23 @@ def load_variants(models, schemes=("none",), group_size: int = 64, device="cpu")
     return variants
 
 
-def compare(variants: dict[str, Model], *, tasks=("single",), lengths=(1024,), depths=(0.25, 0.75), samples: int = 4,
-            seed: int = 0, metric: str = "substring", heldout=None, heldout_tokens: int = 1024,
-            decode_tokens: int = 16, out=None, data=None, progress: bool = True, **kw) -> Comparison:
+def compare(
+    variants: dict[str, Model],
+    *,
+    tasks=("single",),
+    lengths=(1024,),
+    depths=(0.25, 0.75),
+    samples: int = 4,
+    seed: int = 0,
+    metric: str = "substring",
+    heldout=None,
+    heldout_tokens: int = 1024,
+    decode_tokens: int = 16,
+    out=None,
+    data=None,
+    progress: bool = True,
+    **kw,
+) -> Comparison:
     """Run the same cells on every variant (a dict name -> Model, the first the reference).
 
     tasks: NIAH tasks (``niah.TASKS``) and RULER families (``ruler.TASKS``; "qa" needs
@@ -287,12 +331,24 @@ def compare(variants: dict[str, Model], *, tasks=("single",), lengths=(1024,), d
     for name, m in variants.items():
         records[name] = []
         for t in tasks:
-            res = niah.run(m, task=t, lengths=lengths, depths=depths[:1] if t in ruler.DEPTHLESS else depths,
-                           samples=samples, seed=seed, data=data, progress=progress,
-                           out=None if out is None else Path(out) / name.replace("/", "_") / f"{t}.jsonl", **kw)
+            res = niah.run(
+                m,
+                task=t,
+                lengths=lengths,
+                depths=depths[:1] if t in ruler.DEPTHLESS else depths,
+                samples=samples,
+                seed=seed,
+                data=data,
+                progress=progress,
+                out=None if out is None else Path(out) / name.replace("/", "_") / f"{t}.jsonl",
+                **kw,
+            )
             records[name] += res.records
-    text = niah.make_haystack(tok, "english", heldout_tokens, seed=987_654_321).ids[:heldout_tokens].tolist() \
-        if heldout is None else tok.encode(heldout)[:heldout_tokens]
+    text = (
+        niah.make_haystack(tok, "english", heldout_tokens, seed=987_654_321).ids[:heldout_tokens].tolist()
+        if heldout is None
+        else tok.encode(heldout)[:heldout_tokens]
+    )
     if len(text) < 2:
         raise ValueError(f"heldout: needs at least 2 tokens, has {len(text)}")
     stats = {name: {"weight_bytes": weight_bytes(m), **speed(m, text, decode_tokens)} for name, m in variants.items()}

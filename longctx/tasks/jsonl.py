@@ -71,7 +71,7 @@ def parse(raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        raise ValueError(f"not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
     try:
         obj = json.loads(text)
     except RecursionError:
@@ -120,8 +120,10 @@ def locked(path: str | os.PathLike) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise LockedError(f"{path}: another process (pid {holder}) is writing it (lock {lock}); "
-                              "wait for it to finish or write elsewhere") from None
+            raise LockedError(
+                f"{path}: another process (pid {holder}) is writing it (lock {lock}); "
+                "wait for it to finish or write elsewhere"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock
@@ -145,7 +147,7 @@ def rank_path(path: str | os.PathLike, rank: int) -> Path:
 def rank_files(path: str | os.PathLike) -> list[Path]:
     """The rank files of ``path`` that exist (of this run or an earlier one, any world size)."""
     path = Path(path)
-    return sorted(p for p in path.parent.glob(path.name + ".rank*") if p.name[len(path.name) + 5:].isdigit())
+    return sorted(p for p in path.parent.glob(path.name + ".rank*") if p.name[len(path.name) + 5 :].isdigit())
 
 
 def merge(path: str | os.PathLike, key: Callable[[dict], Hashable], lines: Iterable[str], order: list) -> None:

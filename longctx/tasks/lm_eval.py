@@ -53,10 +53,21 @@ MODEL_NAME = "longctx"
 class LongctxLM(TemplateLM):
     """An lm-eval ``LM`` over a longctx ``Model`` (arguments: module docstring)."""
 
-    def __init__(self, pretrained: str | Model | None = None, dtype: str | None = None, device: str | None = None,
-                 quantize: str | None = None, group_size: int = 128, offload: int | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 256, chunk_size: int = 2048,
-                 add_bos_token: bool = True, batch_size=None, max_batch_size=None):
+    def __init__(
+        self,
+        pretrained: str | Model | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        quantize: str | None = None,
+        group_size: int = 128,
+        offload: int | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        chunk_size: int = 2048,
+        add_bos_token: bool = True,
+        batch_size=None,
+        max_batch_size=None,
+    ):
         super().__init__()
         # batch_size / max_batch_size come from lm-eval's own flags; requests run one
         # continuation per forward on a forked cache, so they have nothing to set.
@@ -64,16 +75,23 @@ class LongctxLM(TemplateLM):
             self.model = pretrained
         else:
             if pretrained is not None and not isinstance(pretrained, str):
-                raise TypeError(f"pretrained must be a checkpoint path, a hub id or a longctx.Model, "
-                                f"got {type(pretrained).__name__}")
+                raise TypeError(
+                    f"pretrained must be a checkpoint path, a hub id or a longctx.Model, "
+                    f"got {type(pretrained).__name__}"
+                )
             if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's command line asks for cuda:0 unless told otherwise; its own HF
                 # model falls back to the CPU then, and so does this one.
                 log.warning("device %s asked for, but torch sees no CUDA GPU: running on the CPU", device)
                 device = "cpu"
             scheme = None if quantize in (None, "", "none") else quantize
-            self.model = load_model(pretrained or None, device=device or "auto", dtype=dtype, quantize=scheme,
-                                    group_size=check_int("group_size", group_size, 1))
+            self.model = load_model(
+                pretrained or None,
+                device=device or "auto",
+                dtype=dtype,
+                quantize=scheme,
+                group_size=check_int("group_size", group_size, 1),
+            )
         self.model.eval()
         if self.model.tokenizer is None:
             raise ValueError("pretrained: the model has no tokenizer; lm-eval requests are text")
@@ -148,11 +166,12 @@ class LongctxLM(TemplateLM):
         if not continuation:
             raise ValueError("loglikelihood: the continuation has no tokens to score")
         if len(continuation) > self.max_length:
-            raise ValueError(f"loglikelihood: the continuation has {len(continuation)} tokens, over max_length "
-                             f"{self.max_length}")
+            raise ValueError(
+                f"loglikelihood: the continuation has {len(continuation)} tokens, over max_length {self.max_length}"
+            )
         if not context:
             raise ValueError("loglikelihood: the context has no tokens (the prefix token must be there)")
-        return context[-(self.max_length + 1 - len(continuation)):]
+        return context[-(self.max_length + 1 - len(continuation)) :]
 
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -187,9 +206,15 @@ class LongctxLM(TemplateLM):
         out = []
         for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm, leave=False):
             (string,) = req.args
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(string, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
             scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
             total = sum(lp for lp, _ in scores)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -220,12 +245,21 @@ class LongctxLM(TemplateLM):
             if kw:
                 log.warning("generate_until: ignoring generation arguments %s", sorted(kw))
             if max_new >= self.max_length:
-                raise ValueError(f"generate_until: max_gen_toks {max_new} leaves no room for a context within "
-                                 f"max_length {self.max_length}")
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]
+                raise ValueError(
+                    f"generate_until: max_gen_toks {max_new} leaves no room for a context within "
+                    f"max_length {self.max_length}"
+                )
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.prefix_token_id]
             cache, logits = self._prefilled(ids)
-            steps = decode_steps(self.model, cache, logits, max_new_tokens=max_new,
-                                 stop_ids=self.model.config.stop_ids, temperature=temperature, top_p=top_p)
+            steps = decode_steps(
+                self.model,
+                cache,
+                logits,
+                max_new_tokens=max_new,
+                stop_ids=self.model.config.stop_ids,
+                temperature=temperature,
+                top_p=top_p,
+            )
             kept: list[int] = []
             for (token,) in steps:
                 if token is None:

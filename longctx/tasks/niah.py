@@ -40,7 +40,6 @@ import hashlib
 import json
 import numbers
 import random
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,11 +55,11 @@ from ..generate import check_int, generate, prefill
 from ..sparse import SparseDecode, read_share
 from ..text.prompt import NOT_STATED, context_prefix, question_suffix
 from . import jsonl, needles
+from .haystack import Haystack, make_haystack
 from .results import Results, length_label, parse_length, recall, record_key, score, wilson
 
 if TYPE_CHECKING:
     from ..model import Model
-    from ..text.ingest import Packed
     from ..text.tokenizer import Tokenizer
 
 TASKS = ("single", "multi_key", "multi_value", "multi_query", "none")
@@ -87,18 +86,6 @@ class Cell:
 
 
 @dataclass
-class Haystack:
-    """A token stream to hide needles in, with the indices where sentences start."""
-
-    name: str
-    ids: np.ndarray  # int32 token ids
-    bounds: np.ndarray  # sorted sentence-start indices into ids (0 included)
-    packed: Packed | None = None  # the packed corpus, for provenance (document, page)
-    labels: list[str] | None = None  # per unit (sentence) what it stands for: aggregation counts these
-    whole: bool = False  # cut only between units; a cell's leftover tokens become newlines
-
-
-@dataclass
 class Spec:
     """What a task puts into one cell (``_task_spec``, ``longctx.tasks.ruler.spec``)."""
 
@@ -113,57 +100,6 @@ class Spec:
     top: int = 0
 
 
-def make_haystack(tokenizer: Tokenizer, source="english", min_tokens: int = 0, seed: int = 0) -> Haystack:
-    """source: "english" (Python's documentation prose), "noise" (five repeated sentences), or
-    a ``Corpus`` (packed with ``tokenizer``; needles then carry document and page). The English
-    text starts at a seeded sentence and wraps around until ``min_tokens`` are there; a longer
-    ``min_tokens`` only extends the stream (its start is the same), so cells of a short length
-    are identical whatever the longest length of the grid."""
-    if hasattr(source, "pack"):
-        return _corpus_haystack(tokenizer, source)
-    if source not in ("english", "noise"):
-        raise ValueError(f"haystack must be 'english', 'noise' or a Corpus, got {source!r}")
-    sents = needles.encoded_sentences(tokenizer, source)
-    i = random.Random(seed).randrange(len(sents)) if source == "english" else 0
-    pieces, total = [], 0
-    while total < max(min_tokens, 1):
-        pieces.append(sents[i % len(sents)])
-        total += len(pieces[-1])
-        i += 1
-    lens = np.array([len(p) for p in pieces])
-    return Haystack(source, np.array([t for p in pieces for t in p], dtype=np.int32),
-                    np.concatenate([[0], np.cumsum(lens)[:-1]]))
-
-
-def _sentence_end_table(tokenizer: Tokenizer) -> np.ndarray:
-    """bool per token id: the token's text ends a sentence or a line (``.``, ``!``, ``?``,
-    newline, then optional spaces). One pass over the vocabulary instead of one decode per
-    token of the corpus."""
-    table = np.zeros(tokenizer.vocab_size, dtype=bool)
-    end = re.compile(rb"[.!?\n]\s*$")
-    for i in range(tokenizer.n_ranks):
-        table[i] = end.search(tokenizer.token_bytes(i)) is not None
-    return table
-
-
-def _corpus_haystack(tokenizer: Tokenizer, corpus) -> Haystack:
-    """The packed corpus; sentence boundaries only inside document text (never in the
-    delimiters), so every needle lands in a document and records its document and page."""
-    packed = corpus.pack(tokenizer, progress=False)
-    ids = packed.ids.astype(np.int32)
-    inside = np.zeros(len(ids) + 1, dtype=bool)
-    starts = []
-    for span in packed.spans:
-        if span.end > span.start:
-            inside[span.start : span.end] = True
-            starts.append(span.start)
-    after_end = np.flatnonzero(_sentence_end_table(tokenizer)[ids]) + 1
-    bounds = np.union1d(after_end[inside[after_end]], np.array(starts, dtype=np.int64)).astype(np.int64)
-    if len(bounds) == 0:
-        raise ValueError("the corpus has no document text to hide needles in")
-    return Haystack("corpus", ids, bounds, packed)
-
-
 def _task_spec(task: str, rng: random.Random) -> Spec:
     """The needles, question and expected answers of one of ``TASKS``."""
     keys = needles.make_keys(rng, 4, "eval")
@@ -176,15 +112,27 @@ def _task_spec(task: str, rng: random.Random) -> Spec:
     if task == "multi_value":
         return Spec(needles.QUESTION.format(key=keys[0]), say((keys[0], v) for v in vals[:3]), vals[:3], ordered=False)
     if task == "multi_query":
-        return Spec(needles.QUESTION_MULTI.format(keys=f"{keys[0]} and {keys[1]}"),
-                    say([(keys[0], vals[0]), (keys[1], vals[1])]), vals[:2])
+        return Spec(
+            needles.QUESTION_MULTI.format(keys=f"{keys[0]} and {keys[1]}"),
+            say([(keys[0], vals[0]), (keys[1], vals[1])]),
+            vals[:2],
+        )
     if task == "none":
         return Spec(needles.QUESTION.format(key=keys[0]), [], [NOT_STATED])
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
-def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample: int, seed: int, hay: Haystack,
-              chunk: int | None = None, data=None) -> Cell:
+def make_cell(
+    tokenizer: Tokenizer,
+    task: str,
+    length: int,
+    depth: float,
+    sample: int,
+    seed: int,
+    hay: Haystack,
+    chunk: int | None = None,
+    data=None,
+) -> Cell:
     """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
     the haystack on (seed, sample) only (a task with its own haystack: on (seed, task,
     sample)), so all cells of a sample share it.
@@ -211,8 +159,10 @@ def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample
     if room < 1:
         raise ValueError(f"length {length} is too short for task {task!r} (needs more than {length - room})")
     if room > len(hay.ids):
-        raise ValueError(f"the {hay.name} haystack has {len(hay.ids)} tokens; length {length} needs {room} "
-                         "(use shorter lengths, or a bigger corpus)")
+        raise ValueError(
+            f"the {hay.name} haystack has {len(hay.ids)} tokens; length {length} needs {room} "
+            "(use shorter lengths, or a bigger corpus)"
+        )
     end = room  # haystack tokens used; a whole-unit haystack stops at the last unit that fits
     if hay.whole:
         edges = np.append(hay.bounds, len(hay.ids))
@@ -257,8 +207,20 @@ def make_cell(tokenizer: Tokenizer, task: str, length: int, depth: float, sample
                 doc, page = where[0].title, where[1]
         info[j] = {"text": spec.needles[j], "token_index": index, "doc": doc, "page": page}
     used = hashlib.sha256(hay.ids[:room].astype("<i4").tobytes()).hexdigest()
-    return Cell(task, length, depth, sample, prompt, question, expected, info, used, ordered=spec.ordered,
-                any_of=spec.any_of, haystack=hay.name)
+    return Cell(
+        task,
+        length,
+        depth,
+        sample,
+        prompt,
+        question,
+        expected,
+        info,
+        used,
+        ordered=spec.ordered,
+        any_of=spec.any_of,
+        haystack=hay.name,
+    )
 
 
 def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dict) -> str:
@@ -270,25 +232,43 @@ def cell_hash(cell: Cell, fingerprint: tuple[str, str], seed: int, settings: dic
 
     The prompt enters as ``token_hash`` (SHA-256 of its ids as little-endian int64), the digest
     that results files store as ``prompt_sha256``."""
-    return hashlib.sha256(json.dumps(
-        [fingerprint, TEMPLATE_ID, cell.haystack_sha256, cell.needles, cell.question, cell.expected,
-         token_hash([cell.prompt])[0], cell.length, cell.depth, seed, cell.sample, cell.task, settings],
-        sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(
+            [
+                fingerprint,
+                TEMPLATE_ID,
+                cell.haystack_sha256,
+                cell.needles,
+                cell.question,
+                cell.expected,
+                token_hash([cell.prompt])[0],
+                cell.length,
+                cell.depth,
+                seed,
+                cell.sample,
+                cell.task,
+                settings,
+            ],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
 
 
 def _grid_axes(lengths, depths) -> tuple[list[int], list[float]]:
     """``run``'s lengths (ints or "32k" strings) and depths (fractions in [0, 1]) as lists,
     or TypeError / ValueError naming the argument."""
     if isinstance(lengths, (str, int)) or not hasattr(lengths, "__iter__"):
-        raise TypeError(f"lengths must be a list of lengths (e.g. [1024, '32k']), got {type(lengths).__name__} "
-                        f"{lengths!r}")
+        raise TypeError(
+            f"lengths must be a list of lengths (e.g. [1024, '32k']), got {type(lengths).__name__} {lengths!r}"
+        )
     try:
         lengths = [parse_length(x) for x in lengths]
     except (TypeError, ValueError) as e:
         raise type(e)(f"lengths: {e}") from None
     if isinstance(depths, (str, int, float)) or not hasattr(depths, "__iter__"):
-        raise TypeError(f"depths must be a list of fractions in [0, 1] (e.g. [0, 0.5, 1]), got "
-                        f"{type(depths).__name__} {depths!r}")
+        raise TypeError(
+            f"depths must be a list of fractions in [0, 1] (e.g. [0, 0.5, 1]), got {type(depths).__name__} {depths!r}"
+        )
     depths = list(depths)
     if not all(isinstance(d, numbers.Real) and not isinstance(d, bool) for d in depths):
         raise TypeError(f"depths must be numbers (fractions in [0, 1]), got {depths!r}")
@@ -299,8 +279,9 @@ def _grid_axes(lengths, depths) -> tuple[list[int], list[float]]:
     return lengths, [float(d) for d in depths]
 
 
-def prefix_forks(model: Model, prompts: list[list[int]], chunk_size: int = 1024,
-                 sparse: SparseDecode | None = None) -> Iterator[tuple[int, KVCache, list[int], int, float]]:
+def prefix_forks(
+    model: Model, prompts: list[list[int]], chunk_size: int = 1024, sparse: SparseDecode | None = None
+) -> Iterator[tuple[int, KVCache, list[int], int, float]]:
     """Caches for many prompts, each shared prefix prefilled once: a depth-first walk of the
     prompts' prefix tree that forks the cache at every branch.
 
@@ -355,10 +336,23 @@ def prefix_forks(model: Model, prompts: list[list[int]], chunk_size: int = 1024,
         yield from walk(model.new_cache(sparse=sparse), 0, order)
 
 
-def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-        samples: int = 1, seed: int = 0, haystack="english", out=None, reuse_prefix: bool = True,
-        max_new_tokens: int = 32, chunk_size: int = 1024, progress: bool = True, data=None,
-        sparse: SparseDecode | None = None) -> Results:
+def run(
+    model: Model,
+    *,
+    task: str = "single",
+    lengths=(1024, 2048, 4096),
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    samples: int = 1,
+    seed: int = 0,
+    haystack="english",
+    out=None,
+    reuse_prefix: bool = True,
+    max_new_tokens: int = 32,
+    chunk_size: int = 1024,
+    progress: bool = True,
+    data=None,
+    sparse: SparseDecode | None = None,
+) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
 
     lengths: a list of token counts, ints or strings like "32k" (``parse_length``); depths: a
@@ -417,19 +411,42 @@ def run(model: Model, *, task: str = "single", lengths=(1024, 2048, 4096), depth
                 runs = ((i, model.new_cache(sparse=sparse), c.prompt, 0, 0.0) for i, c in enumerate(todo))
             for i, cache, rest, grown, base_s in runs:
                 c = todo[i]
-                gen = generate(model, torch.tensor([rest]), cache=cache, max_new_tokens=max_new_tokens,
-                               chunk_size=chunk_size, progress=False)
+                gen = generate(
+                    model,
+                    torch.tensor([rest]),
+                    cache=cache,
+                    max_new_tokens=max_new_tokens,
+                    chunk_size=chunk_size,
+                    progress=False,
+                )
                 answer = tok.decode(gen.tokens[0]).strip()
                 exact, sub = score(answer, c.expected, ordered=c.ordered, any_of=c.any_of)
-                rec = {"hash": c.hash, "task": task, "length": c.length, "depth": c.depth, "sample": c.sample,
-                       "seed": seed, "haystack": c.haystack, "haystack_sha256": c.haystack_sha256,
-                       "prompt_sha256": token_hash([c.prompt])[0],
-                       "question": c.question, "expected": c.expected, "needles": c.needles, "answer": answer,
-                       "exact": exact, "substring": sub, "ruler": recall(answer, c.expected, any_of=c.any_of),
-                       "any_of": c.any_of, "prefill_s": round(base_s + gen.prefill_s, 4),
-                       "decode_s": round(gen.decode_s, 4), "new_prefill_tokens": len(rest),
-                       "base_prefill_tokens": grown,
-                       "kv_bytes": cache.nbytes, "kv_read": round(read_share(cache), 6), "model": fingerprint[0][:16]}
+                rec = {
+                    "hash": c.hash,
+                    "task": task,
+                    "length": c.length,
+                    "depth": c.depth,
+                    "sample": c.sample,
+                    "seed": seed,
+                    "haystack": c.haystack,
+                    "haystack_sha256": c.haystack_sha256,
+                    "prompt_sha256": token_hash([c.prompt])[0],
+                    "question": c.question,
+                    "expected": c.expected,
+                    "needles": c.needles,
+                    "answer": answer,
+                    "exact": exact,
+                    "substring": sub,
+                    "ruler": recall(answer, c.expected, any_of=c.any_of),
+                    "any_of": c.any_of,
+                    "prefill_s": round(base_s + gen.prefill_s, 4),
+                    "decode_s": round(gen.decode_s, 4),
+                    "new_prefill_tokens": len(rest),
+                    "base_prefill_tokens": grown,
+                    "kv_bytes": cache.nbytes,
+                    "kv_read": round(read_share(cache), 6),
+                    "model": fingerprint[0][:16],
+                }
                 records.append(rec)
                 if fh:
                     jsonl.append(fh, rec)

@@ -18,11 +18,10 @@ Batch jobs over many corpora and questions: ``longctx.tasks.batch.run_batch``.
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import os
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,11 +30,13 @@ import numpy as np
 import torch
 
 from ..cache import CacheError, KVCache, OffloadPolicy, token_hash
-from ..storage import Manifest, atomic_folder, recover, write_manifest
 from ..generate import TextStream, check_int, check_sampling, decode_steps, prefill
+from ..notebook import html_table
 from ..sparse import SparseDecode, read_share, reset_reads
+from ..storage import Manifest, atomic_folder, recover, write_manifest
 from ..text.ingest import BudgetError, Corpus
 from ..text.prompt import context_prefix, question_suffix
+from .answer import Answer, AnswerStream, Citation
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -48,92 +49,6 @@ SESSION_FORMAT = "longctx-session-2"  # 2: session files listed with SHA-256 in 
 
 class QAError(ValueError):
     """A question or session that can't be served (too long, other documents, ...)."""
-
-
-@dataclass
-class Citation:
-    doc_id: int  # position in the corpus (Document.id)
-    title: str
-    source: str | None
-    page: int | None  # the page holding most of the document's share (paged documents)
-    share: float  # of all global-layer attention mass of the answer's tokens
-
-
-@dataclass
-class Answer:
-    """An answer, its citations (best first) and what it cost.
-
-    other_share: attention share on non-document tokens (prompt header, document delimiters,
-    question, answer); ``sum(c.share for c in citations) + other_share == 1``.
-    prefill_s: the question's own prefill (the corpus is already in the cache); decode_s: the
-    answer's tokens (including the citation bookkeeping). kv_read: the share of global-layer KV
-    that the answer's decode steps read (1.0 with exact attention; under sparse decode the
-    citations count the attention mass of the pages read, unread pages as zero).
-    """
-
-    text: str
-    citations: list[Citation]
-    other_share: float
-    question_tokens: int
-    answer_tokens: int
-    prefill_s: float
-    decode_s: float
-    stopped: str = "stop"  # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
-    question: str = ""
-    kv_read: float = 1.0
-
-    @property
-    def seconds(self) -> float:
-        return self.prefill_s + self.decode_s
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready fields: question, text, citations (all, best first), other_share,
-        token counts, seconds, stopped."""
-        return dataclasses.asdict(self)
-
-    def __repr__(self) -> str:
-        top = f", top: {self.citations[0].title[:60]!r} {self.citations[0].share:.0%}" if self.citations else ""
-        return (f"Answer({_clip(self.text, 300)!r}, {len(self.citations)} citations{top}, "
-                f"{self.question_tokens}+{self.answer_tokens} tokens, {self.seconds:.3f} s)")
-
-    def _repr_html_(self) -> str:
-        rows = [(f"{c.share:.1%}", c.title, c.page or "", c.source or "in memory") for c in self.citations[:5]]
-        more = len(self.citations) - len(rows)
-        return (f"<p><b>{html.escape(_clip(self.question, 500))}</b><br>{html.escape(_clip(self.text, 2000))}</p>"
-                + _html_table(("share", "document", "page", "source"), rows,
-                              f"{more} more documents" if more > 0 else None)
-                + f"<p>{self.question_tokens} question + {self.answer_tokens} answer tokens, "
-                f"{self.seconds:.3f} s, stopped: {self.stopped}; {self.other_share:.1%} of the attention "
-                "outside the documents</p>")
-
-
-def _clip(text: str, n: int) -> str:
-    """``text`` cut to at most ``n`` characters (with an ellipsis when cut)."""
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _html_table(header, rows, footer: str | None = None) -> str:
-    """A small HTML table (cells escaped); ``footer``: a last row spanning the table."""
-    cell = lambda tag, v: f"<{tag}>{html.escape(str(v))}</{tag}>"  # noqa: E731
-    body = "".join("<tr>" + "".join(cell("td", v) for v in r) + "</tr>" for r in rows)
-    tail = f'<tr><td colspan="{len(header)}">{html.escape(footer)}</td></tr>' if footer else ""
-    return f"<table><tr>{''.join(cell('th', h) for h in header)}</tr>{body}{tail}</table>"
-
-
-class AnswerStream:
-    """``Session.ask(..., stream=True)``: iterate for the answer's text pieces as they are
-    decoded (joined, they equal ``answer.text``); ``answer`` holds the ``Answer`` once the
-    iteration has ended (None before)."""
-
-    def __init__(self, steps: Generator[str, None, Answer]):
-        self._steps = steps
-        self.answer: Answer | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        self.answer = yield from self._steps
-
-    def __repr__(self) -> str:
-        return f"AnswerStream({'done' if self.answer else 'not consumed'})"
 
 
 @dataclass
@@ -165,38 +80,63 @@ def _check_corpus(corpus) -> None:
     """TypeError unless ``corpus`` is a ``Corpus`` (paths must go through ``ingest`` first);
     QAError if it has no documents."""
     if isinstance(corpus, (str, os.PathLike)):
-        raise TypeError(f"corpus must be a Corpus, got the path {os.fspath(corpus)!r}: read it first with "
-                        "longctx.ingest([path])")
+        raise TypeError(
+            f"corpus must be a Corpus, got the path {os.fspath(corpus)!r}: read it first with longctx.ingest([path])"
+        )
     if not isinstance(corpus, Corpus):
         raise TypeError(f"corpus must be a Corpus (longctx.ingest makes one), got {type(corpus).__name__}")
     if len(corpus) == 0:
-        skipped = f" ({len(corpus.skipped)} inputs skipped, e.g. {corpus.skipped[0].path}: " \
-                  f"{corpus.skipped[0].reason})" if corpus.skipped else ""
+        skipped = (
+            f" ({len(corpus.skipped)} inputs skipped, e.g. {corpus.skipped[0].path}: {corpus.skipped[0].reason})"
+            if corpus.skipped
+            else ""
+        )
         raise QAError(f"corpus has no documents{skipped}: nothing to answer from")
 
 
-def _pack_and_prefill(model: Model, corpus: Corpus, offload: OffloadPolicy | None, chunk_size: int,
-                      max_context: int | None, budget: int | None, progress: bool | None,
-                      overflow: str = "error", sparse: SparseDecode | None = None) -> _Prefilled:
+def _pack_and_prefill(
+    model: Model,
+    corpus: Corpus,
+    offload: OffloadPolicy | None,
+    chunk_size: int,
+    max_context: int | None,
+    budget: int | None,
+    progress: bool | None,
+    overflow: str = "error",
+    sparse: SparseDecode | None = None,
+) -> _Prefilled:
     """Pack ``corpus`` behind the prompt header (QAError, before any prefill, if it does not
     fit) and prefill it into a new cache."""
     tok, cfg = _tokenizer(model), model.config
     limit = max_context or cfg.max_position_embeddings
     head = np.asarray(context_prefix(tok, []), dtype=np.int64)  # the prompt header
     try:
-        packed = corpus.pack(tok, budget=limit - len(head) if budget is None else budget, progress=bool(progress),
-                             chunk=cfg.attention_chunk_size if cfg.chunk_markers else None, offset=len(head),
-                             overflow=overflow)
+        packed = corpus.pack(
+            tok,
+            budget=limit - len(head) if budget is None else budget,
+            progress=bool(progress),
+            chunk=cfg.attention_chunk_size if cfg.chunk_markers else None,
+            offset=len(head),
+            overflow=overflow,
+        )
     except BudgetError as e:
-        raise QAError(f"the corpus does not fit the context of {limit} tokens ({len(head)} of them are the prompt "
-                      f"header): {e} (command line: --overflow drop|truncate)") from e
+        raise QAError(
+            f"the corpus does not fit the context of {limit} tokens ({len(head)} of them are the prompt "
+            f"header): {e} (command line: --overflow drop|truncate)"
+        ) from e
     prefix = np.concatenate([head, np.asarray(packed.ids, dtype=np.int64)])  # = context_prefix(tok, packed.ids)
     cache = model.new_cache(offload=offload, sparse=sparse)
     t0 = time.perf_counter()
     prefill(model, torch.from_numpy(prefix)[None], cache, chunk_size, progress)
-    return _Prefilled(prefix, len(head), [dataclasses.asdict(s) for s in packed.spans],
-                      [{"title": d.title, "source": d.source, "sha256": d.sha256} for d in corpus.documents],
-                      cache, time.perf_counter() - t0, [{"title": d.title, "source": d.source} for d in packed.dropped])
+    return _Prefilled(
+        prefix,
+        len(head),
+        [dataclasses.asdict(s) for s in packed.spans],
+        [{"title": d.title, "source": d.source, "sha256": d.sha256} for d in corpus.documents],
+        cache,
+        time.perf_counter() - t0,
+        [{"title": d.title, "source": d.source} for d in packed.dropped],
+    )
 
 
 class Session:
@@ -215,10 +155,20 @@ class Session:
     they are (``corpus`` is then None, and nothing is packed or prefilled).
     """
 
-    def __init__(self, model: Model, corpus: Corpus | None, *, offload: OffloadPolicy | None = None,
-                 chunk_size: int = 2048, max_context: int | None = None, budget: int | None = None,
-                 progress: bool | None = None, overflow: str = "error", sparse: SparseDecode | None = None,
-                 _prefilled: _Prefilled | None = None):
+    def __init__(
+        self,
+        model: Model,
+        corpus: Corpus | None,
+        *,
+        offload: OffloadPolicy | None = None,
+        chunk_size: int = 2048,
+        max_context: int | None = None,
+        budget: int | None = None,
+        progress: bool | None = None,
+        overflow: str = "error",
+        sparse: SparseDecode | None = None,
+        _prefilled: _Prefilled | None = None,
+    ):
         check_int("chunk_size", chunk_size, 1)
         if max_context is not None:
             check_int("max_context", max_context, 1)
@@ -229,8 +179,9 @@ class Session:
             if overflow not in ("error", "drop", "truncate"):
                 raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
             _tokenizer(model)
-            _prefilled = _pack_and_prefill(model, corpus, offload, chunk_size, max_context, budget, progress,
-                                           overflow, sparse)
+            _prefilled = _pack_and_prefill(
+                model, corpus, offload, chunk_size, max_context, budget, progress, overflow, sparse
+            )
         self.model, self.chunk_size, self.max_context = model, chunk_size, max_context
         p = _prefilled
         self.prefix, self.offset, self.spans, self.documents = p.prefix, p.offset, p.spans, p.documents
@@ -244,27 +195,46 @@ class Session:
 
     def __repr__(self) -> str:
         dropped = f", {len(self.dropped)} dropped" if self.dropped else ""
-        return (f"Session({len(self.documents)} documents, {self.n_tokens} tokens{dropped}, "
-                f"prefill {self.prefill_s:.1f} s)")
+        return (
+            f"Session({len(self.documents)} documents, {self.n_tokens} tokens{dropped}, prefill {self.prefill_s:.1f} s)"
+        )
 
     def to_dict(self) -> dict:
         """Plain fields: documents ({"title", "source", "sha256"}), dropped, n_tokens, prefill_s,
         chunk_size, max_context."""
-        return {"documents": [dict(d) for d in self.documents], "dropped": [dict(d) for d in self.dropped],
-                "n_tokens": self.n_tokens, "prefill_s": self.prefill_s, "chunk_size": self.chunk_size,
-                "max_context": self.max_context}
+        return {
+            "documents": [dict(d) for d in self.documents],
+            "dropped": [dict(d) for d in self.dropped],
+            "n_tokens": self.n_tokens,
+            "prefill_s": self.prefill_s,
+            "chunk_size": self.chunk_size,
+            "max_context": self.max_context,
+        }
 
     def _repr_html_(self) -> str:
         rows = [(i, d["title"], d["source"] or "in memory") for i, d in enumerate(self.documents[:20])]
         more = len(self.documents) - len(rows)
-        return (f"<p>Session: {len(self.documents)} documents, {self.n_tokens:,} tokens prefilled in "
-                f"{self.prefill_s:.2f} s" + (f", {len(self.dropped)} dropped by the budget" if self.dropped else "")
-                + "</p>" + _html_table(("id", "document", "source"), rows, f"{more} more" if more > 0 else None))
+        return (
+            f"<p>Session: {len(self.documents)} documents, {self.n_tokens:,} tokens prefilled in "
+            f"{self.prefill_s:.2f} s"
+            + (f", {len(self.dropped)} dropped by the budget" if self.dropped else "")
+            + "</p>"
+            + html_table(("id", "document", "source"), rows, f"{more} more" if more > 0 else None)
+        )
 
-    def ask(self, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-            generator: torch.Generator | None = None, max_context: int | None = None,
-            on_token: Callable[[int, list[int | None]], None] | None = None,
-            on_text: Callable[[str], None] | None = None, stream: bool = False) -> Answer | AnswerStream:
+    def ask(
+        self,
+        question: str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        max_context: int | None = None,
+        on_token: Callable[[int, list[int | None]], None] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        stream: bool = False,
+    ) -> Answer | AnswerStream:
         """Answer ``question`` from the corpus (greedy at temperature 0; else sampled with
         ``generator``). Stops at <|eot|>/<|eom|> or the config's eos ids, or after
         ``max_new_tokens``. Raises ``QAError`` if corpus + question + answer would not fit in
@@ -286,8 +256,10 @@ class Session:
         suffix = question_suffix(tok, question, at=self.n_tokens, chunk=model.config.local_chunk)
         limit = max_context or self.max_context or model.config.max_position_embeddings
         if self.n_tokens + len(suffix) + max_new_tokens > limit:
-            raise QAError(f"question of {len(suffix)} tokens + {max_new_tokens} answer tokens does not fit: "
-                          f"the corpus holds {self.n_tokens} of {limit} tokens")
+            raise QAError(
+                f"question of {len(suffix)} tokens + {max_new_tokens} answer tokens does not fit: "
+                f"the corpus holds {self.n_tokens} of {limit} tokens"
+            )
         steps = self._answer(question, suffix, max_new_tokens, temperature, top_p, generator, on_token)
         if stream:
             return AnswerStream(steps)
@@ -298,8 +270,16 @@ class Session:
         return run.answer
 
     @torch.inference_mode()
-    def _answer(self, question: str, suffix: list[int], max_new_tokens: int, temperature: float, top_p: float,
-                generator, on_token) -> Generator[str, None, Answer]:
+    def _answer(
+        self,
+        question: str,
+        suffix: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator,
+        on_token,
+    ) -> Generator[str, None, Answer]:
         """``ask``'s work once its arguments are checked: yields the answer's text pieces,
         returns the ``Answer``."""
         model, tok = self.model, self.model.tokenizer
@@ -313,9 +293,16 @@ class Session:
         reset_reads(cache)
         logits = model(torch.tensor([suffix[-1:]], device=model.device), cache)[:, -1].float()
         t1 = time.perf_counter()
-        steps = decode_steps(model, cache, logits, max_new_tokens=max_new_tokens,
-                             stop_ids=set(model.config.stop_ids) | {tok.eot_id, tok.eom_id},
-                             temperature=temperature, top_p=top_p, generator=generator)
+        steps = decode_steps(
+            model,
+            cache,
+            logits,
+            max_new_tokens=max_new_tokens,
+            stop_ids=set(model.config.stop_ids) | {tok.eot_id, tok.eom_id},
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
         text = TextStream(tok.token_bytes)
         step = 0
         while True:
@@ -334,8 +321,18 @@ class Session:
         out = gen.tokens[0]
         citations, other = self._cite(cache.attention_mass()[0])
         t2 = time.perf_counter()
-        return Answer(tok.decode(out).strip(), citations, other, len(suffix), len(out), t1 - t0, t2 - t1,
-                      gen.stopped[0], question, read_share(cache))
+        return Answer(
+            tok.decode(out).strip(),
+            citations,
+            other,
+            len(suffix),
+            len(out),
+            t1 - t0,
+            t2 - t1,
+            gen.stopped[0],
+            question,
+            read_share(cache),
+        )
 
     def _cite(self, mass: torch.Tensor) -> tuple[list[Citation], float]:
         """Attention mass per position (L,) -> documents ranked by their share, and the rest."""
@@ -362,16 +359,30 @@ class Session:
         with atomic_folder(folder) as tmp:
             self.cache.save(tmp / "cache")
             np.save(tmp / "prefix.npy", np.asarray(self.prefix, dtype=np.int64))
-            meta = {"format": SESSION_FORMAT, "spans": self.spans, "documents": self.documents, "dropped": self.dropped,
-                    "offset": self.offset, "chunk_size": self.chunk_size, "max_context": self.max_context,
-                    "prefix_sha256": token_hash(self.prefix[None])[0]}
+            meta = {
+                "format": SESSION_FORMAT,
+                "spans": self.spans,
+                "documents": self.documents,
+                "dropped": self.dropped,
+                "offset": self.offset,
+                "chunk_size": self.chunk_size,
+                "max_context": self.max_context,
+                "prefix_sha256": token_hash(self.prefix[None])[0],
+            }
             (tmp / "session.json").write_text(json.dumps(meta))
             write_manifest(tmp)  # session.json and prefix.npy; cache/ carries its own
         return folder
 
     @classmethod
-    def load(cls, model: Model, folder, corpus: Corpus | None = None, *,
-             offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None) -> Session:
+    def load(
+        cls,
+        model: Model,
+        folder,
+        corpus: Corpus | None = None,
+        *,
+        offload: OffloadPolicy | None = None,
+        sparse: SparseDecode | None = None,
+    ) -> Session:
         """Load a saved session (``sparse``: see ``Session``; the cache must have been saved
         with its page summaries). Refuses another model (``CacheError``); with ``corpus``, also
         refuses it (``QAError``) if its documents are not the ones the session was built from."""
@@ -395,13 +406,22 @@ class Session:
             have = [d.sha256 for d in corpus.documents]
             if have != saved:
                 diff = next((i for i, (a, b) in enumerate(zip(have, saved)) if a != b), min(len(have), len(saved)))
-                raise QAError(f"{folder}: saved for other documents than this corpus ({len(saved)} saved, "
-                              f"{len(have)} given; first difference at document {diff})")
+                raise QAError(
+                    f"{folder}: saved for other documents than this corpus ({len(saved)} saved, "
+                    f"{len(have)} given; first difference at document {diff})"
+                )
         if token_hash(prefix[None])[0] != meta["prefix_sha256"]:
             raise QAError(f"{folder}: prefix.npy does not match session.json")
         _tokenizer(model)
-        cache = KVCache.load(folder / "cache", model, tokens=torch.from_numpy(prefix)[None], offload=offload,
-                             sparse=sparse)
-        return cls(model, None, chunk_size=meta["chunk_size"], max_context=meta.get("max_context"),
-                   _prefilled=_Prefilled(prefix, meta["offset"], meta["spans"], meta["documents"], cache, 0.0,
-                                         meta.get("dropped", [])))
+        cache = KVCache.load(
+            folder / "cache", model, tokens=torch.from_numpy(prefix)[None], offload=offload, sparse=sparse
+        )
+        return cls(
+            model,
+            None,
+            chunk_size=meta["chunk_size"],
+            max_context=meta.get("max_context"),
+            _prefilled=_Prefilled(
+                prefix, meta["offset"], meta["spans"], meta["documents"], cache, 0.0, meta.get("dropped", [])
+            ),
+        )

@@ -132,11 +132,23 @@ class Results:
             sure = sure and m > 0 and ci[0] >= threshold
             effective = L if passing else effective
             surely = L if sure else surely
-        cells = [{"length": L, "depth": d, "accuracy": hits[i, j] / n[i, j] if n[i, j] else None,
-                  "ci95": wilson(int(hits[i, j]), int(n[i, j]))}
-                 for i, d in enumerate(depths) for j, L in enumerate(lengths)]
-        return {"threshold": threshold, "effective_length": effective, "effective_length_lower": surely,
-                "per_length": per_length, "cells": cells}
+        cells = [
+            {
+                "length": L,
+                "depth": d,
+                "accuracy": hits[i, j] / n[i, j] if n[i, j] else None,
+                "ci95": wilson(int(hits[i, j]), int(n[i, j])),
+            }
+            for i, d in enumerate(depths)
+            for j, L in enumerate(lengths)
+        ]
+        return {
+            "threshold": threshold,
+            "effective_length": effective,
+            "effective_length_lower": surely,
+            "per_length": per_length,
+            "cells": cells,
+        }
 
     def heatmap(self, path=None, metric: str = "substring", title: str | None = None):
         """A depth × length heatmap of accuracy as a ``matplotlib.figure.Figure``, also written
@@ -185,8 +197,11 @@ class Results:
     def _summary(self) -> str:
         tasks = sorted({str(r.get("task")) for r in self.records if "task" in r})
         lengths = sorted({r["length"] for r in self.records})
-        span = (length_label(lengths[0]) + (f"-{length_label(lengths[-1])}" if len(lengths) > 1 else "")
-                if lengths else "none")
+        span = (
+            length_label(lengths[0]) + (f"-{length_label(lengths[-1])}" if len(lengths) > 1 else "")
+            if lengths
+            else "none"
+        )
         hits = sum(bool(r.get("substring")) for r in self.records)
         acc = f", substring {hits}/{len(self.records)}" if self.records else ""
         return f"task {', '.join(tasks) or '?'}, {len(self.records)} cells, lengths {span}{acc}"
@@ -198,11 +213,15 @@ class Results:
         lengths, depths, hits, n = self.grid("substring") if self.records else ([], [], None, None)
         head = "".join(f"<th>{length_label(L)}</th>" for L in lengths)
         rows = "".join(
-            f"<tr><th>{d:.0%}</th>" + "".join(
-                f"<td>{hits[i, j] / n[i, j]:.0%}</td>" if n[i, j] else "<td>-</td>" for j in range(len(lengths)))
-            + "</tr>" for i, d in enumerate(depths))
-        return (f"<p>NIAH results: {html.escape(self._summary())} (substring accuracy, depth × length)</p>"
-                f"<table><tr><th>depth</th>{head}</tr>{rows}</table>")
+            f"<tr><th>{d:.0%}</th>"
+            + "".join(f"<td>{hits[i, j] / n[i, j]:.0%}</td>" if n[i, j] else "<td>-</td>" for j in range(len(lengths)))
+            + "</tr>"
+            for i, d in enumerate(depths)
+        )
+        return (
+            f"<p>NIAH results: {html.escape(self._summary())} (substring accuracy, depth × length)</p>"
+            f"<table><tr><th>depth</th>{head}</tr>{rows}</table>"
+        )
 
 
 def parse_length(s) -> int:

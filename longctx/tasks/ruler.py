@@ -46,8 +46,16 @@ import numpy as np
 from . import needles, niah
 from .niah import Haystack, Results, Spec, length_label
 
-TASKS = ("niah_words", "niah_uuid", "multi_key_needles", "multi_key_uuid", "variable_tracking", "common_words",
-         "frequent_words", "qa")
+TASKS = (
+    "niah_words",
+    "niah_uuid",
+    "multi_key_needles",
+    "multi_key_uuid",
+    "variable_tracking",
+    "common_words",
+    "frequent_words",
+    "qa",
+)
 DEPTHLESS = ("common_words", "frequent_words")  # no needle: the depth changes nothing
 THRESHOLD = 0.856  # RULER's: Llama-2-7B's average at 4K
 
@@ -92,8 +100,11 @@ def load_qa(path) -> QASet:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
+        records = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON or JSON Lines ({e})") from None
     paragraphs: dict[str, int] = {}
@@ -111,8 +122,9 @@ def load_qa(path) -> QASet:
                     paragraphs.setdefault(f"{t}\n{''.join(sents)}", len(paragraphs))
             question = r["question"]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: record {n} is neither SQuAD- nor HotpotQA-style ({type(e).__name__}: {e})") \
-                from None
+            raise ValueError(
+                f"{path}: record {n} is neither SQuAD- nor HotpotQA-style ({type(e).__name__}: {e})"
+            ) from None
         answers = [str(a) for a in answers if str(a).strip()]
         if not answers or not gold or not str(question).strip():
             raise ValueError(f"{path}: record {n} has no question, answer or gold paragraph")
@@ -128,9 +140,13 @@ def _unit_haystack(tokenizer, name: str, units: tuple[tuple[str, str], ...], who
     list extends that of a shorter one, token for token)."""
     ids = [tokenizer.encode(text) for text, _ in units]
     lens = np.array([len(i) for i in ids])
-    return Haystack(name, np.array([t for i in ids for t in i], dtype=np.int32),
-                    np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64), labels=[lb for _, lb in units],
-                    whole=whole)
+    return Haystack(
+        name,
+        np.array([t for i in ids for t in i], dtype=np.int32),
+        np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64),
+        labels=[lb for _, lb in units],
+        whole=whole,
+    )
 
 
 def _stream(tokenizer, name: str, make_units, min_tokens: int, whole: bool = True) -> Haystack:
@@ -153,8 +169,11 @@ def spec(tokenizer, task: str, rng: random.Random, seed: int, sample: int, lengt
     if task in ("niah_words", "niah_uuid"):
         key, kind = (needles.make_key(rng), "word") if task == "niah_words" else (_uuid(rng), "uuid")
         value = rng.choice(needles._NOUNS) if kind == "word" else _uuid(rng)
-        return Spec(f"What is the special magic {kind} for {key}?",
-                    [f"One of the special magic {kind}s for {key} is: {value}."], [value])
+        return Spec(
+            f"What is the special magic {kind} for {key}?",
+            [f"One of the special magic {kind}s for {key} is: {value}."],
+            [value],
+        )
     if task in ("multi_key_needles", "multi_key_uuid"):
         uuids = task == "multi_key_uuid"
         kind = "uuid" if uuids else "number"
@@ -169,9 +188,12 @@ def spec(tokenizer, task: str, rng: random.Random, seed: int, sample: int, lengt
                 if k != key:
                     yield f" One of the special magic {kind}s for {k} is: {v}.", k
 
-        return Spec(f"What is the special magic {kind} for {key}?",
-                    [f"One of the special magic {kind}s for {key} is: {value}."], [value],
-                    haystack=_stream(tokenizer, f"{kind} needles", units, length))
+        return Spec(
+            f"What is the special magic {kind} for {key}?",
+            [f"One of the special magic {kind}s for {key} is: {value}."],
+            [value],
+            haystack=_stream(tokenizer, f"{kind} needles", units, length),
+        )
     if task == "variable_tracking":
         names, value = [], str(rng.randrange(10_000, 100_000))
         while len(names) < 5:
@@ -194,8 +216,14 @@ def spec(tokenizer, task: str, rng: random.Random, seed: int, sample: int, lengt
                     i += 1
                     yield f" {i}. {w}", w
 
-        return Spec(f"What are the {CWE_WORDS} most common words in the list above?", [], None, ordered=False,
-                    haystack=_stream(tokenizer, "word list", units, length), top=CWE_WORDS)
+        return Spec(
+            f"What are the {CWE_WORDS} most common words in the list above?",
+            [],
+            None,
+            ordered=False,
+            haystack=_stream(tokenizer, "word list", units, length),
+            top=CWE_WORDS,
+        )
     if task == "frequent_words":
         vocab = list(vocabulary())
         hay_rng().shuffle(vocab)
@@ -208,8 +236,14 @@ def spec(tokenizer, task: str, rng: random.Random, seed: int, sample: int, lengt
                 random.Random(f"{seed}/{task}/{sample}/{b}").shuffle(block)
                 yield from ((f" {w}", w) for w in block)
 
-        return Spec(f"What are the {FWE_TOP} most frequent words in the text above?", [], None, ordered=False,
-                    haystack=_stream(tokenizer, "zipf words", units, length), top=FWE_TOP)
+        return Spec(
+            f"What are the {FWE_TOP} most frequent words in the text above?",
+            [],
+            None,
+            ordered=False,
+            haystack=_stream(tokenizer, "zipf words", units, length),
+            top=FWE_TOP,
+        )
     if task == "qa":
         if not isinstance(data, QASet):
             raise ValueError("task 'qa' needs data: a QASet (load_qa) or, in niah.run, the file's path")
@@ -226,8 +260,14 @@ def spec(tokenizer, task: str, rng: random.Random, seed: int, sample: int, lengt
                 r.shuffle(pool)
                 yield from ((f"{data.paragraphs[i]}\n\n", str(i)) for i in pool)
 
-        return Spec(question, [f"{data.paragraphs[g]}\n\n" for g in gold], list(answers), any_of=True,
-                    haystack=_stream(tokenizer, f"{data.name} paragraphs", units, length, whole=False), sep="")
+        return Spec(
+            question,
+            [f"{data.paragraphs[g]}\n\n" for g in gold],
+            list(answers),
+            any_of=True,
+            haystack=_stream(tokenizer, f"{data.name} paragraphs", units, length, whole=False),
+            sep="",
+        )
     raise ValueError(f"unknown task {task!r}; RULER tasks: {', '.join(TASKS)}")
 
 
@@ -236,8 +276,9 @@ def top_labels(labels: list[str], k: int, length: int) -> list[str]:
     k-th is not strictly more frequent than the next (``length`` is too short to say)."""
     ranked = sorted(Counter(labels).items(), key=lambda kv: (-kv[1], kv[0]))
     if len(ranked) < k or (len(ranked) > k and ranked[k - 1][1] <= ranked[k][1]):
-        raise ValueError(f"length {length} is too short for an aggregation task: its top {k} words are not "
-                         "clearly the most frequent")
+        raise ValueError(
+            f"length {length} is too short for an aggregation task: its top {k} words are not clearly the most frequent"
+        )
     return [w for w, _ in ranked[:k]]
 
 
@@ -278,28 +319,51 @@ class RulerResults:
         lengths, acc = self.accuracy(metric)
         avg = self.average(metric)
         cell = lambda a, L: f"{100 * a[L]:.1f}" if L in a else "-"  # noqa: E731
-        lines = ["| task | " + " | ".join(length_label(L) for L in lengths) + " |",
-                 "|---|" + "---|" * len(lengths)]
+        lines = ["| task | " + " | ".join(length_label(L) for L in lengths) + " |", "|---|" + "---|" * len(lengths)]
         lines += [f"| {t} | " + " | ".join(cell(a, L) for L in lengths) + " |" for t, a in acc.items()]
         lines.append("| **average** | " + " | ".join(cell(avg, L) for L in lengths) + " |")
         eff = self.effective_length(threshold, metric)
-        return "\n".join(lines) + (f"\n\neffective length (average {metric} score >= {100 * threshold:.1f} % at "
-                                   f"every length up to it): {length_label(eff) if eff else 'none'}")
+        return "\n".join(lines) + (
+            f"\n\neffective length (average {metric} score >= {100 * threshold:.1f} % at "
+            f"every length up to it): {length_label(eff) if eff else 'none'}"
+        )
 
 
-def run(model, *, tasks=TASKS[:-1], lengths=(1024, 2048, 4096), depths=(0.25, 0.75), samples: int = 2, seed: int = 0,
-        out=None, qa=None, progress: bool = True, **kw) -> RulerResults:
+def run(
+    model,
+    *,
+    tasks=TASKS[:-1],
+    lengths=(1024, 2048, 4096),
+    depths=(0.25, 0.75),
+    samples: int = 2,
+    seed: int = 0,
+    out=None,
+    qa=None,
+    progress: bool = True,
+    **kw,
+) -> RulerResults:
     """``niah.run`` for each task (aggregation tasks at one depth, as the depth changes
     nothing), journals in ``out/<task>.jsonl``. qa: the QA file (for task "qa"). Other keywords
     go to ``niah.run``."""
     unknown = [t for t in tasks if t not in TASKS and t not in ("single", "multi_key", "multi_value", "multi_query")]
     if unknown or isinstance(tasks, str):
-        raise ValueError(f"tasks: unknown {unknown or tasks!r}; RULER tasks: {', '.join(TASKS)} (and NIAH's single, "
-                         "multi_key, multi_value, multi_query)")
+        raise ValueError(
+            f"tasks: unknown {unknown or tasks!r}; RULER tasks: {', '.join(TASKS)} (and NIAH's single, "
+            "multi_key, multi_value, multi_query)"
+        )
     data = load_qa(qa) if "qa" in tasks else None
     by_task = {}
     for t in tasks:
-        by_task[t] = niah.run(model, task=t, lengths=lengths, depths=depths[:1] if t in DEPTHLESS else depths,
-                              samples=samples, seed=seed, out=None if out is None else Path(out) / f"{t}.jsonl",
-                              data=data, progress=progress, **kw)
+        by_task[t] = niah.run(
+            model,
+            task=t,
+            lengths=lengths,
+            depths=depths[:1] if t in DEPTHLESS else depths,
+            samples=samples,
+            seed=seed,
+            out=None if out is None else Path(out) / f"{t}.jsonl",
+            data=data,
+            progress=progress,
+            **kw,
+        )
     return RulerResults(by_task)

@@ -51,7 +51,10 @@ def split_template(template: str) -> tuple[str, str]:
             seen_text += 1
             continue
         if field not in TEMPLATE_FIELDS:
-            raise ValueError(f"template field {{{field}}} is unknown; allowed: {{text}}, " + ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS))
+            raise ValueError(
+                f"template field {{{field}}} is unknown; allowed: {{text}}, "
+                + ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
+            )
         out.append("{" + field + ("!" + conv if conv else "") + (":" + spec if spec else "") + "}")
     if seen_text != 1:
         raise ValueError(f"template must contain {{text}} exactly once, found {seen_text}: {template!r}")
@@ -145,14 +148,21 @@ def lookalikes(template: str, marker: str) -> Lookalikes | None:
         marker_fmt, _ = split_template(marker + "{text}")
     except ValueError as e:
         raise ValueError(f"bad marker {marker!r}: {e}") from None
-    sigs = [sig for fmt, what in ((header, "header"), (footer, "footer"), (marker_fmt, "marker"))
-            if (sig := _signature(fmt, what, marker if what == "marker" else template))]
+    sigs = [
+        sig
+        for fmt, what in ((header, "header"), (footer, "footer"), (marker_fmt, "marker"))
+        if (sig := _signature(fmt, what, marker if what == "marker" else template))
+    ]
     if not sigs:
         return None
     firsts = "".join(sorted({first for first, _ in sigs}))
     alternatives = "|".join(re.escape(first) + rest for first, rest in sigs)
-    return Lookalikes(re.compile(alternatives), re.compile(f"(?=(?:{alternatives}))"), firsts,
-                       {_fullwidth(c): c for c in firsts if _fullwidth(c)})
+    return Lookalikes(
+        re.compile(alternatives),
+        re.compile(f"(?=(?:{alternatives}))"),
+        firsts,
+        {_fullwidth(c): c for c in firsts if _fullwidth(c)},
+    )
 
 
 def _signature(fmt: str, what: str, given: str) -> tuple[str, str] | None:
@@ -174,16 +184,20 @@ def _signature(fmt: str, what: str, given: str) -> tuple[str, str] | None:
             return None
         pattern = after = ""
     elif not first:
-        raise ValueError(f"the {what} of {given!r} starts with a field: it needs fixed text first (e.g. "
-                         f"'# {{title}}') so that pack can escape its look-alikes in document text")
+        raise ValueError(
+            f"the {what} of {given!r} starts with a field: it needs fixed text first (e.g. "
+            f"'# {{title}}') so that pack can escape its look-alikes in document text"
+        )
     else:
         pattern = "[0-9]+" if field == "id" and not spec and not conv else _FIELD_TEXT
         after = re.escape(parts[1][0].rstrip("\r\n"))  # a line break at the end may be the text's own
     if ESCAPE in first + after:
         raise ValueError(f"the {what} of {given!r} holds ESCAPE (U+2060), which pack uses to escape look-alikes")
     if len(first) < 2 and not (pattern == "[0-9]+" or after):
-        raise ValueError(f"the {what} of {given!r} has one character of fixed text ({first!r}): too short "
-                         "to tell from document text; make it longer")
+        raise ValueError(
+            f"the {what} of {given!r} has one character of fixed text ({first!r}): too short "
+            "to tell from document text; make it longer"
+        )
     return first[0], re.escape(first[1:]) + pattern + after
 
 

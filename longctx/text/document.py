@@ -142,8 +142,15 @@ class DocumentSpan:
         return self.end - self.start
 
 
-def make_document(title: str, source: str | None, body: str | list[str], size: int, fmt: str,
-                  encoding: str | None, utf8: bytes | None = None) -> Document:
+def make_document(
+    title: str,
+    source: str | None,
+    body: str | list[str],
+    size: int,
+    fmt: str,
+    encoding: str | None,
+    utf8: bytes | None = None,
+) -> Document:
     """A Document (id -1: `ingest` numbers them) from one text or a list of page texts.
 
     size: bytes of the source; utf8: the text's UTF-8 bytes when the caller already has them

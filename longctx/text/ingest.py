@@ -133,7 +133,9 @@ class Corpus:
     iteration go over the documents.
     """
 
-    def __init__(self, documents: list[Document], skipped: list[Skipped] | None = None, duplicates: list[Duplicate] | None = None):
+    def __init__(
+        self, documents: list[Document], skipped: list[Skipped] | None = None, duplicates: list[Duplicate] | None = None
+    ):
         for k, d in enumerate(documents):
             if d.id != k:
                 raise ValueError(f"document ids must be 0..n-1 in order; position {k} has id {d.id}")
@@ -165,8 +167,15 @@ class Corpus:
         "pages", "sha256"}), skipped ({"path", "reason"}), duplicates ({"kept_id", "path"})."""
         return {
             "documents": [
-                {"id": d.id, "title": d.title, "source": d.source, "format": d.format, "chars": len(d.text),
-                 "pages": d.n_pages, "sha256": d.sha256}
+                {
+                    "id": d.id,
+                    "title": d.title,
+                    "source": d.source,
+                    "format": d.format,
+                    "chars": len(d.text),
+                    "pages": d.n_pages,
+                    "sha256": d.sha256,
+                }
                 for d in self.documents
             ],
             "skipped": [s._asdict() for s in self.skipped],
@@ -267,7 +276,8 @@ def ingest(
             n_texts += 1
         else:
             raise TypeError(
-                f"ingest inputs must be paths (str or os.PathLike) or (title, text) pairs, got {type(item).__name__}: {item!r:.80}"
+                "ingest inputs must be paths (str or os.PathLike) or (title, text) pairs, "
+                f"got {type(item).__name__}: {item!r:.80}"
             )
 
     # 2. Read them.

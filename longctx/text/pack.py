@@ -138,8 +138,10 @@ def pack(
             texts[doc.id] = text
         if grown:  # page bounds move by what the characters before them grew
             at, added = [i for i, _ in grown], np.cumsum([0] + [n for _, n in grown]).tolist()
-            ranges = [(page, a + added[bisect.bisect_left(at, a)], b + added[bisect.bisect_left(at, b)])
-                      for page, a, b in ranges]
+            ranges = [
+                (page, a + added[bisect.bisect_left(at, a)], b + added[bisect.bisect_left(at, b)])
+                for page, a, b in ranges
+            ]
         pieces = list(render(doc, header_fmt, footer_fmt))
         if chunk:
             pieces.append(render(doc, marker_fmt, "")[0])
@@ -172,8 +174,10 @@ def pack(
     else:
         long = next((plans[i][0] for i, arrs in enumerate(encoded) if len(arrs[2]) > chunk // 2), None)
         if long is not None:  # (a marker must leave most of a chunk to the text)
-            raise ValueError(f"the chunk marker of document {long.id} ({long.title!r}) takes more than "
-                             f"chunk // 2 = {chunk // 2} tokens; use a shorter marker or a larger chunk")
+            raise ValueError(
+                f"the chunk marker of document {long.id} ({long.title!r}) takes more than "
+                f"chunk // 2 = {chunk // 2} tokens; use a shorter marker or a larger chunk"
+            )
         sizes, pos = [], 0
         for (_, ranges, _), arrs in zip(plans, encoded):
             sizes.append(sum(len(ids) for ids, _ in _lay_out(tokenizer, ranges, arrs, pos, marks)))
@@ -228,8 +232,15 @@ class _Marks(NamedTuple):
     offset: int
 
 
-def _lay_out(tokenizer, ranges, arrs: list[np.ndarray], pos: int, marks: _Marks | None,
-             cut: tuple[int, int | None] | None = None, chars: bool = False) -> list[tuple[np.ndarray, tuple | None]]:
+def _lay_out(
+    tokenizer,
+    ranges,
+    arrs: list[np.ndarray],
+    pos: int,
+    marks: _Marks | None,
+    cut: tuple[int, int | None] | None = None,
+    chars: bool = False,
+) -> list[tuple[np.ndarray, tuple | None]]:
     """One document's pieces in packed order, its header at token position `pos`: a list of
     (ids, where), where is None for a delimiter (header, marker, footer) and
     (page, char_start, char_end, truncated) for text (char offsets only with `chars`, else
@@ -263,7 +274,9 @@ def _lay_out(tokenizer, ranges, arrs: list[np.ndarray], pos: int, marks: _Marks 
                 out.append((marker, None))
                 pos, open_text = pos + len(marker), False
                 continue
-            end = b if j == len(arr) or not chars else a + len(tokenizer.decode_bytes(arr[i:j].tolist()).decode("utf-8"))
+            end = (
+                b if j == len(arr) or not chars else a + len(tokenizer.decode_bytes(arr[i:j].tolist()).decode("utf-8"))
+            )
             out.append((arr[i:j], (page, a if chars else None, end if chars else None, truncated and j == len(arr))))
             pos, open_text = pos + j - i, open_text or j > i
             a, i = end, j
@@ -287,11 +300,12 @@ def _truncate(tokenizer, ranges, arrs: list[np.ndarray], room: int, pos: int, ma
     The cut is at a token boundary that is also a character boundary: byte-level BPE can end a
     token inside a multi-byte character, and a span must decode exactly to a prefix of the text.
     """
-    header, footer, pages = arrs[0], arrs[1], arrs[2 + (marks is not None):]
+    header, footer, pages = arrs[0], arrs[1], arrs[2 + (marks is not None) :]
     text_ids = np.concatenate(pages) if pages else np.zeros(0, np.int32)
     if marks is None:
         keep = min(room - len(header) - len(footer), len(text_ids))
     else:  # the most text tokens whose layout (markers included) fits: the size grows with keep
+
         def size(keep: int) -> int:
             return sum(len(ids) for ids, _ in _lay_out(tokenizer, ranges, arrs, pos, marks, (keep, None)))
 
@@ -323,9 +337,19 @@ class Packed:
         look-alikes are escaped with or without chunk markers).
     """
 
-    def __init__(self, ids: np.ndarray, spans: list[DocumentSpan], documents: list[Document], dropped: list[Document],
-                 *, template: str, budget: int | None, tokenizer_fingerprint: str | None,
-                 texts: dict[int, str] | None = None, marker: str = DEFAULT_MARKER):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        spans: list[DocumentSpan],
+        documents: list[Document],
+        dropped: list[Document],
+        *,
+        template: str,
+        budget: int | None,
+        tokenizer_fingerprint: str | None,
+        texts: dict[int, str] | None = None,
+        marker: str = DEFAULT_MARKER,
+    ):
         self.ids = ids
         self._texts = texts or {}  # the packed texts that differ from their document's (escaped)
         self.spans = spans
@@ -345,8 +369,9 @@ class Packed:
         self._starts = [s.start for s in live]
 
     @classmethod
-    def _build(cls, plans, encoded, n_keep, cut, tokenizer, template, budget, marks=None, texts=None,
-               marker=DEFAULT_MARKER) -> Packed:
+    def _build(
+        cls, plans, encoded, n_keep, cut, tokenizer, template, budget, marks=None, texts=None, marker=DEFAULT_MARKER
+    ) -> Packed:
         arrays: list[np.ndarray] = []
         spans: list[DocumentSpan] = []
         documents: list[Document] = []
@@ -354,7 +379,9 @@ class Packed:
         n_docs = n_keep + (cut is not None)
         for i in range(n_docs):
             doc, ranges, _ = plans[i]
-            for ids, where in _lay_out(tokenizer, ranges, encoded[i], pos, marks, cut if i == n_keep else None, chars=True):
+            for ids, where in _lay_out(
+                tokenizer, ranges, encoded[i], pos, marks, cut if i == n_keep else None, chars=True
+            ):
                 if where is not None:
                     spans.append(DocumentSpan(doc.id, doc.title, where[0], pos, pos + len(ids), *where[1:]))
                 arrays.append(ids)
@@ -362,15 +389,26 @@ class Packed:
             documents.append(doc)
         ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         dropped = [p[0] for p in plans[n_docs:]]
-        return cls(ids, spans, documents, dropped, template=template, marker=marker, budget=budget,
-                   tokenizer_fingerprint=getattr(tokenizer, "fingerprint", None),
-                   texts={d.id: texts[d.id] for d in documents if d.id in (texts or {})})
+        return cls(
+            ids,
+            spans,
+            documents,
+            dropped,
+            template=template,
+            marker=marker,
+            budget=budget,
+            tokenizer_fingerprint=getattr(tokenizer, "fingerprint", None),
+            texts={d.id: texts[d.id] for d in documents if d.id in (texts or {})},
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __repr__(self) -> str:
-        return f"Packed({len(self.ids)} tokens, {len(self.documents)} documents, {len(self.spans)} spans, {len(self.dropped)} dropped)"
+        return (
+            f"Packed({len(self.ids)} tokens, {len(self.documents)} documents, {len(self.spans)} spans, "
+            f"{len(self.dropped)} dropped)"
+        )
 
     def to_dict(self) -> dict:
         """Plain fields without the ids (``ids`` itself is the array): n_tokens, spans (dicts),
@@ -440,4 +478,6 @@ class Packed:
         with chunk markers, the markers inside the text too)."""
         parts = self.page_spans(doc_id)
         first, last = parts[0], parts[-1]
-        return DocumentSpan(doc_id, first.title, None, first.start, last.end, first.char_start, last.char_end, last.truncated)
+        return DocumentSpan(
+            doc_id, first.title, None, first.start, last.end, first.char_start, last.char_end, last.truncated
+        )

@@ -96,7 +96,9 @@ def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[s
             try:
                 text = data.decode(codec)
             except UnicodeDecodeError as e:
-                raise IngestError(path, f"not valid {codec.upper()} text despite its byte order mark ({e.reason} at byte {e.start})") from None
+                raise IngestError(
+                    path, f"not valid {codec.upper()} text despite its byte order mark ({e.reason} at byte {e.start})"
+                ) from None
             name = "utf-8" if codec == "utf-8-sig" else codec
             _check_control(text.encode("utf-8"), path)
             return _normalise_newlines(text), name, ()
@@ -107,7 +109,9 @@ def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[s
         try:
             return _normalise_newlines(data.decode(declared)), declared, ()
         except UnicodeDecodeError as e:
-            raise IngestError(path, f"not valid {declared} text as its charset declares ({e.reason} at byte {e.start})") from None
+            raise IngestError(
+                path, f"not valid {declared} text as its charset declares ({e.reason} at byte {e.start})"
+            ) from None
     try:
         return _normalise_newlines(data.decode("utf-8")), "utf-8", ()
     except UnicodeDecodeError as e:
@@ -117,8 +121,10 @@ def _decode_text(data: bytes, path: str, declared: str | None = None) -> tuple[s
     bad = text.count("\ufffd") - legit  # one per damaged byte sequence
     multibyte = len(text) - len(text.encode("ascii", "ignore")) - bad  # valid non-ASCII characters
     nearly_utf8 = bad <= _MAX_BAD_UTF8_RATIO * len(data)
-    note = (f"not valid UTF-8 in {bad} place(s) (first: {utf8_error}); decoded as UTF-8 with "
-            f"{bad} U+FFFD replacement character(s)")
+    note = (
+        f"not valid UTF-8 in {bad} place(s) (first: {utf8_error}); decoded as UTF-8 with "
+        f"{bad} U+FFFD replacement character(s)"
+    )
     if nearly_utf8 and multibyte >= bad:
         return _normalise_newlines(text), "utf-8", (note,)
     high = len(data) - len(data.translate(None, bytes(range(0x80, 0x100))))
@@ -281,8 +287,10 @@ def _read_html(data: bytes, path: str) -> tuple[str | None, str, str, tuple[str,
         if parser.rawdata.startswith("<!--"):
             # An unterminated comment: html.parser would emit it and the rest of the page as
             # text; browsers (HTML standard) treat it as a comment to the end of the input.
-            notes += (f"unterminated <!-- comment: its {len(parser.rawdata)} characters to the end "
-                      "of the page were dropped, as browsers do",)
+            notes += (
+                f"unterminated <!-- comment: its {len(parser.rawdata)} characters to the end "
+                "of the page were dropped, as browsers do",
+            )
             parser.rawdata = ""
         parser.close()
     except Exception as e:  # html.parser is lenient; anything it raises means unusable markup
@@ -425,7 +433,12 @@ def read_file(path: Path, label: str, max_bytes: int | None = None) -> Document:
         _log.warning("%s: %s", label, note)
     source = Path(label).as_posix()
     # Plain UTF-8 files already hold the text's UTF-8 bytes: hash them, skip re-encoding.
-    same_bytes = (fmt in ("text", "markdown") and encoding == "utf-8" and not notes
-                  and not data.startswith(codecs.BOM_UTF8) and b"\r" not in data)
+    same_bytes = (
+        fmt in ("text", "markdown")
+        and encoding == "utf-8"
+        and not notes
+        and not data.startswith(codecs.BOM_UTF8)
+        and b"\r" not in data
+    )
     doc = make_document(title or path.stem, source, pages, len(data), fmt, encoding, utf8=data if same_bytes else None)
     return dataclasses.replace(doc, warnings=notes) if notes else doc

@@ -21,7 +21,6 @@ import array
 import functools
 import hashlib
 import os
-import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from .split import split_for_encoding
 from .vocab import DEFAULT_NUM_RESERVED, TokenizerError, llama4_special_tokens, load_ranks, read_sidecar, save_files
 
 __all__ = [
@@ -66,96 +66,6 @@ _REQUIRED_SPECIALS = {
     "eot_id": "<|eot|>",
     "pad_id": "<|finetune_right_pad|>",
 }
-
-# --------------------------------------------------------------------------------------------
-# Splitting very long inputs on boundaries that cannot change the tokenization
-# --------------------------------------------------------------------------------------------
-
-# Exactly the characters of the regex's \s (Unicode White_Space), spelled out because Python's
-# str.isspace() also accepts U+001C..U+001F, which the tiktoken regex does not.
-_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_HWS = "\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # \s minus [\r\n]
-
-# NOTE: tiktoken's regex engine gives up (a Rust panic, "StackOverflow") when one match attempt
-# backtracks over ~1e6 characters. That happens for a run of ~1e6 non-newline whitespace
-# characters that ends in a non-space or follows a newline (`\s*[\r\n]+` and `\s+(?!\S)` each
-# backtrack over the whole run). Runs longer than this are handled without the regex (below).
-MAX_WS_RUN = 65_536
-# Inputs longer than this are cut on safe newlines into pieces of about this size, which
-# tiktoken then encodes on several threads.
-CHUNK_CHARS = 65_536
-
-# A safe cut: right after "\n" when the next character is neither whitespace nor "/". The
-# regex piece that contains the "\n" always ends there (no alternative lets whitespace or a
-# newline continue into a non-space, except `[\r\n/]*` after punctuation, hence "/"), the
-# pattern has no look-behind, and its only look-ahead (`(?!\S)`) is never consulted at that
-# position; so encode(a + b) == encode(a) + encode(b). tests/text/test_tokenizer.py checks this
-# against one tiktoken call on adversarial strings with tiny chunk sizes.
-_SAFE_CUT = re.compile(f"\n(?=[^{_WS}/])")
-_NON_SPACE = re.compile(r"\S")  # Python's \s includes every character of _HWS
-
-
-@functools.lru_cache(maxsize=8)
-def _long_hws_run(n: int) -> re.Pattern:
-    return re.compile(f"[{_HWS}]{{{n},}}")
-
-
-def split_for_encoding(text: str, chunk_chars: int = CHUNK_CHARS, max_ws_run: int = MAX_WS_RUN) -> list[str | bytes]:
-    """Cut `text` into parts whose encodings concatenate to the encoding of `text`.
-
-    A `str` part is encoded with the regex (tiktoken's `encode_ordinary`); a `bytes` part is one
-    regex piece, BPE-encoded directly. `"".join(decoded parts) == text`.
-
-    Long runs of non-newline whitespace H = text[a:b] (len >= max_ws_run, not followed by
-    \\r or \\n) are the only thing taken out of the regex. What the regex does with H is fixed:
-    H starts a new piece (no earlier piece can absorb a space), so text[:a] stands alone; if H
-    ends the text it is one piece (`\\s+(?!\\S)` matches all of it); otherwise `\\s+(?!\\S)`
-    matches H[:-1] and the last character starts the next piece, so text[b-1:] stands alone.
-    """
-    parts: list[str | bytes] = []
-    start = 0
-    n = max(max_ws_run, 2)  # >= 2 so that H[:-1] is not empty
-    for m in _long_hws_run(n).finditer(text) if _may_hold_long_space_run(text, n) else ():
-        a, b = m.span()
-        if b < len(text) and text[b] in "\r\n":
-            continue  # `\s*[\r\n]+` matches H plus the newline without backtracking over H
-        end = b if b == len(text) else b - 1
-        _cut_on_newlines(text[start:a], chunk_chars, parts)
-        parts.append(text[a:end].encode("utf-8"))
-        start = end
-    _cut_on_newlines(text[start:], chunk_chars, parts)
-    return parts
-
-
-def _may_hold_long_space_run(text: str, n: int = MAX_WS_RUN) -> bool:
-    """False only if `text` has no run of `n` or more whitespace characters.
-
-    Why: looking for such runs with `_long_hws_run` tries a match at every character, while a
-    run of 2B-1 or more characters covers a whole aligned block of B = (n + 1) // 2 characters,
-    so finding a non-space in every block rules runs of n out with one short search per block.
-    """
-    if len(text) < n:
-        return False
-    block = (n + 1) // 2
-    return any(_NON_SPACE.search(text, a, a + block) is None for a in range(0, len(text) - block + 1, block))
-
-
-def _cut_on_newlines(text: str, chunk_chars: int, out: list[str | bytes]) -> None:
-    """Append `text` to `out` in pieces of >= chunk_chars characters, cut only at `_SAFE_CUT`."""
-    pos = 0
-    while len(text) - pos > chunk_chars:
-        m = _SAFE_CUT.search(text, pos + chunk_chars - 1)
-        if m is None:
-            break
-        out.append(text[pos : m.end()])
-        pos = m.end()
-    if pos < len(text) or not out:
-        out.append(text[pos:])
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
 
 _ROLES = ("system", "user", "assistant", "ipython")
 # Work per thread-pool job of `encode_arrays`: big enough that the pool's per-job cost is
@@ -221,7 +131,7 @@ class Tokenizer:
         *,
         special_tokens: dict[str, int] | None = None,
         num_reserved_special_tokens: int = DEFAULT_NUM_RESERVED,
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Load a tiktoken BPE file (a folder means `folder/tokenizer.model`).
 
         Special tokens, first match wins: `special_tokens` if given; else our JSON sidecar next to
@@ -234,7 +144,10 @@ class Tokenizer:
         if special_tokens is None:
             special_tokens = read_sidecar(path)
         return cls.from_ranks(
-            ranks, special_tokens=special_tokens, num_reserved_special_tokens=num_reserved_special_tokens, name=path.name
+            ranks,
+            special_tokens=special_tokens,
+            num_reserved_special_tokens=num_reserved_special_tokens,
+            name=path.name,
         )
 
     @classmethod
@@ -245,14 +158,14 @@ class Tokenizer:
         special_tokens: dict[str, int] | None = None,
         num_reserved_special_tokens: int = DEFAULT_NUM_RESERVED,
         name: str = "custom",
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Build from {token bytes: rank}; special tokens explicit or the Llama 4 layout after the ranks."""
         if special_tokens is None:
             special_tokens = llama4_special_tokens(len(mergeable_ranks), num_reserved_special_tokens)
         return cls(dict(mergeable_ranks), dict(special_tokens), name=name)
 
     @classmethod
-    def default(cls) -> "Tokenizer":
+    def default(cls) -> Tokenizer:
         """The embedded model's tokenizer (longctx/assets/default/tokenizer.model); cached."""
         return load_default_tokenizer()
 
@@ -370,7 +283,9 @@ class Tokenizer:
             return self._enc.decode_bytes(ids)
         except (KeyError, OverflowError, TypeError):
             bad = next((i for i in ids if not self._is_valid_id(i)), None)
-            raise TokenizerError(f"cannot decode token id {bad!r}: not in this vocabulary (size {self.vocab_size})") from None
+            raise TokenizerError(
+                f"cannot decode token id {bad!r}: not in this vocabulary (size {self.vocab_size})"
+            ) from None
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes of one token id (a special id gives its name's bytes)."""
@@ -426,7 +341,12 @@ class Tokenizer:
 
     def _header(self, role: str) -> list[int]:
         if role not in self._header_cache:
-            self._header_cache[role] = [self.header_start_id, *self.encode(role), self.header_end_id, *self.encode("\n\n")]
+            self._header_cache[role] = [
+                self.header_start_id,
+                *self.encode(role),
+                self.header_end_id,
+                *self.encode("\n\n"),
+            ]
         return list(self._header_cache[role])
 
     @staticmethod
@@ -437,7 +357,9 @@ class Tokenizer:
         turns = []
         for k, msg in enumerate(messages):
             if not isinstance(msg, Mapping):
-                raise TokenizerError(f"message {k}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
+                raise TokenizerError(
+                    f"message {k}: expected a dict with 'role' and 'content', got {type(msg).__name__}"
+                )
             extra = set(msg) - {"role", "content", "eom"}
             if extra:
                 raise TokenizerError(f"message {k}: unsupported keys {sorted(extra)} (allowed: role, content, eom)")
@@ -477,7 +399,10 @@ class Tokenizer:
         return h.hexdigest()
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, ranks={self.n_ranks}, specials={len(self.special_tokens)}, vocab_size={self.vocab_size})"
+        return (
+            f"Tokenizer({self.name!r}, ranks={self.n_ranks}, specials={len(self.special_tokens)}, "
+            f"vocab_size={self.vocab_size})"
+        )
 
 
 @functools.lru_cache(maxsize=1)

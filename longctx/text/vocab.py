@@ -105,7 +105,9 @@ def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
         fields = line.decode("utf-8", errors="replace").split()
         where = f"{path}:{lineno}"
         if len(fields) != 2:
-            raise TokenizerError(f"{where}: expected 'base64_token rank', got {line[:80].decode('utf-8', errors='replace')!r}")
+            raise TokenizerError(
+                f"{where}: expected 'base64_token rank', got {line[:80].decode('utf-8', errors='replace')!r}"
+            )
         try:
             token = base64.b64decode(fields[0], validate=True)
         except (binascii.Error, ValueError):
@@ -128,9 +130,10 @@ def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 def save_ranks(ranks: Mapping[bytes, int], path: str | os.PathLike) -> None:
     """Write {token bytes: rank} as a tiktoken BPE file, one `base64 rank` line per rank, in rank order."""
-    lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [
+        f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     Path(path).write_text("".join(lines), encoding="ascii")
-
 
 
 def read_sidecar(path: Path) -> dict[str, int] | None:

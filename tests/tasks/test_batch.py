@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import text_model
 
+from conftest import text_model
 from longctx.checkpoint import save_model
 from longctx.tasks import batch, jsonl
 from longctx.tasks.batch import BatchLockedError, count_answers, run_batch
@@ -47,12 +47,18 @@ def jobs_file(tmp_path: Path) -> Path:
     a = write_corpus(tmp_path / "a", 2)
     b = write_corpus(tmp_path / "b", 3)
     jobs = [
-        {"id": "j1", "corpus": str(a),
-         "questions": [{"id": f"q{i}", "question": f"What is code word {i}?"} for i in range(4)]},
+        {
+            "id": "j1",
+            "corpus": str(a),
+            "questions": [{"id": f"q{i}", "question": f"What is code word {i}?"} for i in range(4)],
+        },
         {"id": "j2", "corpus": str(tmp_path / "missing"), "questions": [{"id": "q0", "question": "Anything?"}]},
         "this line is not JSON",
-        {"id": "j3", "corpus": [str(b / "doc0.txt"), str(b / "doc2.txt")],
-         "questions": [{"id": "q0", "question": "Which word?"}, {"id": "long", "question": "word " * 3000}]},
+        {
+            "id": "j3",
+            "corpus": [str(b / "doc0.txt"), str(b / "doc2.txt")],
+            "questions": [{"id": "q0", "question": "Which word?"}, {"id": "long", "question": "word " * 3000}],
+        },
         {"id": "j4", "corpus": "b", "questions": ["What does document 1 say?", "And document 2?"]},
     ]
     path = tmp_path / "jobs.jsonl"
@@ -69,8 +75,9 @@ def assert_same_answers(a: Path, b: Path) -> None:
     last rounded digit: BLAS results can depend on memory alignment, so two processes agree
     to ~1e-7, not bit for bit (answers, citation order and everything else must be equal)."""
     ra, rb = read(a), read(b)
-    assert [{**r, "citations": [{**c, "share": None} for c in r.get("citations") or []]} for r in ra] == \
-           [{**r, "citations": [{**c, "share": None} for c in r.get("citations") or []]} for r in rb]
+    assert [{**r, "citations": [{**c, "share": None} for c in r.get("citations") or []]} for r in ra] == [
+        {**r, "citations": [{**c, "share": None} for c in r.get("citations") or []]} for r in rb
+    ]
     shares = lambda recs: [c["share"] for r in recs for c in r.get("citations") or []]  # noqa: E731
     assert shares(ra) == pytest.approx(shares(rb), abs=2e-6)
 
@@ -98,13 +105,15 @@ def test_batch_answers_each_question_once_with_per_job_errors(model, tmp_path):
 def test_batch_validates_jobs_and_shares_one_prefill_per_corpus(model, tmp_path, monkeypatch):
     a = write_corpus(tmp_path / "a", 2)
     jobs = tmp_path / "jobs.jsonl"
-    lines = [{"id": "x", "corpus": str(a), "questions": ["First?"]},
-             {"id": "y", "corpus": str(a), "questions": ["Second?", "Third?"]},  # same corpus: no new prefill
-             {"id": "x", "corpus": str(a), "questions": ["Duplicate job id?"]},
-             {"id": "z", "corpus": str(a), "questions": [{"id": "1", "question": "A?"}, {"id": "1", "question": "B?"}]},
-             {"id": "w", "corpus": str(a), "questions": [42]},
-             {"id": "v", "corpus": [], "questions": ["No corpus?"]},
-             {"id": "u", "corpus": str(a), "questions": ["word " * 400]}]  # fits nothing after the corpus
+    lines = [
+        {"id": "x", "corpus": str(a), "questions": ["First?"]},
+        {"id": "y", "corpus": str(a), "questions": ["Second?", "Third?"]},  # same corpus: no new prefill
+        {"id": "x", "corpus": str(a), "questions": ["Duplicate job id?"]},
+        {"id": "z", "corpus": str(a), "questions": [{"id": "1", "question": "A?"}, {"id": "1", "question": "B?"}]},
+        {"id": "w", "corpus": str(a), "questions": [42]},
+        {"id": "v", "corpus": [], "questions": ["No corpus?"]},
+        {"id": "u", "corpus": str(a), "questions": ["word " * 400]},
+    ]  # fits nothing after the corpus
     jobs.write_text("".join(json.dumps(j) + "\n" for j in lines) + "\n")
     built = []
     real_init = Session.__init__
@@ -176,8 +185,9 @@ def test_batch_survives_sigkill(checkpoint, tmp_path):
     assert len(ids) == len(set(ids)) == 10  # each question exactly once
     assert recs[: len(partial)] == [json.loads(l) for l in partial]  # earlier answers kept as written
     single = tmp_path / "single.jsonl"
-    subprocess.run([sys.executable, "-c", RUNNER.format(**{**runner, "out": str(single)}, delay=0)], cwd=ROOT,
-                   check=True, env=ENV)
+    subprocess.run(
+        [sys.executable, "-c", RUNNER.format(**{**runner, "out": str(single)}, delay=0)], cwd=ROOT, check=True, env=ENV
+    )
     assert_same_answers(out, single)  # and the same as an uninterrupted run
 
 
@@ -195,17 +205,43 @@ def test_torchrun_two_ranks_equal_single_process(checkpoint, model, tmp_path):
     single = tmp_path / "single.jsonl"
     run_batch(model, jobs, single, max_new_tokens=4, max_context=3000, temperature=0.8, progress=False)
     multi = tmp_path / "multi.jsonl"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "longctx.cli", "batch",
-                str(jobs), "--out", str(multi), "--model", str(checkpoint), "--max-new-tokens", "4",
-                "--max-context", "3000", "--temperature", "0.8", "--no-progress"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "longctx.cli",
+        "batch",
+        str(jobs),
+        "--out",
+        str(multi),
+        "--model",
+        str(checkpoint),
+        "--max-new-tokens",
+        "4",
+        "--max-context",
+        "3000",
+        "--temperature",
+        "0.8",
+        "--no-progress",
+    ]
     run = subprocess.run(torchrun, cwd=ROOT, env=ENV, timeout=300, capture_output=True, text=True)
     answered, failed = count_answers(single)
     assert failed > 0 and run.returncode == 1, run.stderr
     assert run.stderr.count(f"longctx batch: {answered} answered, {failed} failed (see {multi})") == 1
-    assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == ["multi.jsonl", "multi.jsonl.rank0",
-                                                                     "multi.jsonl.rank0.lock", "multi.jsonl.rank1",
-                                                                     "multi.jsonl.rank1.lock"]
+    assert sorted(p.name for p in tmp_path.glob("multi.jsonl*")) == [
+        "multi.jsonl",
+        "multi.jsonl.rank0",
+        "multi.jsonl.rank0.lock",
+        "multi.jsonl.rank1",
+        "multi.jsonl.rank1.lock",
+    ]
     assert_same_answers(multi, single)
     before = multi.read_text()
     assert subprocess.run(torchrun, cwd=ROOT, env=ENV, timeout=300).returncode == 1  # a rerun has nothing to do
@@ -250,13 +286,15 @@ def test_a_second_batch_on_one_output_is_refused_at_once(checkpoint, model, tmp_
         with pytest.raises(BatchLockedError, match=f"answers.jsonl: another process \\(pid {os.getpid()}\\)"):
             run_batch(model, jobs, out, max_new_tokens=2, max_context=3000, progress=False)
         t0 = time.monotonic()
-        run = subprocess.run(cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=120)
+        run = subprocess.run(
+            cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+        )
         elapsed = time.monotonic() - t0
     assert run.returncode == 2 and not out.exists(), run.stderr
     assert run.stderr.strip().splitlines() == [
         f"longctx batch: {out}: another process (pid {os.getpid()}) is writing it (lock {out}.lock); wait for it to "
-        "finish or write elsewhere"]
+        "finish or write elsewhere"
+    ]
     assert elapsed < 60  # start-up and model load only: no question was answered
     assert subprocess.run(cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, timeout=300).returncode == 1
     assert len(read(out)) == 10  # (the jobs file has failing jobs: exit 1)
@@ -271,13 +309,21 @@ def test_bad_jobs_lines_become_error_lines_and_the_other_jobs_run(model, tmp_pat
     good = lambda i: json.dumps({"id": f"good{i}", "corpus": str(a), "questions": ["First?", "Second?"]}).encode()  # noqa: E731
     big = json.dumps({"id": "big", "corpus": str(a), "questions": ["x" * 200_000]}).encode()
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_bytes(b"\n".join([good(1), b'{"id": "caf\xe9", "corpus": "a", "questions": ["?"]}', b"[" * 100_000,
-                                 big, b"[1, 2]", good(2)]) + b"\n")
+    jobs.write_bytes(
+        b"\n".join(
+            [good(1), b'{"id": "caf\xe9", "corpus": "a", "questions": ["?"]}', b"[" * 100_000, big, b"[1, 2]", good(2)]
+        )
+        + b"\n"
+    )
     out = tmp_path / "out.jsonl"
     run_batch(model, jobs, out, max_new_tokens=2, max_context=400, progress=False)
     by = {(r["job"], r["id"]): r for r in read(out)}
-    assert sorted(k for k, r in by.items() if r["error"] is None) == [("good1", "0"), ("good1", "1"),
-                                                                      ("good2", "0"), ("good2", "1")]
+    assert sorted(k for k, r in by.items() if r["error"] is None) == [
+        ("good1", "0"),
+        ("good1", "1"),
+        ("good2", "0"),
+        ("good2", "1"),
+    ]
     errors = {k[0]: r["error"] for k, r in by.items() if r["error"]}
     assert list(errors) == ["line2", "line3", "line4", "line5"] and all(k[1] == "-" for k in by if k[0] in errors)
     assert "jobs.jsonl:2: malformed job (not UTF-8 (byte 11: b'\\xe9'))" in errors["line2"]
@@ -293,8 +339,9 @@ def test_sigterm_writes_the_answer_in_flight_and_a_rerun_resumes(checkpoint, tmp
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "j", "corpus": str(a), "questions": [f"Question {i}?" for i in range(6)]}) + "\n")
     out = tmp_path / "answers.jsonl"
-    proc = subprocess.Popen(cli_batch(checkpoint, jobs, out, delay=1.0), cwd=ROOT, env=ENV, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cli_batch(checkpoint, jobs, out, delay=1.0), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
         time.sleep(0.02)
@@ -305,8 +352,10 @@ def test_sigterm_writes_the_answer_in_flight_and_a_rerun_resumes(checkpoint, tmp
     after = out.read_text().splitlines()
     assert proc.returncode == 128 + signal.SIGTERM, stderr  # 143: the shell's status for SIGTERM
     assert len(after) == len(before) + 1 < 6 and after[: len(before)] == before  # the answer in flight, written
-    assert stderr.strip().splitlines()[-1] == (f"longctx batch: interrupted by SIGTERM after writing {len(after)} "
-                                               f"answers to {out}; run the same command again to answer the rest")
+    assert stderr.strip().splitlines()[-1] == (
+        f"longctx batch: interrupted by SIGTERM after writing {len(after)} "
+        f"answers to {out}; run the same command again to answer the rest"
+    )
     assert subprocess.run(cli_batch(checkpoint, jobs, out), cwd=ROOT, env=ENV, timeout=300).returncode == 0
     recs = read(out)
     assert [r["id"] for r in recs] == [str(i) for i in range(6)] and all(r["error"] is None for r in recs)

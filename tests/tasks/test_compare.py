@@ -55,13 +55,25 @@ def test_damaged_global_layer_drops_with_an_interval_excluding_zero_and_a_copy_d
     layer = model.config.layer_kinds.index("global")
     with torch.no_grad():
         damaged.layers[layer].self_attn.o_proj.weight.zero_()
-    cmp = compare({"fp32": model, "copy": copy.deepcopy(model), "damaged": damaged}, tasks=["single"], lengths=[1024],
-                  depths=[0.25, 0.75], samples=4, heldout_tokens=256, decode_tokens=4, out=tmp_path, progress=False)
+    cmp = compare(
+        {"fp32": model, "copy": copy.deepcopy(model), "damaged": damaged},
+        tasks=["single"],
+        lengths=[1024],
+        depths=[0.25, 0.75],
+        samples=4,
+        heldout_tokens=256,
+        decode_tokens=4,
+        out=tmp_path,
+        progress=False,
+    )
     same, drop = cmp.difference("copy"), cmp.difference("damaged")
     assert same["difference"] == 0.0 and same["ci95"] == (0.0, 0.0) and same["p"] == 1.0 and same["n"] == 8
     assert cmp.accuracy("fp32")["accuracy"] >= 0.75  # the embedded model retrieves at 1K
-    assert drop["ci95"][1] < 0 and drop["p"] < 0.05 and drop["difference"] == cmp.accuracy(
-        "damaged")["accuracy"] - cmp.accuracy("fp32")["accuracy"]
+    assert (
+        drop["ci95"][1] < 0
+        and drop["p"] < 0.05
+        and drop["difference"] == cmp.accuracy("damaged")["accuracy"] - cmp.accuracy("fp32")["accuracy"]
+    )
     assert cmp.stats["copy"]["agreement"] == 1.0 and cmp.stats["copy"]["kl"] == 0.0
     assert cmp.stats["damaged"]["agreement"] < 1.0 and cmp.stats["damaged"]["kl"] > 0.0
     assert cmp.stats["fp32"]["weight_bytes"] == cmp.stats["damaged"]["weight_bytes"] == weight_bytes(model)
@@ -91,8 +103,23 @@ def test_quantized_variants_are_smaller_and_compare_refuses_bad_input():
 
 
 def test_cli_compare_prints_the_table_and_errors_in_one_line(tmp_path, capsys):
-    rc = main(["compare", "--quantize", "none,int8", "--tasks", "single", "--lengths", "600", "--depths", "0.5",
-               "--samples", "1", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "compare",
+            "--quantize",
+            "none,int8",
+            "--tasks",
+            "single",
+            "--lengths",
+            "600",
+            "--depths",
+            "0.5",
+            "--samples",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "| embedded-int8 |" in out and "Δ embedded-int8 vs embedded" in out
     assert main(["compare", "--quantize", "int4", "--group-size", "128"]) == 2

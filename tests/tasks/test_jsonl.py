@@ -40,8 +40,10 @@ def test_append_after_repair_starts_a_clean_line(tmp_path):
     with open(out, "a", encoding="utf-8") as fh:
         jsonl.append(fh, {"job": "j", "id": "1", "text": "naïve"})
     assert done == {("j", "0")}
-    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == \
-        [{"job": "j", "id": "0"}, {"job": "j", "id": "1", "text": "naïve"}]
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
+        {"job": "j", "id": "0"},
+        {"job": "j", "id": "1", "text": "naïve"},
+    ]
 
 
 def test_merge_folds_rank_files_in_order_first_seen_wins(tmp_path):
@@ -61,8 +63,12 @@ def test_merge_folds_rank_files_in_order_first_seen_wins(tmp_path):
 
 def test_parse_names_every_way_a_line_is_bad():
     assert jsonl.parse(b'{"a": 1}\n') == {"a": 1}
-    for raw, why in [(b'{"a": "caf\xe9"}', r"not UTF-8 \(byte 10: b'\\xe9'\)"), (b"[" * 100_000, "nested too deeply"),
-                     (b"{oops", "not JSON"), (b"[1, 2]", "got list")]:
+    for raw, why in [
+        (b'{"a": "caf\xe9"}', r"not UTF-8 \(byte 10: b'\\xe9'\)"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b"{oops", "not JSON"),
+        (b"[1, 2]", "got list"),
+    ]:
         with pytest.raises(ValueError, match=why):
             jsonl.parse(raw)
 
@@ -99,9 +105,16 @@ def test_locked_refuses_a_second_writer_and_the_lock_dies_with_its_process(tmp_p
                 pass
     with jsonl.locked(out):  # released on exit
         pass
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom longctx.tasks import jsonl\n"
-                               f"with jsonl.locked({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom longctx.tasks import jsonl\n"
+            f"with jsonl.locked({str(out)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(jsonl.LockedError, match=f"pid {holder.pid}"):

@@ -49,7 +49,8 @@ def write_task(folder) -> None:
         'doc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n")
+        "metadata:\n  version: 1.0\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def direct_loglikelihood(model, context: str, continuation: str) -> float:
     tok = model.tokenizer
     ctx = [tok.bos_id, *tok.encode(context)]
     whole = [tok.bos_id, *tok.encode(context + continuation)]
-    cont = whole[len(ctx):]
-    return float(token_logprobs(model, ctx + cont)[len(ctx) - 1:].sum())
+    cont = whole[len(ctx) :]
+    return float(token_logprobs(model, ctx + cont)[len(ctx) - 1 :].sum())
 
 
 def check_samples(model, samples) -> None:
@@ -82,8 +83,9 @@ def check_samples(model, samples) -> None:
         doc = DOCS[s["doc_id"]]
         context = f"Question: {doc['question']}\nAnswer:"
         args = s["arguments"]
-        pairs = [tuple(a) for a in args] if isinstance(args, list) else [(a["arg_0"], a["arg_1"])
-                                                                         for a in args.values()]
+        pairs = (
+            [tuple(a) for a in args] if isinstance(args, list) else [(a["arg_0"], a["arg_1"]) for a in args.values()]
+        )
         assert pairs == [(context, " " + c) for c in doc["choices"]]
         expected = [direct_loglikelihood(model, context, " " + c) for c in doc["choices"]]
         got = [float(r[0][0]) for r in s["resps"]]
@@ -104,9 +106,14 @@ def test_import_longctx_needs_no_lm_eval():
 def test_simple_evaluate_multiple_choice_matches_full_forward(tmp_path, model):
     write_task(tmp_path)
     # chunk_size 4: the shared context is prefilled, and choices scored, in several pieces.
-    out = simple_evaluate(model="longctx", model_args={"chunk_size": 4}, tasks=[TASK], log_samples=True,
-                          bootstrap_iters=0, task_manager=TaskManager(include_path=str(tmp_path),
-                                                                      include_defaults=False))
+    out = simple_evaluate(
+        model="longctx",
+        model_args={"chunk_size": 4},
+        tasks=[TASK],
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+    )
     samples = out["samples"][TASK]
     check_samples(model, samples)
     assert out["results"][TASK]["acc,none"] == pytest.approx(sum(s["acc"] for s in samples) / len(DOCS))
@@ -114,8 +121,21 @@ def test_simple_evaluate_multiple_choice_matches_full_forward(tmp_path, model):
 
 def test_cli_multiple_choice_matches_full_forward(tmp_path, model):
     write_task(tmp_path)
-    cmd = [sys.executable, "-m", "longctx.tasks.lm_eval", "run", "--model", "longctx", "--tasks", TASK,
-           "--include_path", str(tmp_path), "--log_samples", "--output_path", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "longctx.tasks.lm_eval",
+        "run",
+        "--model",
+        "longctx",
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(tmp_path),
+        "--log_samples",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -143,8 +163,9 @@ def test_choices_sharing_a_context_score_as_alone(model, monkeypatch):
     assert prefilled == [len(model.tokenizer.encode(context))]
     alone = [lm.loglikelihood([r], disable_tqdm=True)[0] for r in reversed(reqs)][::-1]
     assert together == alone
-    assert [lp for lp, _ in together] == pytest.approx([direct_loglikelihood(model, context, c) for c in conts],
-                                                       rel=1e-5, abs=1e-4)
+    assert [lp for lp, _ in together] == pytest.approx(
+        [direct_loglikelihood(model, context, c) for c in conts], rel=1e-5, abs=1e-4
+    )
 
 
 def test_is_greedy_is_the_argmax_continuation(model):
@@ -156,7 +177,7 @@ def test_is_greedy_is_the_argmax_continuation(model):
     other = (greedy[-1] + 1) % tok.vocab_size
     for cont, expected in ((greedy, True), (greedy[:-1] + [other], False)):
         text = tok.decode(cont)
-        assert tok.encode(context + text)[len(ids) - 1:] == cont, "the continuation must tokenize back to itself"
+        assert tok.encode(context + text)[len(ids) - 1 :] == cont, "the continuation must tokenize back to itself"
         ((_, is_greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, text), 0)], disable_tqdm=True)
         assert is_greedy is expected
 
@@ -178,9 +199,11 @@ def test_loglikelihood_rolling_is_the_sum_over_the_harness_windows(model, max_le
     else:
         L = max_length
         assert 2 * L < n < 3 * L, "the text must span three windows"
-        expected = (token_logprobs(model, [tok.bos_id, *ids[: L]]).sum()
-                    + token_logprobs(model, ids[L - 1: 2 * L]).sum()
-                    + token_logprobs(model, ids[n - L - 1:])[L - (n - 2 * L):].sum())
+        expected = (
+            token_logprobs(model, [tok.bos_id, *ids[:L]]).sum()
+            + token_logprobs(model, ids[L - 1 : 2 * L]).sum()
+            + token_logprobs(model, ids[n - L - 1 :])[L - (n - 2 * L) :].sum()
+        )
     assert got == pytest.approx(float(expected), rel=1e-5, abs=1e-4)
 
 
@@ -202,7 +225,7 @@ def test_generate_until_equals_generate_and_stops_at_the_stop_string(model):
     assert run(until=[], max_gen_toks=24) == reference()
     sampled = reference(temperature=1.0)
     assert run(until=[], max_gen_toks=24, do_sample=True, temperature=1.0) == sampled
-    stop = sampled[len(sampled) // 2: len(sampled) // 2 + 3]
+    stop = sampled[len(sampled) // 2 : len(sampled) // 2 + 3]
     assert len(stop) == 3 and stop in sampled
     cut = run(until=["\x00never", stop], max_gen_toks=24, do_sample=True, temperature=1.0)
     assert cut == sampled[: sampled.index(stop)]

@@ -29,7 +29,10 @@ def test_generator_is_deterministic_exact_length_and_places_the_needle(tok, task
         assert len(a.prompt) == length
         # For chunked local layers (chunk 32) the same cell, its question moved to a chunk start
         # if it would straddle one: newlines between context and question, nothing else changed.
-        moved, q_len = niah.make_cell(tok, task, length, depth, 0, 7, hay, chunk=32), len(niah.question_suffix(tok, a.question))
+        moved, q_len = (
+            niah.make_cell(tok, task, length, depth, 0, 7, hay, chunk=32),
+            len(niah.question_suffix(tok, a.question)),
+        )
         pad, start = len(moved.prompt) - length, length - q_len
         assert moved.prompt == a.prompt[:start] + tok.encode("\n") * pad + a.prompt[start:]
         assert pad == 0 if start % 32 + q_len <= 32 else (start + pad) % 32 == 0 and pad < q_len
@@ -87,13 +90,15 @@ def test_wilson_interval():
 
 
 def test_prefix_reuse_gives_the_same_answers(model):
-    kw = dict(task="multi_key", lengths=[200, 320], depths=[0, 0.5, 1], samples=1, seed=1, progress=False,
-              max_new_tokens=4)
+    kw = dict(
+        task="multi_key", lengths=[200, 320], depths=[0, 0.5, 1], samples=1, seed=1, progress=False, max_new_tokens=4
+    )
     a = niah.run(model, reuse_prefix=True, **kw)
     b = niah.run(model, reuse_prefix=False, **kw)
     key = lambda r: (r["length"], r["depth"])  # noqa: E731
-    assert [(key(r), r["answer"]) for r in sorted(a.records, key=key)] == \
-           [(key(r), r["answer"]) for r in sorted(b.records, key=key)]
+    assert [(key(r), r["answer"]) for r in sorted(a.records, key=key)] == [
+        (key(r), r["answer"]) for r in sorted(b.records, key=key)
+    ]
     assert sum(r["new_prefill_tokens"] for r in a.records) < sum(r["new_prefill_tokens"] for r in b.records)
 
 
@@ -104,8 +109,15 @@ def test_prefix_forks_prefill_each_shared_prefix_once(model):
     g = torch.Generator().manual_seed(0)
     trunk = torch.randint(0, 1000, (90,), generator=g).tolist()
     branch = torch.randint(0, 1000, (40,), generator=g).tolist()
-    prompts = [trunk + branch + [5, 6], trunk + branch + [5, 7, 8], trunk[:50] + [9] * 20, trunk + branch,
-               trunk + branch + [5, 6], [3, 4], trunk[:70]]
+    prompts = [
+        trunk + branch + [5, 6],
+        trunk + branch + [5, 7, 8],
+        trunk[:50] + [9] * 20,
+        trunk + branch,
+        trunk + branch + [5, 6],
+        [3, 4],
+        trunk[:70],
+    ]
     seen, fed = [], 0
     for i, cache, rest, shared, _ in niah.prefix_forks(model, prompts, chunk_size=16):
         assert rest and cache.length + len(rest) == len(prompts[i])
@@ -125,8 +137,9 @@ def test_prefix_forks_prefill_each_shared_prefix_once(model):
 
 def test_resume_skips_finished_cells_and_redoes_changed_ones(model, tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
-    kw = dict(task="single", lengths=[200, 260], depths=[0, 1], samples=1, seed=2, progress=False,
-              max_new_tokens=3, out=out)
+    kw = dict(
+        task="single", lengths=[200, 260], depths=[0, 1], samples=1, seed=2, progress=False, max_new_tokens=3, out=out
+    )
     first = niah.run(model, **kw)
     assert len(out.read_text().splitlines()) == 4
     calls = []
@@ -170,18 +183,34 @@ def test_stored_hashes_keep_their_format():
     ids as little-endian int64, as ``prompt_sha256`` always was), and a cell's content hash is
     the value older files hold."""
     prompt = [1, 2, 3, 70000, 5, 6, 7, 8]
-    assert token_hash([prompt])[0] == hashlib.sha256(np.asarray(prompt, dtype="<i8").tobytes()).hexdigest() \
+    assert (
+        token_hash([prompt])[0]
+        == hashlib.sha256(np.asarray(prompt, dtype="<i8").tobytes()).hexdigest()
         == "a80a32183bcf44679253a115f8bf95e8e437bb8633ee0bef6e86d19af2e9a998"
-    cell = niah.Cell("single", 8, 0.5, 0, prompt, "What is the key?", ["1234567"],
-                     [{"text": "The key is 1234567.", "token_index": 3, "doc": None, "page": None}], "ab" * 32)
-    assert niah.cell_hash(cell, ("m" * 64, "t" * 64), 7, {"max_new_tokens": 4, "greedy": True}) == \
-        "250a7b4ec2e1f0434339fbbc9f30b70ba547b71fc0ceab90deb585afff214123"
+    )
+    cell = niah.Cell(
+        "single",
+        8,
+        0.5,
+        0,
+        prompt,
+        "What is the key?",
+        ["1234567"],
+        [{"text": "The key is 1234567.", "token_index": 3, "doc": None, "page": None}],
+        "ab" * 32,
+    )
+    assert (
+        niah.cell_hash(cell, ("m" * 64, "t" * 64), 7, {"max_new_tokens": 4, "greedy": True})
+        == "250a7b4ec2e1f0434339fbbc9f30b70ba547b71fc0ceab90deb585afff214123"
+    )
 
 
 def test_results_table_effective_length_and_heatmap(tmp_path):
-    recs = [{"length": L, "depth": d, "substring": ok, "exact": ok}
-            for L, oks in ((1024, [1, 1, 1, 1]), (2048, [1, 1, 1, 0]), (4096, [0, 0, 1, 0]))
-            for d, ok in zip((0.0, 0.5, 1.0, 1.0), oks)]
+    recs = [
+        {"length": L, "depth": d, "substring": ok, "exact": ok}
+        for L, oks in ((1024, [1, 1, 1, 1]), (2048, [1, 1, 1, 0]), (4096, [0, 0, 1, 0]))
+        for d, ok in zip((0.0, 0.5, 1.0, 1.0), oks)
+    ]
     res = niah.Results(recs)
     eff = res.effective_length(0.75)
     assert eff["effective_length"] == 2048
@@ -195,8 +224,12 @@ def test_results_table_effective_length_and_heatmap(tmp_path):
 
 
 def test_corpus_haystack_records_provenance(tok, model):
-    corpus = ingest([("Alpha", "The first document talks about rivers. " * 30),
-                     ("Beta", "The second one is about mountains. " * 30)])
+    corpus = ingest(
+        [
+            ("Alpha", "The first document talks about rivers. " * 30),
+            ("Beta", "The second one is about mountains. " * 30),
+        ]
+    )
     hay = niah.make_haystack(tok, corpus)
     probe = niah.make_cell(tok, "single", 300, 0.0, 0, 0, hay)
     length = len(hay.ids) + len(probe.prompt) - _room(tok, probe, 300)
@@ -212,8 +245,12 @@ def test_corpus_haystack_records_provenance(tok, model):
 
 def _room(tok, cell, length):
     """Haystack tokens in a cell of `length` (prompt minus template, question and needles)."""
-    return length - len(niah.context_prefix(tok, [])) - len(niah.question_suffix(tok, cell.question)) \
+    return (
+        length
+        - len(niah.context_prefix(tok, []))
+        - len(niah.question_suffix(tok, cell.question))
         - sum(len(tok.encode(" " + n["text"])) for n in cell.needles)
+    )
 
 
 def _benchmark_script(monkeypatch):
@@ -230,17 +267,44 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok, monke
     """Bar 4: `longctx niah` and the benchmark script on a real checkpoint folder (written by
     transformers)."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, intermediate_size=32, intermediate_size_mlp=32, num_local_experts=2, attention_chunk_size=64,
-        floor_scale=32, no_rope_layer_interval=2, bos_token_id=tok.bos_id, eos_token_id=tok.eot_id,
-        pad_token_id=tok.pad_id))
+    hf = transformers.Llama4ForCausalLM(
+        transformers.Llama4TextConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=32,
+            num_local_experts=2,
+            attention_chunk_size=64,
+            floor_scale=32,
+            no_rope_layer_interval=2,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eot_id,
+            pad_token_id=tok.pad_id,
+        )
+    )
     hf.save_pretrained(tmp_path / "ckpt")
     tok.save(tmp_path / "ckpt" / "tokenizer.model")
     from longctx.cli import main
 
-    rc = main(["niah", "--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,1", "--samples", "1",
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "niah",
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--lengths",
+            "200,300",
+            "--depths",
+            "0,1",
+            "--samples",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     lines = (tmp_path / "out" / "single.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all("substring" in json.loads(l) for l in lines)
@@ -248,20 +312,66 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok, monke
     bench = _benchmark_script(monkeypatch).main
     # Prefix reuse vs none on the same checkpoint, recorded with device, command and numbers.
     rec = tmp_path / "rec"
-    rc = bench(["--model", str(tmp_path / "ckpt"), "--lengths", "200,300", "--depths", "0,0.5,1", "--samples", "1",
-                "--compare-reuse", "--record", str(rec), "--threads", "1"])
+    rc = bench(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--lengths",
+            "200,300",
+            "--depths",
+            "0,0.5,1",
+            "--samples",
+            "1",
+            "--compare-reuse",
+            "--record",
+            str(rec),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0  # 0 only when both modes gave the same answers
     text = (rec / "niah_prefix_reuse_200-300.md").read_text()
     assert "same answers: True" in text and "speed-up" in text and "device:" in text and "--compare-reuse" in text
-    rc = bench(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
-                "--out", str(tmp_path / "out"), "--record", str(rec)])
+    rc = bench(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--lengths",
+            "200",
+            "--depths",
+            "0,1",
+            "--samples",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--record",
+            str(rec),
+        ]
+    )
     first = rec / "niah_single_200.md"
     assert rc == 0 and (rec / "niah_single_200.png").exists()
     text = first.read_text()
     assert "![NIAH single](niah_single_200.png)" in text and "effective length" in text and "out2" not in text
     # A rerun of the configuration replaces its record (git keeps the earlier one).
-    rc = bench(["--model", str(tmp_path / "ckpt"), "--lengths", "200", "--depths", "0,1", "--samples", "1",
-                "--out", str(tmp_path / "out2"), "--record", str(rec)])
+    rc = bench(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--lengths",
+            "200",
+            "--depths",
+            "0,1",
+            "--samples",
+            "1",
+            "--out",
+            str(tmp_path / "out2"),
+            "--record",
+            str(rec),
+        ]
+    )
     assert rc == 0 and "out2" in first.read_text()
-    assert sorted(p.name for p in rec.iterdir()) == ["niah_prefix_reuse_200-300.md", "niah_single_200.md",
-                                                     "niah_single_200.png"]
+    assert sorted(p.name for p in rec.iterdir()) == [
+        "niah_prefix_reuse_200-300.md",
+        "niah_single_200.md",
+        "niah_single_200.png",
+    ]

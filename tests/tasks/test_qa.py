@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import text_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import text_model
 from longctx.cache import CacheError, OffloadPolicy
 from longctx.generate import generate
 from longctx.tasks.qa import QAError, Session
@@ -24,9 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def corpus():
-    return ingest([("Rivers", "The river runs to the sea. " * 20),
-                   ("Peaks", "Mountains rise above the clouds. " * 25),
-                   ("Paged", ["First page about deserts. " * 10, "Second page about oceans. " * 10])])
+    return ingest(
+        [
+            ("Rivers", "The river runs to the sea. " * 20),
+            ("Peaks", "Mountains rise above the clouds. " * 25),
+            ("Paged", ["First page about deserts. " * 10, "Second page about oceans. " * 10]),
+        ]
+    )
 
 
 def test_ask_equals_fresh_full_prefill_and_questions_are_isolated(model, corpus, tok):
@@ -153,7 +157,9 @@ def test_session_save_load_round_trip_and_refusals(model, corpus, tok, tmp_path)
     loaded = Session.load(model, tmp_path / "s", corpus)
     got = loaded.ask("Which document is about rivers?", max_new_tokens=5)
     assert got.text == want.text
-    assert [(c.title, round(c.share, 6)) for c in got.citations] == [(c.title, round(c.share, 6)) for c in want.citations]
+    assert [(c.title, round(c.share, 6)) for c in got.citations] == [
+        (c.title, round(c.share, 6)) for c in want.citations
+    ]
     with pytest.raises(Exception, match="another model"):
         Session.load(text_model(tok, seed=1), tmp_path / "s")
     other = ingest([("Rivers", "A different text. " * 20)])

@@ -27,9 +27,16 @@ def write_qa(path, n: int = 6) -> None:
     """n SQuAD-style records, each with its own paragraph and answer."""
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"question": f"What colour is the box number {i}?", "answers": [f"tint{i}x"],
-                                "context": f"The box number {i} is painted tint{i}x. " + "It sits on a shelf. " * 25})
-                    + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": f"What colour is the box number {i}?",
+                        "answers": [f"tint{i}x"],
+                        "context": f"The box number {i} is painted tint{i}x. " + "It sits on a shelf. " * 25,
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +60,7 @@ def counted(task: str, text: str) -> Counter:
 
 @pytest.mark.parametrize("task", ruler.TASKS)
 @settings(max_examples=5, deadline=None)
-@given(length=st.integers(700, 2500), seed=st.integers(0, 10**6), sample=st.integers(0, 5),
-       depth=st.floats(0.0, 1.0))
+@given(length=st.integers(700, 2500), seed=st.integers(0, 10**6), sample=st.integers(0, 5), depth=st.floats(0.0, 1.0))
 def test_cells_have_exact_length_present_answers_and_an_oracle_scores_100(task, length, seed, sample, depth, qa):
     cell = niah.make_cell(TOK, task, length, depth, sample, seed, HAY, data=qa)
     assert len(cell.prompt) == length
@@ -106,12 +112,20 @@ def test_aggregation_streams_extend_so_lengths_share_prefixes():
 
 
 def chance_mean(task: str, answer: str, cells: int = 150, length: int = 900) -> float:
-    return float(np.mean([recall(answer, c.expected, any_of=c.any_of)
-                          for c in (niah.make_cell(TOK, task, length, 0.5, s, 11, HAY) for s in range(cells))]))
+    return float(
+        np.mean(
+            [
+                recall(answer, c.expected, any_of=c.any_of)
+                for c in (niah.make_cell(TOK, task, length, 0.5, s, 11, HAY) for s in range(cells))
+            ]
+        )
+    )
 
 
-@pytest.mark.parametrize("task, space", [("niah_words", needles._NOUNS), ("common_words", ruler.vocabulary()),
-                                         ("frequent_words", ruler.vocabulary())])
+@pytest.mark.parametrize(
+    "task, space",
+    [("niah_words", needles._NOUNS), ("common_words", ruler.vocabulary()), ("frequent_words", ruler.vocabulary())],
+)
 def test_a_constant_answerer_scores_what_chance_predicts(task, space):
     answer = " ".join(sorted(space)[::2])  # every other word of the value space
     predicted = float(np.mean([w in answer for w in space]))  # RULER matches substrings: "art" in "start"
@@ -126,24 +140,38 @@ def test_a_constant_answerer_scores_zero_where_answers_are_random_numbers_or_ids
 
 def test_qa_constant_answer_scores_its_share_of_questions(qa):
     # Samples 0-5 ask each of the 6 questions once; one constant gold answer is right for one.
-    got = [recall("tint0x", niah.make_cell(TOK, "qa", 900, 0.5, s, 0, HAY, data=qa).expected, any_of=True)
-           for s in range(6)]
+    got = [
+        recall("tint0x", niah.make_cell(TOK, "qa", 900, 0.5, s, 0, HAY, data=qa).expected, any_of=True)
+        for s in range(6)
+    ]
     assert sum(got) == 1.0
 
 
 def test_load_qa_reads_squad_and_hotpotqa_styles_and_names_bad_records(tmp_path):
     hot = tmp_path / "hotpot.json"
-    hot.write_text(json.dumps([{"question": "Who?", "answer": "Ann",
-                                "context": [["A", ["Ann wrote it. ", "Then left."]], ["B", ["Bob read it."]],
-                                            ["C", ["Cy slept."]]],
-                                "supporting_facts": [["A", 0], ["B", 0]]}]))
+    hot.write_text(
+        json.dumps(
+            [
+                {
+                    "question": "Who?",
+                    "answer": "Ann",
+                    "context": [["A", ["Ann wrote it. ", "Then left."]], ["B", ["Bob read it."]], ["C", ["Cy slept."]]],
+                    "supporting_facts": [["A", 0], ["B", 0]],
+                }
+            ]
+        )
+    )
     q = ruler.load_qa(hot)
     assert q.items == (("Who?", ("Ann",), (0, 1)),) and q.paragraphs[0] == "A\nAnn wrote it. Then left."
     cell = niah.make_cell(TOK, "qa", 400, 0.0, 0, 0, HAY, data=q)
     assert len(cell.needles) == 2 and len(cell.prompt) == 400 and "Cy slept." in context_text(cell)
     squad = tmp_path / "squad.jsonl"
-    squad.write_text(json.dumps({"question": "Q?", "answers": {"text": ["a1", "a2"]}, "context": "P one."}) + "\n"
-                     + json.dumps({"question": "R?", "answers": ["b"], "context": "P two."}) + "\n")
+    squad.write_text(
+        json.dumps({"question": "Q?", "answers": {"text": ["a1", "a2"]}, "context": "P one."})
+        + "\n"
+        + json.dumps({"question": "R?", "answers": ["b"], "context": "P two."})
+        + "\n"
+    )
     assert ruler.load_qa(squad).items[0][1] == ("a1", "a2")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Q?"}) + "\n")
@@ -162,11 +190,25 @@ def test_ruler_scores():
 
 def test_table_average_and_effective_length():
     def recs(task, accs):
-        return Results([{"task": task, "length": L, "depth": 0.5, "sample": s, "answer": "", "expected": ["x"],
-                         "ruler": float(s < round(10 * a))} for L, a in accs.items() for s in range(10)])
+        return Results(
+            [
+                {
+                    "task": task,
+                    "length": L,
+                    "depth": 0.5,
+                    "sample": s,
+                    "answer": "",
+                    "expected": ["x"],
+                    "ruler": float(s < round(10 * a)),
+                }
+                for L, a in accs.items()
+                for s in range(10)
+            ]
+        )
 
-    res = ruler.RulerResults({"a": recs("a", {1024: 1.0, 2048: 0.9, 4096: 0.6}),
-                              "b": recs("b", {1024: 0.9, 2048: 0.8, 4096: 0.9})})
+    res = ruler.RulerResults(
+        {"a": recs("a", {1024: 1.0, 2048: 0.9, 4096: 0.6}), "b": recs("b", {1024: 0.9, 2048: 0.8, 4096: 0.9})}
+    )
     assert res.average() == pytest.approx({1024: 0.95, 2048: 0.85, 4096: 0.75})
     assert res.effective_length() == 1024 and res.effective_length(0.8) == 2048 and res.effective_length(0.99) == 0
     table = res.to_markdown()
@@ -176,8 +218,14 @@ def test_table_average_and_effective_length():
 
 def test_run_journals_and_resumes_every_task(tmp_path):
     model = text_model(TOK)
-    kw = dict(tasks=("variable_tracking", "common_words", "single"), lengths=[700], samples=1, out=tmp_path,
-              progress=False, max_new_tokens=4)
+    kw = dict(
+        tasks=("variable_tracking", "common_words", "single"),
+        lengths=[700],
+        samples=1,
+        out=tmp_path,
+        progress=False,
+        max_new_tokens=4,
+    )
     first = ruler.run(model, **kw)
     assert [len(r.records) for r in first.by_task.values()] == [2, 1, 2]  # aggregation: one depth
     rec = first.by_task["common_words"].records[0]

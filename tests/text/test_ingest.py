@@ -8,12 +8,12 @@ import re
 import sys
 
 import pytest
-from text_samples import PDF_PAGES, byte_tokenizer, encrypt_pdf, make_pdf
 
 import longctx.text.ingest
 from longctx.text.document import IngestError
 from longctx.text.ingest import ingest
 from longctx.text.tokenizer import Tokenizer
+from text_samples import PDF_PAGES, byte_tokenizer, encrypt_pdf, make_pdf
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,15 @@ def test_folder_tree_order_and_glob(tmp_path):
     _tree(tmp_path)
     corpus = ingest(tmp_path)
     rel = [d.source[len(tmp_path.as_posix()) + 1 :] for d in corpus]
-    assert rel == ["A_upper.txt", "a.txt", "b.txt", "docs/report.pdf", "sub/deeper/c.html", "sub/deeper/c.txt", "sub/z.md"]
+    assert rel == [
+        "A_upper.txt",
+        "a.txt",
+        "b.txt",
+        "docs/report.pdf",
+        "sub/deeper/c.html",
+        "sub/deeper/c.txt",
+        "sub/z.md",
+    ]
     assert [d.id for d in corpus] == list(range(7))
     assert ingest(tmp_path).documents[3].sha256 == corpus[3].sha256  # stable
     assert [d.title for d in ingest(tmp_path, glob="*.txt")] == ["A_upper", "a", "b", "c"]
@@ -137,6 +145,7 @@ def test_in_memory_texts():
     with pytest.raises(IngestError, match="empty text") as e:
         ingest([("a", "ok"), ("b", "   ")])
     assert e.value.path == "<text 1>"
+
 
 def test_symlink_loop_and_progress(tmp_path, byte_tok):
     (tmp_path / "a.txt").write_text("alpha", encoding="utf-8")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from text_samples import PDF_PAGES, TEXT, encrypt_pdf, make_pdf
 
 from longctx.text.document import PAGE_SEPARATOR, IngestError
 from longctx.text.ingest import ingest
+from text_samples import PDF_PAGES, TEXT, encrypt_pdf, make_pdf
 
 # --------------------------------------------------------------------------------------------
 # Text readers and encodings
 # --------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize(
@@ -105,7 +104,9 @@ def test_html(tmp_path):
 
 def test_html_declared_charset_and_empty(tmp_path):
     f = tmp_path / "old.htm"
-    f.write_bytes('<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1"><p>Caf\xe9 – ok</p>'.encode("cp1252"))
+    f.write_bytes(
+        '<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1"><p>Caf\xe9 – ok</p>'.encode("cp1252")
+    )
     (doc,) = ingest(f)
     assert doc.text == "Café – ok" and doc.encoding == "cp1252" and doc.title == "old"
     g = tmp_path / "blank.html"
@@ -153,18 +154,19 @@ def test_pdf_repair_warnings_kept(tmp_path, caplog):
     assert any(str(f) in r.getMessage() and "pypdf" in r.getMessage() for r in caplog.records)
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Hostile inputs: damaged UTF-8, unterminated comments, huge files, over-long names
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, text, bad", [
-    ("café au lait\n".encode() * 20 + b"\x80", "café au lait\n" * 20 + "\ufffd", 1),  # one stray byte
-    (b"plain ascii " * 30 + b"\x81 end", "plain ascii " * 30 + "\ufffd end", 1),  # cp1252 can't read 0x81
-    ("naïve\n".encode() * 100 + b"\xc3(" + b"\xff", "naïve\n" * 100 + "\ufffd(\ufffd", 2),
-])
+@pytest.mark.parametrize(
+    "raw, text, bad",
+    [
+        ("café au lait\n".encode() * 20 + b"\x80", "café au lait\n" * 20 + "\ufffd", 1),  # one stray byte
+        (b"plain ascii " * 30 + b"\x81 end", "plain ascii " * 30 + "\ufffd end", 1),  # cp1252 can't read 0x81
+        ("naïve\n".encode() * 100 + b"\xc3(" + b"\xff", "naïve\n" * 100 + "\ufffd(\ufffd", 2),
+    ],
+)
 def test_utf8_with_a_few_bad_bytes_decodes_with_replacements_and_a_warning(tmp_path, caplog, raw, text, bad):
     f = tmp_path / "damaged.txt"
     f.write_bytes(raw)

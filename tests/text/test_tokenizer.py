@@ -10,26 +10,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx.text.tokenizer import (
-    MAX_WS_RUN,
-    Tokenizer,
-    TokenizerError,
-    _may_hold_long_space_run,
-    llama4_special_tokens,
-    load_default_tokenizer,
-    load_ranks,
-    split_for_encoding,
-)
+from longctx.text.split import MAX_WS_RUN, may_hold_long_space_run, split_for_encoding
+from longctx.text.tokenizer import Tokenizer, TokenizerError, llama4_special_tokens, load_default_tokenizer, load_ranks
 
 BYTE_RANKS = {bytes([i]): i for i in range(256)}
-SPECIAL_NAMES = ["<|begin_of_text|>", "<|eot|>", "<|eom|>", "<|header_start|>", "<|end_of_text|>", "<|finetune_right_pad|>"]
+SPECIAL_NAMES = [
+    "<|begin_of_text|>",
+    "<|eot|>",
+    "<|eom|>",
+    "<|header_start|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad|>",
+]
 
 # Characters that matter to the regex: every kind of whitespace (and look-alikes that are NOT
 # regex whitespace: U+001C..U+001F, U+200B), "/" (absorbed after punctuation), apostrophes
 # (contractions), digits, upper/lower letters, combining marks, CJK, emoji.
 TRICKY = list(" \t\n\r\x0b\x0c\x85\xa0\u2028\u2029\u3000\x1c\x1f\u200b/.,!'-sStTdD1٣aAé\u0301中😀")
 tricky_text = st.lists(
-    st.one_of(st.sampled_from(TRICKY), st.sampled_from(SPECIAL_NAMES), st.sampled_from(["  ", "\n\n", " \n ", "'s", "1234567"])),
+    st.one_of(
+        st.sampled_from(TRICKY),
+        st.sampled_from(SPECIAL_NAMES),
+        st.sampled_from(["  ", "\n\n", " \n ", "'s", "1234567"]),
+    ),
     max_size=40,
 ).map("".join)
 any_text = st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80), tricky_text)
@@ -189,7 +192,7 @@ def test_chat_roles_and_eom(tok):
     ]
     ids = tok.chat(msgs)
     assert ids.count(tok.eom_id) == 1 and ids.count(tok.eot_id) == 2
-    assert "<|header_start|>ipython<|header_end|>\n\n{\"t\": 21}<|eot|>" in tok.render_chat(msgs)
+    assert '<|header_start|>ipython<|header_end|>\n\n{"t": 21}<|eot|>' in tok.render_chat(msgs)
     assert tok.chat([]) == [tok.bos_id] + tok.chat([], add_generation_prompt=True)[1:]
     for bad, match in [
         ([{"role": "robot", "content": "x"}], "role 'robot'"),
@@ -337,7 +340,9 @@ PROSE = (
 
 
 def _encode_parts(t: Tokenizer, parts) -> list[int]:
-    return [i for p in parts for i in (t._enc.encode_ordinary(p) if isinstance(p, str) else t._enc._encode_single_piece(p))]
+    return [
+        i for p in parts for i in (t._enc.encode_ordinary(p) if isinstance(p, str) else t._enc._encode_single_piece(p))
+    ]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -388,10 +393,10 @@ def test_long_inputs_exact_and_fast(tok):
 
 
 def test_long_space_run_check():
-    assert not _may_hold_long_space_run("word " * 100_000)
+    assert not may_hold_long_space_run("word " * 100_000)
     for offset in (0, 1, 12_345, MAX_WS_RUN // 2 - 1):
         text = "x" * offset + " " * (MAX_WS_RUN - 1) + "y" * 1000
-        assert _may_hold_long_space_run(text), offset
+        assert may_hold_long_space_run(text), offset
 
 
 # ---- int32 arrays -----------------------------------------------------------------------------
@@ -415,4 +420,3 @@ def test_encode_arrays_equal_encode(tok):
     stream.close()  # stops the pool early
     with pytest.raises(TypeError, match="expects str"):
         tok.encode_arrays(["ok", b"bytes"])
-
