@@ -31,6 +31,7 @@ import logging
 import re
 import stat
 import threading
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -44,6 +45,14 @@ TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown")
 HTML_EXTENSIONS = (".html", ".htm")
 PDF_EXTENSIONS = (".pdf",)
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS + HTML_EXTENSIONS + PDF_EXTENSIONS
+
+# Budgets for PDF text extraction, checked after each page: a page of a real document holds a
+# few thousand characters, a book a few million, and pypdf reads a page in milliseconds. A file
+# far past these is hostile or broken (a content stream that expands without end, a page that
+# takes minutes), and is refused, naming the page, before it costs more.
+PDF_PAGE_CHARS = 1_000_000
+PDF_TEXT_CHARS = 200_000_000
+PDF_SECONDS = 120.0
 
 
 # ============================================================================================
@@ -365,7 +374,7 @@ def _pdf_pages(data: bytes, path: str) -> list[str]:
                 raise IngestError(path, f"encrypted PDF that cannot be decrypted here ({e})") from None
             if opened == pypdf.PasswordType.NOT_DECRYPTED:
                 raise IngestError(path, "encrypted PDF (a password is required)")
-        return [page.extract_text() or "" for page in reader.pages]
+        return _extract_within_budget(reader.pages, path)
     except IngestError:
         raise
     except FileNotDecryptedError:
@@ -374,6 +383,27 @@ def _pdf_pages(data: bytes, path: str) -> list[str]:
         # pypdf reports damaged files with its own errors, but also with KeyError, ValueError,
         # AttributeError, ... from deep inside the parser: all mean the file is unusable.
         raise IngestError(path, f"corrupt PDF ({type(e).__name__}: {e})") from None
+
+
+def _extract_within_budget(pages, path: str) -> list[str]:
+    """Each page's text, refused (``IngestError``) as soon as a page, the whole text or the time
+    taken passes its budget (``PDF_PAGE_CHARS``, ``PDF_TEXT_CHARS``, ``PDF_SECONDS``)."""
+    start, total, out = time.perf_counter(), 0, []
+    for i, page in enumerate(pages, 1):
+        text = page.extract_text() or ""
+        total += len(text)
+        where = f"page {i} of {len(pages)}"
+        if len(text) > PDF_PAGE_CHARS:
+            raise IngestError(path, f"{where} holds {len(text):,} characters of text, over the {PDF_PAGE_CHARS:,} "
+                              "a page may (a hostile or broken PDF)")  # fmt: skip
+        if total > PDF_TEXT_CHARS:
+            raise IngestError(path, f"text past {PDF_TEXT_CHARS:,} characters at {where} (too large to ingest)")
+        if time.perf_counter() - start > PDF_SECONDS:
+            raise IngestError(
+                path, f"text extraction took over {PDF_SECONDS:g} s, at {where} (a hostile or broken PDF)"
+            )
+        out.append(text)
+    return out
 
 
 # ============================================================================================

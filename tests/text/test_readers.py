@@ -229,3 +229,28 @@ def test_an_over_long_file_name_is_an_ingest_error(tmp_path):
     assert e.value.path == str(long)
     corpus = ingest([long, ("ok", "kept")], errors="skip")
     assert [d.title for d in corpus] == ["ok"] and corpus.skipped[0].path == str(long)
+
+
+@pytest.mark.parametrize(
+    ("budget", "value", "reason"),
+    [
+        ("PDF_PAGE_CHARS", 10, r"page 1 of 3 holds \d+ characters of text, over the 10 a page may"),
+        ("PDF_TEXT_CHARS", 10, r"text past 10 characters at page 1 of 3"),
+        ("PDF_SECONDS", -1.0, r"text extraction took over -1 s, at page 1 of 3"),
+    ],
+)
+def test_pdf_past_an_extraction_budget_is_refused_naming_the_page(tmp_path, monkeypatch, budget, value, reason):
+    """A PDF whose text or extraction time passes a budget is refused as soon as a page passes
+    it (or skipped, recorded, under errors="skip"); the budgets are module settings."""
+    from longctx.text import readers
+
+    f = tmp_path / "big.pdf"
+    f.write_bytes(make_pdf(PDF_PAGES))
+    monkeypatch.setattr(readers, budget, value)
+    with pytest.raises(IngestError, match=reason) as e:
+        ingest([f])
+    assert e.value.path.endswith("big.pdf")
+    corpus = ingest([f, ("Notes", "kept")], errors="skip")
+    assert [d.title for d in corpus.documents] == ["Notes"] and corpus.skipped[0].path.endswith("big.pdf")
+    monkeypatch.undo()
+    assert len(ingest([f]).documents[0].pages) == len(PDF_PAGES)  # within the default budgets it reads
