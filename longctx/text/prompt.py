@@ -35,7 +35,7 @@ def question_suffix(tokenizer, question: str, *, at: int | None = None, chunk: i
     chunk start gets newline tokens in front (fewer than it has tokens) so that it starts one:
     the local layers at the answer then see the whole question, not just its tail. (Cut off
     from the words "Which document", the embedded model answered the needle's value to 4 of 7
-    such which-document questions; see benchmarks/results/tiny_model_aligned_questions_2026-11-30.md.)
+    such which-document questions; see benchmarks/results/tiny_model_aligned_questions.md.)
     Training data never moves a question, so the model also learned to answer one that straddles.
     """
     ids = [*tokenizer.encode("\n\n" + question), tokenizer.eot_id, *tokenizer.header("assistant")]
