@@ -4,10 +4,10 @@
     model = longctx.load_model()                      # the embedded default model, offline
     corpus = longctx.ingest(["reports/", "contract.pdf"])
     session = longctx.Session(model, corpus)          # prefill once
-    answer = session.ask("Which report mentions the merger?")
+    answer = session.ask("What is the special magic number for quiet-otter?")  # what it can answer
 
-The QA (``Session``, ``run_batch``) and needle-in-a-haystack (``niah``) layers are imported on
-first use, so ``import longctx`` stays light.
+The task layers (``Session``, ``run_batch``, ``niah``, ``ruler``, ``compare``) and ``Monitor``
+are imported on first use, so ``import longctx`` stays light.
 """
 
 from __future__ import annotations
