@@ -9,6 +9,10 @@ learning rate with 40 % which-document contexts, after making the title words' e
 distinct. Without ``--recipe`` the script runs one stage with the flags given (``--init`` to go
 on from a saved model); the card of each run records its command.
 
+``--checkpoint-every N`` writes a resumable state to ``OUT/resume/`` every N steps; ``--resume``
+goes on from it (with ``--recipe``: skips a finished first stage, kept in ``OUT/stage1/`` while
+the recipe runs) and ends in the same weight bytes and log lines as a run never stopped.
+
 A Scout-architecture model at small width (chunked-local RoPE layers alternating with global
 NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert, tied embeddings)
 learns to retrieve facts from long contexts: needle sentences hidden in English text from
@@ -44,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -52,6 +57,7 @@ from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
 from longctx.generate import generate
 from longctx.model import Model
+from longctx.storage import atomic_folder
 from longctx.tasks import needles
 from longctx.text.ingest import DEFAULT_MARKER, ingest
 from longctx.text.prompt import NOT_STATED, answer_ids, context_prefix, question_suffix
@@ -510,11 +516,19 @@ def run_recipe(args) -> None:
         str(args.probe_every),
     ]
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as first:
-        main(RECIPE[0].split() + shared + ["--out", first])
+    resumable = args.checkpoint_every or args.resume
+    with contextlib.nullcontext(str(args.out / "stage1")) if resumable else tempfile.TemporaryDirectory() as first:
+        # A resumable recipe keeps its first stage in --out/stage1 (a killed run finds it there):
+        # a finished stage (its card written) is skipped, an unfinished one goes on from its checkpoint.
+        if resumable:
+            shared += ["--checkpoint-every", str(args.checkpoint_every)]
+        done = (Path(first) / "CARD.md").exists() and args.resume
+        if not done:
+            main(RECIPE[0].split() + shared + _resume_flag(args, Path(first)) + ["--out", first])
         main(
             RECIPE[1].split()
             + shared
+            + _resume_flag(args, args.out)
             + [
                 "--eval-lengths",
                 args.eval_lengths,
@@ -527,6 +541,8 @@ def run_recipe(args) -> None:
             ]
         )
         shutil.copy(Path(first) / "train.log", args.out / "train_stage1.log")
+    if resumable:
+        shutil.rmtree(args.out / "stage1")
     card = args.out / "CARD.md"
     lines = card.read_text().splitlines()
     lines.insert(
@@ -535,6 +551,11 @@ def run_recipe(args) -> None:
         f"{(time.time() - t0) / 60:.1f} min in all, evaluations included).",
     )
     card.write_text("\n".join(lines) + "\n")
+
+
+def _resume_flag(args, out: Path) -> list[str]:
+    """``--resume`` for a recipe stage writing to ``out`` when asked for and it has a checkpoint."""
+    return ["--resume"] if args.resume and (out / "resume").is_dir() else []
 
 
 def main(argv=None) -> None:
@@ -590,6 +611,18 @@ def main(argv=None) -> None:
         action="store_true",
         help="run the two stages of RECIPE in one go, from scratch, into --out (~1.5 h on 2 CPU cores)",
     )
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="steps between resumable checkpoints in OUT/resume/ (0: none)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the checkpoint in OUT/resume/ (with --recipe: skip finished stages)",
+    )
+    ap.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop after a checkpoint
     args = ap.parse_args(argv)
     if args.recipe:
         owned = [
@@ -665,10 +698,14 @@ def train(args) -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train.log"
-    log = open(log_path, "w")
-    t0 = time.time()
-    ema = None
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    start, ema, elapsed = 0, None, 0.0
+    if args.resume:
+        start, ema, elapsed, log_bytes = load_resume(args, model, opt, sched, rng)
+        with open(log_path, "r+b") as f:  # drop the lines logged after the checkpoint
+            f.truncate(log_bytes)
+    log = open(log_path, "a" if args.resume else "w")
+    t0 = time.time() - elapsed
+    bar = tqdm(range(start, args.steps), desc="train", unit="step", initial=start, total=args.steps)
     for step in bar:
         length = curriculum(step, args.steps, rng, args.max_len, warm_up=args.init is None)
         rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
@@ -699,6 +736,15 @@ def train(args) -> None:
                 bar.write(json.dumps(entry))
             log.write(json.dumps(entry) + "\n")
             log.flush()
+        done = step + 1
+        if done < args.steps and (
+            (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.stop_after
+        ):
+            save_resume(args, done, model, opt, sched, rng, ema, time.time() - t0, log.tell())
+            if done == args.stop_after:
+                log.close()
+                return
+    log.close()
     train_s = time.time() - t0
     model.eval()
     for p in model.parameters():
@@ -775,7 +821,95 @@ def train(args) -> None:
         )
     card += ["", f"Final training loss (EMA): {ema:.3f}. Log: `{log_path.name}` in this folder."]
     (args.out / "CARD.md").write_text("\n".join(card) + "\n")
+    shutil.rmtree(args.out / "resume", ignore_errors=True)  # finished: the card marks it
     print("\n".join(card))
+
+
+# ---- checkpoint and resume -------------------------------------------------------------------
+#
+# A resumable state is everything the next step reads: weights, AdamW moments, the schedule's
+# position, the data RNG (Python ``random.Random``) and torch's CPU RNG, the loss EMA and the log's
+# length. Restored, the steps after it draw the same batches in the same order and do the same
+# float operations, so a resumed run ends in the same bytes as one never stopped.
+
+# Arguments that change the weights or the log lines: a resume with others is refused. threads
+# is one of them, since the float sums' order (hence the bytes) follows the thread count.
+SHAPING = (
+    "steps",
+    "tokens",
+    "turns",
+    "lr",
+    "guide",
+    "doc_share",
+    "title_head",
+    "reset_title_words",
+    "copy_loss",
+    "seed",
+    "threads",
+    "chunk",
+    "max_len",
+    "probe_every",
+    "init",
+)
+
+
+def _args_json(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def save_resume(args, done: int, model, opt, sched, rng: random.Random, ema, elapsed: float, log_bytes: int) -> None:
+    """Write the state after ``done`` steps to ``args.out/resume/`` atomically (a kill leaves the
+    previous checkpoint or this one, whole): ``model.safetensors`` (the weights, tied ones once),
+    ``optimizer.safetensors`` (AdamW's per-parameter tensors as ``{index}.{name}``, and torch's
+    CPU RNG state as a uint8 tensor ``torch_rng``) and ``state.json`` (the rest)."""
+    optim = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in optim["state"].items() for k, v in st.items()}
+    tensors["torch_rng"] = torch.get_rng_state()
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    state = {
+        "step": done,
+        "rng": rng.getstate(),
+        "ema": ema,
+        "elapsed_s": elapsed,
+        "log_bytes": log_bytes,
+        "param_groups": optim["param_groups"],
+        "scheduler": sched_state,
+        "args": _args_json(args),
+    }
+    with atomic_folder(args.out / "resume") as tmp:
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        safetensors.torch.save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def load_resume(args, model, opt, sched, rng: random.Random) -> tuple[int, float | None, float, int]:
+    """Restore the state ``save_resume`` wrote into ``model``, ``opt``, ``sched``, ``rng`` and
+    torch's RNG. Returns (steps done, loss EMA, elapsed seconds, train.log length in bytes).
+    Raises ValueError when there is no checkpoint or a training-shaping argument differs."""
+    folder = args.out / "resume"
+    if not (folder / "state.json").exists():
+        raise ValueError(f"--resume: no checkpoint in {folder} (write one with --checkpoint-every)")
+    state = json.loads((folder / "state.json").read_text())
+    now = _args_json(args)
+    for name in SHAPING:
+        if state["args"][name] != now[name]:
+            raise ValueError(
+                f"--resume: --{name.replace('_', '-')} is {now[name]!r}, the checkpoint in {folder} "
+                f"was trained with {state['args'][name]!r}"
+            )
+    safetensors.torch.load_model(model, str(folder / "model.safetensors"))
+    tensors = safetensors.torch.load_file(str(folder / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    per_param: dict = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
+    opt.load_state_dict({"state": per_param, "param_groups": groups})
+    sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(groups)})
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    return state["step"], state["ema"], state["elapsed_s"], state["log_bytes"]
 
 
 if __name__ == "__main__":

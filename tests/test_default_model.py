@@ -4,6 +4,7 @@ library's long-context path, and the training data is reproducible."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import re
 import time
@@ -222,6 +223,80 @@ def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
     assert "Made by `python examples/train_tiny_model.py --recipe`" in (recipe / "CARD.md").read_text()
     with pytest.raises(SystemExit):
         train.main(["--recipe", "--seed", "5", "--out", str(tmp_path / "clash")])
+
+
+def _log_without_times(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in path.read_text().splitlines()]
+
+
+def test_training_stopped_at_a_checkpoint_and_resumed_equals_one_run(tmp_path, train):
+    """A run stopped right after its checkpoint at step 3 of 6 and resumed with ``--resume``
+    ends in the same weight bytes and the same log lines (elapsed times aside) as the same run
+    never stopped; a resume with another training-shaping argument is refused by name."""
+    args = [
+        "--steps",
+        "6",
+        "--tokens",
+        "1024",
+        "--turns",
+        "2",
+        "--threads",
+        "1",
+        "--max-len",
+        "256",
+        "--eval-lengths",
+        "256",
+        "--eval-samples",
+        "1",
+        "--probe-every",
+        "0",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    try:
+        train.main([*args, "--out", str(one)])
+        train.main([*args, "--checkpoint-every", "3", "--stop-after", "3", "--out", str(two)])
+        assert (two / "resume" / "state.json").exists() and not (two / "model.safetensors").exists()
+        with pytest.raises(ValueError, match="--lr"):
+            train.main([*args, "--lr", "1e-3", "--resume", "--out", str(two)])
+        train.main([*args, "--checkpoint-every", "3", "--resume", "--out", str(two)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    assert _log_without_times(one / "train.log") == _log_without_times(two / "train.log")
+    assert not (two / "resume").exists()
+
+
+def test_recipe_resumed_in_its_second_stage_equals_one_run(tmp_path, train, monkeypatch):
+    """``--recipe --resume`` after a kill in the second stage: the finished first stage (in
+    OUT/stage1) is skipped, the second goes on from its checkpoint, and the weights are the
+    bytes of a recipe never stopped (itself the bytes of one without checkpoints)."""
+    monkeypatch.setattr(
+        train,
+        "RECIPE",
+        (
+            "--steps 2 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
+            "--steps 4 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
+        ),
+    )
+    shared = ["--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256", "--probe-every", "0"]
+    tail = ["--eval-lengths", "256", "--eval-samples", "1"]
+    out, killed = tmp_path / "plain", tmp_path / "killed"
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--recipe", *shared, *tail, "--out", str(out)])
+        stage1 = str(killed / "stage1")
+        every = ["--checkpoint-every", "2"]
+        train.main([*train.RECIPE[0].split(), *shared, *every, "--out", stage1])
+        stage2 = [*train.RECIPE[1].split(), *shared, *every, *tail, "--init", stage1, "--out", str(killed)]
+        train.main([*stage2, "--stop-after", "2"])
+        train.main(["--recipe", "--resume", *every, *shared, *tail, "--out", str(killed)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()
+    assert _log_without_times(out / "train.log") == _log_without_times(killed / "train.log")
+    assert _log_without_times(out / "train_stage1.log") == _log_without_times(killed / "train_stage1.log")
+    assert not (killed / "stage1").exists() and not (killed / "resume").exists()
 
 
 def test_attention_guidance_targets_point_at_the_answer_and_the_key(train):
