@@ -3,25 +3,9 @@
 
 import warnings
 
-from .text.document import PAGE_SEPARATOR, BudgetError, Document, DocumentSpan, Duplicate, IngestError, Skipped
-from .text.ingest import Corpus, ingest
-from .text.pack import DEFAULT_MARKER, DEFAULT_TEMPLATE, Packed, delimiters
-
-__all__ = [
-    "DEFAULT_MARKER",
-    "DEFAULT_TEMPLATE",
-    "PAGE_SEPARATOR",
-    "BudgetError",
-    "Corpus",
-    "Document",
-    "DocumentSpan",
-    "Duplicate",
-    "IngestError",
-    "Packed",
-    "Skipped",
-    "delimiters",
-    "ingest",
-]
+# The names this module exported before the split; longctx.text.ingest keeps importing them all.
+from .text.ingest import *  # noqa: F403
+from .text.ingest import __all__  # noqa: F401
 
 warnings.warn(
     "longctx.documents is deprecated; use longctx (ingest, Corpus, ...) or longctx.text",

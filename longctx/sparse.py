@@ -32,7 +32,7 @@ from .kernels.sparse import page_scores
 from .offload import TIERS, CacheError
 
 if TYPE_CHECKING:
-    from .cache import AttentionMass, GlobalCache, KVCache
+    from .cache import GlobalCache, KVCache
     from .storage import Manifest
 
 
@@ -172,22 +172,8 @@ def attend(q: torch.Tensor, cache: GlobalCache, q_start: int, scale: float) -> t
     idx.keys_read += pos.numel()
     idx.keys_total += pos.shape[0] * pos.shape[1] * length
     if cache.stats is not None:
-        record(cache.stats, q, k, pos, lse, scale)
+        cache.stats.record_gathered(q, k, pos, lse, scale)
     return out, lse
-
-
-def record(
-    stats: AttentionMass, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lse: torch.Tensor, scale: float
-) -> None:
-    """Add to ``stats`` the mass that one query token q (B, Hq, 1, D) put on the keys it read,
-    k (B, Hkv, n, D) at positions ``pos`` (B, Hkv, n), given its lse (B, Hq, 1) over them."""
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    stats.reserve(int(pos.max()) + 1)
-    qf = q[:, :, 0].float().unflatten(1, (Hkv, -1))  # (B, Hkv, G, D)
-    p = torch.exp(torch.einsum("bhgd,bhnd->bhgn", qf, k.float()) * scale - lse.unflatten(1, (Hkv, -1)))
-    flat = (pos + torch.arange(B)[:, None, None] * stats.mass.shape[1]).reshape(-1)
-    stats.mass.view(-1).index_add_(0, flat, p.sum(2).reshape(-1).cpu())
 
 
 def layers(cache: KVCache) -> list[GlobalCache]:

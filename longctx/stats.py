@@ -44,3 +44,14 @@ class AttentionMass:
                 p = torch.exp(s - lse)
                 p = p.masked_fill(torch.arange(ks, ks + n, device=q.device)[None, :] > qpos[:, None], 0.0)
                 self.mass[:, ks : ks + n] += p.sum((1, 2, 3)).cpu()
+
+    def record_gathered(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, lse: torch.Tensor, scale: float):
+        """Sparse decode's form of ``record``: one query token q (B, Hq, 1, D) attended only to
+        gathered keys k (B, Hkv, n, D) at absolute positions ``pos`` (B, Hkv, n), with its lse
+        (B, Hq, 1) over them; the mass goes to those positions, unread keys get none."""
+        B, Hkv = q.shape[0], k.shape[1]
+        self.reserve(int(pos.max()) + 1)
+        qf = q[:, :, 0].float().unflatten(1, (Hkv, -1))  # (B, Hkv, G, D)
+        p = torch.exp(torch.einsum("bhgd,bhnd->bhgn", qf, k.float()) * scale - lse.unflatten(1, (Hkv, -1)))
+        flat = (pos.cpu() + torch.arange(B)[:, None, None] * self.mass.shape[1]).reshape(-1)
+        self.mass.view(-1).index_add_(0, flat, p.sum(2).reshape(-1).cpu())

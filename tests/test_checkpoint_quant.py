@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model import add_prefix, hf_model
+from test_model import TINY_HF, add_prefix, hf_model
 from test_quant import loop_pack
 
 from longctx import quant
@@ -28,24 +28,7 @@ def write_hf(folder, seed=0, init="hf", **overrides):
     initialisation (std 0.02, as a trained model's weights are small); "wide": std 0.25."""
     if init == "hf":
         torch.manual_seed(seed)
-        cfg = dict(
-            vocab_size=97,
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            intermediate_size=32,
-            intermediate_size_mlp=48,
-            num_local_experts=4,
-            attention_chunk_size=5,
-            floor_scale=3,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        cfg.update(overrides)
-        model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**cfg)).eval()
+        model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**{**TINY_HF, **overrides})).eval()
     else:
         model = hf_model(seed, **overrides)
     model.save_pretrained(folder)

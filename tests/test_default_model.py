@@ -193,25 +193,33 @@ def test_index_backward_with_repeated_indices_is_bit_stable_in_training_mode(tra
     assert all(torch.equal(grads[0], gr) for gr in grads[1:])
 
 
-def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
-    """``--recipe`` (the shipped model's command) gives the same weights as its two stages run
-    by hand, and keeps the first stage's log; here with a few-step stand-in for RECIPE."""
+# Settings of the few-step training runs below: small, one thread (bytes depend on threads).
+SHARED = ["--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256", "--probe-every", "0"]
+TAIL = ["--eval-lengths", "256", "--eval-samples", "1"]
+
+
+def stand_in_recipe(train, monkeypatch, first_steps: int, second_steps: int) -> None:
+    """RECIPE with its two stages' flags but a few steps each."""
     monkeypatch.setattr(
         train,
         "RECIPE",
         (
-            "--steps 3 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
-            "--steps 2 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
+            f"--steps {first_steps} --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
+            f"--steps {second_steps} --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
         ),
     )
-    shared = ["--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256", "--probe-every", "0"]
-    tail = ["--eval-lengths", "256", "--eval-samples", "1"]
+
+
+def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
+    """``--recipe`` (the shipped model's command) gives the same weights as its two stages run
+    by hand, and keeps the first stage's log; here with a few-step stand-in for RECIPE."""
+    stand_in_recipe(train, monkeypatch, first_steps=3, second_steps=2)
     threads = torch.get_num_threads()
     try:
-        train.main(["--recipe", *shared, *tail, "--out", str(tmp_path / "recipe")])
-        train.main([*train.RECIPE[0].split(), *shared, "--out", str(tmp_path / "one")])
+        train.main(["--recipe", *SHARED, *TAIL, "--out", str(tmp_path / "recipe")])
+        train.main([*train.RECIPE[0].split(), *SHARED, "--out", str(tmp_path / "one")])
         train.main(
-            [*train.RECIPE[1].split(), *shared, *tail, "--init", str(tmp_path / "one"), "--out", str(tmp_path / "two")]
+            [*train.RECIPE[1].split(), *SHARED, *TAIL, "--init", str(tmp_path / "one"), "--out", str(tmp_path / "two")]
         )
     finally:
         torch.set_num_threads(threads)
@@ -233,24 +241,7 @@ def test_training_stopped_at_a_checkpoint_and_resumed_equals_one_run(tmp_path, t
     """A run stopped right after its checkpoint at step 3 of 6 and resumed with ``--resume``
     ends in the same weight bytes and the same log lines (elapsed times aside) as the same run
     never stopped; a resume with another training-shaping argument is refused by name."""
-    args = [
-        "--steps",
-        "6",
-        "--tokens",
-        "1024",
-        "--turns",
-        "2",
-        "--threads",
-        "1",
-        "--max-len",
-        "256",
-        "--eval-lengths",
-        "256",
-        "--eval-samples",
-        "1",
-        "--probe-every",
-        "0",
-    ]
+    args = ["--steps", "6", *SHARED, *TAIL]
     one, two = tmp_path / "one", tmp_path / "two"
     threads = torch.get_num_threads()
     try:
@@ -271,26 +262,17 @@ def test_recipe_resumed_in_its_second_stage_equals_one_run(tmp_path, train, monk
     """``--recipe --resume`` after a kill in the second stage: the finished first stage (in
     OUT/stage1) is skipped, the second goes on from its checkpoint, and the weights are the
     bytes of a recipe never stopped (itself the bytes of one without checkpoints)."""
-    monkeypatch.setattr(
-        train,
-        "RECIPE",
-        (
-            "--steps 2 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
-            "--steps 4 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
-        ),
-    )
-    shared = ["--tokens", "1024", "--turns", "2", "--threads", "1", "--max-len", "256", "--probe-every", "0"]
-    tail = ["--eval-lengths", "256", "--eval-samples", "1"]
+    stand_in_recipe(train, monkeypatch, first_steps=2, second_steps=4)
     out, killed = tmp_path / "plain", tmp_path / "killed"
     threads = torch.get_num_threads()
     try:
-        train.main(["--recipe", *shared, *tail, "--out", str(out)])
+        train.main(["--recipe", *SHARED, *TAIL, "--out", str(out)])
         stage1 = str(killed / "stage1")
         every = ["--checkpoint-every", "2"]
-        train.main([*train.RECIPE[0].split(), *shared, *every, "--out", stage1])
-        stage2 = [*train.RECIPE[1].split(), *shared, *every, *tail, "--init", stage1, "--out", str(killed)]
+        train.main([*train.RECIPE[0].split(), *SHARED, *every, "--out", stage1])
+        stage2 = [*train.RECIPE[1].split(), *SHARED, *every, *TAIL, "--init", stage1, "--out", str(killed)]
         train.main([*stage2, "--stop-after", "2"])
-        train.main(["--recipe", "--resume", *every, *shared, *tail, "--out", str(killed)])
+        train.main(["--recipe", "--resume", *every, *SHARED, *TAIL, "--out", str(killed)])
     finally:
         torch.set_num_threads(threads)
     assert (out / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()

@@ -41,26 +41,28 @@ CASES = {
 }
 
 
+# A tiny Llama4TextConfig: 5-token attention chunks and floor_scale 3, so that chunk
+# boundaries and temperature tuning are crossed within a few dozen tokens.
+TINY_HF = dict(
+    vocab_size=97,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=32,
+    intermediate_size_mlp=48,
+    num_local_experts=4,
+    attention_chunk_size=5,
+    floor_scale=3,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def hf_model(seed: int, **overrides):
-    cfg = dict(
-        vocab_size=97,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=32,
-        intermediate_size_mlp=48,
-        num_local_experts=4,
-        attention_chunk_size=5,
-        floor_scale=3,
-        rope_parameters=LLAMA3,
-        attn_implementation="eager",
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    cfg.update(overrides)
+    cfg = {**TINY_HF, "rope_parameters": LLAMA3, "attn_implementation": "eager", **overrides}
     torch.manual_seed(seed)
     model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**cfg)).eval()
     with torch.no_grad():

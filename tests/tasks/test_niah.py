@@ -332,43 +332,25 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok, monke
     assert rc == 0  # 0 only when both modes gave the same answers
     text = (rec / "niah_prefix_reuse_200-300.md").read_text()
     assert "same answers: True" in text and "speed-up" in text and "device:" in text and "--compare-reuse" in text
-    rc = bench(
-        [
-            "--model",
-            str(tmp_path / "ckpt"),
-            "--lengths",
-            "200",
-            "--depths",
-            "0,1",
-            "--samples",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-            "--record",
-            str(rec),
-        ]
-    )
+    grid = [
+        "--model",
+        str(tmp_path / "ckpt"),
+        "--lengths",
+        "200",
+        "--depths",
+        "0,1",
+        "--samples",
+        "1",
+        "--record",
+        str(rec),
+    ]
+    rc = bench([*grid, "--out", str(tmp_path / "out")])
     first = rec / "niah_single_200.md"
     assert rc == 0 and (rec / "niah_single_200.png").exists()
     text = first.read_text()
     assert "![NIAH single](niah_single_200.png)" in text and "effective length" in text and "out2" not in text
     # A rerun of the configuration replaces its record (git keeps the earlier one).
-    rc = bench(
-        [
-            "--model",
-            str(tmp_path / "ckpt"),
-            "--lengths",
-            "200",
-            "--depths",
-            "0,1",
-            "--samples",
-            "1",
-            "--out",
-            str(tmp_path / "out2"),
-            "--record",
-            str(rec),
-        ]
-    )
+    rc = bench([*grid, "--out", str(tmp_path / "out2")])
     assert rc == 0 and "out2" in first.read_text()
     assert sorted(p.name for p in rec.iterdir()) == [
         "niah_prefix_reuse_200-300.md",
