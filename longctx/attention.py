@@ -89,6 +89,8 @@ class Attention(nn.Module):
             out = dense_attention(q, k, v, start, chunk, scale)  # training: needs autograd
         elif kv is None:
             out, _ = flash_attention(q, k, v, q_start=start, k_start=start, causal=True, chunk=chunk, scale=scale)
+        elif kv.cp is not None:  # a context-parallel global layer: other ranks hold keys too
+            out, _ = kv.cp.attend(q, k, v, start, kv, scale)  # appends and records citations itself
         else:
             segments = kv.segments() + [(k, v, start)]
             kv.append(k, v, start)

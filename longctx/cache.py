@@ -16,6 +16,9 @@ Statistics: a layer cache's ``stats`` is ``None`` or a recorder that the attenti
 each call over the cache (``AttentionMass.record``); ``KVCache.record_attention`` installs one
 in every global layer and ``KVCache.attention_mass`` sums them (citations).
 
+Context parallelism (``longctx.distributed``): with ``context_parallel`` each rank's cache holds
+its shard of the context; global layers hand attention to the shared ``ContextParallel`` (``cp``).
+
 Sparse decode (``longctx.sparse``): with ``sparse=SparseDecode(...)`` each global layer keeps a
 ``PageIndex`` (key bounds per page, on the device), saved, loaded and forked with the cache.
 
@@ -52,6 +55,7 @@ from .stats import AttentionMass
 from .storage import Manifest, atomic_folder, recover, write_manifest
 
 if TYPE_CHECKING:
+    from .distributed import ContextParallel
     from .model import Model
 
 # 2: files checksummed in manifest.json, tensor names listed per layer (format 1 had neither).
@@ -64,6 +68,7 @@ class ChunkedCache:
     # Chunked layers keep no statistics: citations use the global layers, which see every key.
     stats: AttentionMass | None = None
     pages: PageIndex | None = None  # and decode them exactly (sparse decode reads global layers only)
+    cp: ContextParallel | None = None  # and never talk to other ranks (shards are chunk-aligned)
 
     def __init__(self, chunk: int):
         self.chunk = chunk
@@ -117,8 +122,8 @@ class ChunkedCache:
 class GlobalCache:
     """Every key of a global layer, as sealed segments on tiers plus an open tail on device."""
 
-    def __init__(self, placer: Placer):
-        self.placer = placer
+    def __init__(self, placer: Placer, cp: ContextParallel | None = None):
+        self.placer, self.cp = placer, cp
         self.sealed: list[tuple[torch.Tensor, int, str]] = []  # (kv (2,B,H,n,D), start, tier)
         self.tail: torch.Tensor | None = None  # (2, B, H, n, D) on the device
         self.tail_start = 0
@@ -164,7 +169,7 @@ class GlobalCache:
         return out
 
     def fork(self, placer: Placer) -> GlobalCache:
-        g = GlobalCache(placer)
+        g = GlobalCache(placer, self.cp)
         g.sealed, g.tail, g.tail_start = list(self.sealed), self.tail, self.tail_start
         g.stats = None if self.stats is None else self.stats.copy()
         g.pages = None if self.pages is None else self.pages.fork()
@@ -222,11 +227,17 @@ class KVCache:
         fingerprint: str,
         offload: OffloadPolicy | None = None,
         sparse: SparseDecode | None = None,
+        context_parallel: ContextParallel | None = None,
     ):
-        self.offload, self.sparse = offload or OffloadPolicy(), sparse
+        if sparse is not None and context_parallel is not None:
+            raise CacheError("sparse decode under context parallelism is not supported yet: choose one")
+        self.offload, self.sparse, self.context_parallel = offload or OffloadPolicy(), sparse, context_parallel
         self.placer = Placer(self.offload, device)
         self.layer_kinds, self.chunk, self.batch, self.fingerprint = list(layer_kinds), chunk, batch, fingerprint
-        self.layers = [ChunkedCache(chunk) if kind == "chunked" else GlobalCache(self.placer) for kind in layer_kinds]
+        self.layers = [
+            ChunkedCache(chunk) if kind == "chunked" else GlobalCache(self.placer, context_parallel)
+            for kind in layer_kinds
+        ]
         for layer in self.layers:
             if sparse is not None and isinstance(layer, GlobalCache):
                 layer.pages = PageIndex(sparse, device)
@@ -270,9 +281,8 @@ class KVCache:
 
     def fork(self) -> KVCache:
         """A cache that shares this one's sealed segments; appending to it leaves this one as is."""
-        new = KVCache(
-            self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload, self.sparse
-        )
+        args = self.layer_kinds, self.chunk, self.batch, self.placer.device, self.fingerprint, self.offload
+        new = KVCache(*args, self.sparse, self.context_parallel)
         new.placer = self.placer.copy()
         new.layers = [
             layer.fork(new.placer) if isinstance(layer, GlobalCache) else layer.fork() for layer in self.layers
@@ -296,7 +306,8 @@ class KVCache:
             if layer.stats is not None:
                 n = min(layer.stats.mass.shape[1], self.length)  # its capacity may exceed the length
                 out[:, :n] += layer.stats.mass[:, :n]
-        return out
+        cp = self.context_parallel  # each rank holds the mass of its own key positions
+        return out if cp is None else cp.all_reduce(out)
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
@@ -311,6 +322,8 @@ class KVCache:
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        if self.context_parallel is not None:
+            raise CacheError(f"{folder}: a context-parallel cache can't be saved (each rank holds a shard)")
         layers = [{n: t.detach().cpu().contiguous() for n, t in layer.tensors().items()} for layer in self.layers]
         # Tensor bytes plus each file's header (names, shapes, offsets): a bound, not the exact size.
         needed = sum(t.numel() * t.element_size() + 256 for ts in layers for t in ts.values())
@@ -318,13 +331,13 @@ class KVCache:
 
         def refuse(why: str) -> CacheError:
             try:
-                free = f"{shutil.disk_usage(_existing(folder)).free} B free"
+                free = f"{shutil.disk_usage(storage.existing(folder)).free} B free"
             except OSError:
                 free = "free space unknown"
             return CacheError(f"{folder}: cannot save the KV cache ({why}); it needs about {needed} B, {free}")
 
         try:
-            if shutil.disk_usage(_existing(folder)).free < needed:
+            if shutil.disk_usage(storage.existing(folder)).free < needed:
                 raise refuse("not enough free space")
             with atomic_folder(folder) as tmp:
                 for i, tensors in enumerate(layers):
@@ -448,14 +461,6 @@ class KVCache:
         cache.length = length
         cache._hash = [_FrozenHash(h) for h in meta["token_sha256"]]
         return cache
-
-
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest existing parent (for ``shutil.disk_usage`` before it is created)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 class _LazyTensors:

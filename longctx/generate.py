@@ -100,7 +100,8 @@ def prefill(
 ) -> torch.Tensor:
     """Feed tokens (B, T) into ``cache`` in pieces of ``chunk_size`` (None: all at once).
 
-    Returns the last position's logits (B, V) in fp32. ``progress``: a tqdm bar in tokens
+    Returns the last position's logits (B, V) in fp32. Into an empty context-parallel cache
+    the whole prompt is one forward, one shard per rank. ``progress``: a tqdm bar in tokens
     (None: shown only for prompts longer than 8 chunks). Before any work, ``cache.check_room``
     refuses (``CacheError``) a prompt whose global-layer KV (at the model's dtype) would not fit
     the cache's budgets and its disk tier's free space.
@@ -111,6 +112,8 @@ def prefill(
     step = T if chunk_size is None else int(chunk_size)
     if step < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if cache.context_parallel is not None and cache.length == 0:
+        step = T  # one forward, cut into one shard per rank (``longctx.distributed``)
     cache.check_room(T, model.config.kv_bytes_per_token(torch.empty(0, dtype=model.dtype).element_size())["global"])
     show = (T > 8 * step) if progress is None else progress
     logits = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,10 +16,14 @@ from torch import nn
 from .attention import Attention, rms_norm
 from .cache import ChunkedCache, GlobalCache, KVCache
 from .config import ModelConfig
+from .distributed import ContextParallel
 from .moe import MLP, MoE
 from .offload import OffloadPolicy
 from .rope import inv_frequencies, rope_angles
 from .sparse import SparseDecode
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class RMSNorm(nn.Module):
@@ -75,34 +80,46 @@ class Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) in the model dtype; (B, 1, V) for the last position if ``last_only``."""
-        x = self.hidden(tokens, cache)
-        return self.lm_head(x[:, -1:] if last_only else x)
+        return self.lm_head(self.hidden(tokens, cache, last_only=last_only))
 
-    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden_size), the input of ``lm_head``; training
-        takes logits only where there are targets (the head is a quarter of a small model's work)."""
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden_size), the input of ``lm_head``, or the last
+        position's (B, 1, hidden_size) if ``last_only``; training takes logits only where there
+        are targets (the head is a quarter of a small model's work). With a context-parallel
+        cache every rank passes the same tokens and gets the same result (``longctx.distributed``)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        start = 0 if cache is None else cache.length
-        T = tokens.shape[1]
-        rope = rope_angles(self.inv_freq, start, T, tokens.device)
-        x = self.embed_tokens(tokens)  # (B, T, d)
+        cp = None if cache is None else cache.context_parallel
+        run, start = (tokens, 0 if cache is None else cache.length) if cp is None else cp.begin(self, tokens, cache)
+        rope = rope_angles(self.inv_freq, start, run.shape[1], tokens.device)
+        x = self.embed_tokens(run)  # (B, T, d)
         for i, block in enumerate(self.layers):
             x = block(x, start, rope, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance(tokens)
+        if cp is not None:
+            x = cp.end(x, cache, last_only)
+        elif last_only:
+            x = x[:, -1:]
         return self.norm(x)
 
     def new_cache(
-        self, batch: int = 1, offload: OffloadPolicy | None = None, sparse: SparseDecode | None = None
+        self,
+        batch: int = 1,
+        offload: OffloadPolicy | None = None,
+        sparse: SparseDecode | None = None,
+        context_parallel: bool | ProcessGroup = False,
     ) -> KVCache:
         """An empty KV cache for ``batch`` sequences; ``offload`` places global-layer segments;
         ``sparse`` keeps page summaries and makes one-token decode steps read only the selected
-        pages (``longctx.sparse``; default: exact attention)."""
-        device = self.embed_tokens.weight.device
-        return KVCache(
-            self.config.layer_kinds, self.config.attention_chunk_size, batch, device, self.fingerprint, offload, sparse
-        )
+        pages (``longctx.sparse``; default: exact attention). ``context_parallel``: True (the
+        default process group) or a ``torch.distributed`` group spreads the context over its
+        ranks (``longctx.distributed``; call ``init_process_group`` first)."""
+        cfg, device = self.config, self.embed_tokens.weight.device
+        cp = None
+        if context_parallel is not False and context_parallel is not None:
+            cp = ContextParallel(None if context_parallel is True else context_parallel)
+        return KVCache(cfg.layer_kinds, cfg.attention_chunk_size, batch, device, self.fingerprint, offload, sparse, cp)
 
     @property
     def fingerprint(self) -> str:

@@ -118,11 +118,10 @@ class Placer:
 
 def check_disk(folder: Path, nbytes: int) -> None:
     """Raise ``CacheError`` unless ``folder`` (or its nearest existing parent) has ``nbytes`` free."""
-    probe = folder.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    from .storage import existing  # storage imports CacheError from here
+
     try:
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(existing(folder)).free
     except OSError as e:
         raise CacheError(f"{folder}: cannot use as the KV disk tier ({e.strerror or e})") from None
     if free < nbytes:

@@ -28,6 +28,14 @@ def step(name: str) -> None:
     does nothing. Tests replace ``longctx.storage.step`` to kill the process at that instant."""
 
 
+def existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (for ``shutil.disk_usage`` before it is created)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's or a folder's entries to the disk (a folder: its names, i.e. renames)."""
     fd = os.open(path, os.O_RDONLY)

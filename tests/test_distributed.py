@@ -1,0 +1,223 @@
+"""Context parallelism (longctx.distributed): N gloo ranks, spawned here, against one process.
+
+Each scenario below runs in every rank of a fresh process group (``spawn``) and returns what the
+test compares; the single-process reference runs in the test's own process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import random_model, tiny_config
+from longctx.cache import GlobalCache, KVCache
+from longctx.distributed import ContextParallelError, shard_bounds
+from longctx.generate import prefill
+from longctx.offload import CacheError, OffloadPolicy
+
+TIMEOUT_S = 6  # the process group's timeout in the fault scenarios
+
+
+def test_shards_are_contiguous_chunk_aligned_and_cover_the_context():
+    for tokens in range(1, 80):
+        for world in (1, 2, 3, 4):
+            bounds = shard_bounds(tokens, world, 5)
+            if -(-tokens // 5) < world:
+                assert bounds is None
+                continue
+            assert bounds[0][0] == 0 and bounds[-1][1] == tokens
+            assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:]))
+            assert all(a % 5 == 0 and b > a for a, b in bounds)
+
+
+# ---- ranks ---------------------------------------------------------------------------------
+def _rank_main(rank: int, world: int, folder: str, scenario: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{folder}/rendezvous",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        with torch.inference_mode():
+            result = SCENARIOS[scenario](rank, world, folder)
+    except Exception as e:
+        result = {"error": type(e).__name__, "message": str(e), "elapsed": time.perf_counter() - t0}
+        result["trace"] = traceback.format_exc()
+    torch.save(result, f"{folder}/rank{rank}.pt")
+    os._exit(0)  # no teardown: a peer may be gone, and destroy_process_group would wait for it
+
+
+def spawn(world: int, scenario: str, tmp_path, timeout_s: float = 60, wait_s: float = 120, needed=None) -> list[dict]:
+    """Run ``scenario`` on ``world`` gloo ranks; each rank's result (or error, or None) in rank
+    order. Waits for the ``needed`` ranks (default all), then kills what is left."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path), scenario, timeout_s)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + wait_s
+    for r in range(world) if needed is None else needed:
+        procs[r].join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else None for r in range(world)]
+
+
+def _ok(results: list[dict]) -> None:
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('trace')}"
+
+
+# ---- equality with one process ---------------------------------------------------------------
+# (context tokens, batch, offload policy): a context that ends mid-chunk (53 = 10 chunks of 5 and
+# 3), one on a chunk boundary, one too short to shard (all of it on the last rank), a batch of 2,
+# and global KV on the CPU and disk tiers of each rank.
+CASES = [(53, 1, None), (60, 1, None), (8, 1, None), (37, 2, None), (71, 1, "tiers")]
+DECODE = 32
+
+
+def _policy(kind, folder):
+    if kind is None:
+        return None
+    return OffloadPolicy(segment_tokens=4, device_bytes=0, cpu_bytes=1536, disk_dir=folder)
+
+
+def _inputs(n: int, batch: int):
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(3, 97, (batch, n), generator=g), torch.randint(3, 97, (DECODE, batch), generator=g)
+
+
+def run_case(model, case, context_parallel, folder):
+    """Prefill (chunks of 7) then DECODE fed tokens, with attention recorded after the prefill:
+    logits (1 + DECODE, B, V), the attention mass (B, length), and this rank's KV per tier."""
+    n, batch, kind = case
+    tokens, feed = _inputs(n, batch)
+    cache = model.new_cache(batch, offload=_policy(kind, folder), context_parallel=context_parallel)
+    logits = [prefill(model, tokens, cache, chunk_size=7, progress=False)]
+    cache.record_attention()
+    fork = cache.fork()  # decoding into a fork leaves the prefilled cache as it was
+    for t in feed:
+        logits.append(model(t[:, None], fork)[:, -1].float())
+    tiers = [layer.tier_bytes() for layer in fork.layers if isinstance(layer, GlobalCache)]
+    tiers = {t: sum(b[t] for b in tiers) for t in tiers[0]}  # global layers' KV only
+    return {"logits": torch.stack(logits), "mass": fork.attention_mass(), "tiers": tiers, "n": cache.length}
+
+
+def _equal(rank, world, folder):
+    model = random_model(tiny_config())
+    return [run_case(model, case, True, f"{folder}/disk{rank}") for case in CASES]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_equal_one_process(world, tmp_path, one_thread):
+    """Prefill logits, 32 decoded steps' logits and the attention mass equal the single-process
+    run to fp32 rounding, on every rank; the global KV is split over the ranks."""
+    results = spawn(world, "equal", tmp_path)
+    _ok(results)
+    model = random_model(tiny_config())
+    with torch.inference_mode():
+        refs = [run_case(model, case, False, str(tmp_path / "ref")) for case in CASES]
+    for case, ref, *ranks in zip(CASES, refs, *results):
+        for r, got in enumerate(ranks):
+            torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=2e-5, msg=f"{case} rank {r}")
+            torch.testing.assert_close(got["mass"], ref["mass"], rtol=1e-5, atol=1e-5, msg=f"{case} rank {r}")
+            assert got["n"] == ref["n"] == case[0]
+        # Every rank ends with the same bits (the same merge order everywhere).
+        assert all(torch.equal(got["logits"], ranks[0]["logits"]) for got in ranks)
+        held = [sum(got["tiers"].values()) for got in ranks]
+        assert sum(held) == sum(ref["tiers"].values())  # every global key is held once
+        if case[2] == "tiers":
+            assert all(got["tiers"]["disk"] > 0 and got["tiers"]["cpu"] > 0 for got in ranks)
+
+
+# ---- faults ----------------------------------------------------------------------------------
+def _prefilled(rank, folder):
+    model = random_model(tiny_config())
+    tokens, _ = _inputs(53, 1)
+    cache = model.new_cache(context_parallel=True)
+    logits = prefill(model, tokens, cache)
+    return model, cache, logits
+
+
+def _killed(rank, world, folder):
+    model, cache, logits = _prefilled(rank, folder)
+    dist.barrier()
+    if rank == 1:
+        os._exit(1)  # dies between two decode steps
+    t0 = time.perf_counter()
+    try:
+        model(logits.argmax(-1)[:, None], cache)
+    except ContextParallelError as e:
+        return {"raised": str(e), "after": time.perf_counter() - t0}
+    return {"raised": None}
+
+
+def _hung(rank, world, folder):
+    model, cache, logits = _prefilled(rank, folder)
+    dist.barrier()
+    if rank == 1:
+        time.sleep(10 * TIMEOUT_S)  # alive, but never joins the next step
+    t0 = time.perf_counter()
+    try:
+        model(logits.argmax(-1)[:, None], cache)
+    except ContextParallelError as e:
+        return {"raised": str(e), "after": time.perf_counter() - t0}
+    return {"raised": None}
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_rank_is_an_error_within_the_timeout(fault, tmp_path):
+    results = spawn(2, fault, tmp_path, timeout_s=TIMEOUT_S, wait_s=4 * TIMEOUT_S + 30, needed=[0])
+    survivor = results[0]
+    assert survivor is not None and "error" not in survivor, survivor
+    assert survivor["raised"] and "rank 0 of 2" in survivor["raised"], survivor
+    assert survivor["after"] < TIMEOUT_S + 5
+
+
+def _mismatch(rank, world, folder):
+    model = random_model(tiny_config(), seed=rank if "model" in folder else 0)
+    tokens, _ = _inputs(53, 1)
+    if rank == 1 and "tokens" in folder:
+        tokens[0, 7] += 1
+    cache = model.new_cache(context_parallel=True)
+    try:
+        prefill(model, tokens, cache)
+    except ContextParallelError as e:
+        return {"raised": str(e), "length": cache.length, "tiers": cache.tier_bytes()}
+    return {"raised": None}
+
+
+@pytest.mark.parametrize("what", ["tokens", "model"])
+def test_different_tokens_or_model_on_one_rank_are_refused_before_prefill(what, tmp_path):
+    folder = tmp_path / what
+    folder.mkdir()
+    results = spawn(2, "mismatch", folder)
+    _ok(results)
+    wanted = "token ids" if what == "tokens" else "model fingerprint"
+    for res in results:  # every rank refuses, none hangs, nothing was prefilled
+        assert res["raised"] and wanted in res["raised"] and "rank 1" in res["raised"], res
+        assert res["length"] == 0 and sum(res["tiers"].values()) == 0
+
+
+def test_without_a_process_group_or_with_sparse_decode_it_is_refused():
+    from longctx.sparse import SparseDecode
+
+    model = random_model(tiny_config())
+    with pytest.raises(ContextParallelError, match="init_process_group"):
+        model.new_cache(context_parallel=True)
+    with pytest.raises(CacheError, match="sparse decode under context parallelism"):
+        KVCache(["global"], 5, 1, "cpu", "x", sparse=SparseDecode(top_pages=2), context_parallel=object())
+
+
+SCENARIOS = {"equal": _equal, "killed": _killed, "hung": _hung, "mismatch": _mismatch}
