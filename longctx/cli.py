@@ -30,6 +30,24 @@ def _sparse(args):
     return None if args.sparse_pages is None else SparseDecode(top_pages=args.sparse_pages)
 
 
+def _context_parallel(args, model) -> bool:
+    """``--context-parallel``: join the torchrun group (``longctx.distributed.join``); ranks other
+    than 0 print nothing on stdout. Returns the ``context_parallel`` argument for the library."""
+    if not args.context_parallel:
+        return False
+    import datetime
+    import os
+
+    from .distributed import join
+
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--context-parallel runs under torchrun: torchrun --nproc-per-node N -m longctx.cli ...")
+    _, rank, _ = join(model.device, datetime.timedelta(seconds=args.cp_timeout))
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return True
+
+
 def set_threads(threads: int | str, model=None) -> None:
     """Apply ``--threads``: a count, or "auto" (``longctx.generate.default_threads``)."""
     import torch
@@ -81,6 +99,9 @@ def cmd_ask(args) -> int:
     from .text.ingest import ingest
 
     model = _model(args)
+    cp = _context_parallel(args, model)
+    if cp and args.session is not None:
+        raise UsageError("--session can't be used with --context-parallel (each rank holds a shard of the cache)")
     corpus = ingest(args.paths, errors="skip" if args.skip_bad else "raise")
     for s in corpus.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -98,6 +119,7 @@ def cmd_ask(args) -> int:
             overflow=args.overflow,
             progress=not args.json,
             sparse=_sparse(args),
+            context_parallel=cp,
         )
         print(
             f"corpus: {len(corpus)} documents, {session.n_tokens} tokens, prefill {session.prefill_s:.1f} s",
@@ -268,6 +290,7 @@ def niah_inputs(args: argparse.Namespace) -> tuple[Model, dict]:
         haystack=haystack,
         chunk_size=args.chunk_size,
         sparse=_sparse(args),
+        context_parallel=_context_parallel(args, model),
     )
 
 
@@ -275,6 +298,7 @@ def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None
     """Run the grid that ``longctx niah`` options describe into ``<out>/<task>.jsonl``, print the
     accuracy tables and the effective length, draw ``<out>/<task>.png``. Returns (results, the
     report as markdown lines, the heatmap's path or None without matplotlib)."""
+    from .distributed import writer
     from .tasks import niah
 
     model, kw = niah_inputs(args)
@@ -282,6 +306,8 @@ def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None
     t0 = time.perf_counter()
     res = niah.run(model, **kw, out=out_jsonl, reuse_prefix=not args.no_reuse)
     elapsed = time.perf_counter() - t0
+    if not writer(kw["context_parallel"]):  # rank 0 reports and draws
+        return res, [], None
     eff = res.effective_length(0.9)
     body = [
         "```",
@@ -355,6 +381,7 @@ def main(argv=None) -> int:
     from .cache import CacheError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import ContextParallelError
     from .tasks.batch import BatchInterrupted
     from .text.ingest import IngestError
     from .text.tokenizer import TokenizerError
@@ -371,6 +398,7 @@ def main(argv=None) -> int:
         CacheError,
         IngestError,
         TokenizerError,
+        ContextParallelError,
         ValueError,
         OSError,
     ) as e:

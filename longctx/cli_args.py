@@ -140,6 +140,22 @@ SPARSE_HELP = (
 )
 
 
+def add_context_parallel(p: argparse.ArgumentParser) -> None:
+    """``--context-parallel`` and ``--cp-timeout`` (``ask`` and ``niah``)."""
+    p.add_argument(
+        "--context-parallel",
+        action="store_true",
+        help="under torchrun: spread each context's KV over the ranks (gloo on CPU, NCCL on GPUs); rank 0 prints",
+    )
+    p.add_argument(
+        "--cp-timeout",
+        type=count(1),
+        default=1800,
+        metavar="S",
+        help="with --context-parallel: seconds a rank waits for another before failing (default: 1800)",
+    )
+
+
 def add_niah_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``longctx niah`` (``benchmarks/niah.py`` adds its own to the same set)."""
     from .tasks.niah import TASKS
@@ -178,6 +194,7 @@ def add_niah_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
     p.add_argument("--sparse-pages", type=count(1), default=None, metavar="K", help=SPARSE_HELP)
+    add_context_parallel(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print one JSON object per question (answer, citations, token counts, seconds)",
     )
     p.add_argument("--sparse-pages", type=count(1), default=None, metavar="K", help=SPARSE_HELP)
+    add_context_parallel(p)
     common(p)
     p = sub.add_parser(
         "batch",

@@ -39,8 +39,11 @@ the peer's connection closes).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import os
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,6 +60,36 @@ if TYPE_CHECKING:
 
 class ContextParallelError(RuntimeError):
     """Ranks that can't work together: different tokens or model, or a peer that died or hung."""
+
+
+def join(device: torch.device, timeout: datetime.timedelta) -> tuple[int, int, bool]:
+    """(world, rank, created): join torch.distributed when launched by torchrun (WORLD_SIZE > 1),
+    NCCL for a model on ``device`` cuda, gloo otherwise, every collective bounded by ``timeout``;
+    (1, 0, False) without torchrun. ``created``: this call made the group (the caller destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0, False
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank(), False
+    cuda = device.type == "cuda"
+    if cuda:
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and device.index != int(local):
+            warnings.warn(
+                f"the model is on {device} but LOCAL_RANK is {local}: under torchrun load it on "
+                f"cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU)",
+                stacklevel=3,
+            )
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return dist.get_world_size(), dist.get_rank(), True
+
+
+def writer(context_parallel) -> bool:
+    """Whether this process writes shared outputs for a ``context_parallel`` argument (False,
+    True for the default group, or a group): rank 0 of the group does, or anyone without one."""
+    if context_parallel is False or context_parallel is None:
+        return True
+    return dist.get_rank(None if context_parallel is True else context_parallel) == 0
 
 
 def shard_bounds(tokens: int, world: int, chunk: int) -> list[tuple[int, int]] | None:

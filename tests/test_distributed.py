@@ -7,10 +7,14 @@ test compares; the single-process reference runs in the test's own process.
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,4 +224,62 @@ def test_without_a_process_group_or_with_sparse_decode_it_is_refused():
         KVCache(["global"], 5, 1, "cpu", "x", sparse=SparseDecode(top_pages=2), context_parallel=object())
 
 
-SCENARIOS = {"equal": _equal, "killed": _killed, "hung": _hung, "mismatch": _mismatch}
+# ---- the embedded model through Session, niah.run and the CLI ---------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "examples" / "batch" / "docs"
+WHICH = "Which document mentions the special magic number for quiet-otter?"
+
+
+def _answers(context_parallel) -> dict:
+    """A NIAH cell at 8K (``niah.run``) and a which-document question over a corpus, with the
+    answer's citations, on the embedded model."""
+    import longctx
+    from longctx.tasks import niah
+
+    model = longctx.load_model()
+    cell = niah.run(
+        model, lengths=[8192], depths=[0.4], samples=1, progress=False, context_parallel=context_parallel
+    ).records[0]
+    session = longctx.Session(model, longctx.ingest([DOCS]), progress=False, context_parallel=context_parallel)
+    a = session.ask(WHICH)
+    return {
+        "niah": (cell["answer"], cell["exact"]),
+        "which": a.text,
+        "citations": [(c.title, c.share) for c in a.citations],
+    }
+
+
+def _session(rank, world, folder):
+    return _answers(True)
+
+
+def test_session_and_niah_under_two_ranks_answer_as_one_process(tmp_path, one_thread):
+    results = spawn(2, "session", tmp_path, wait_s=300)
+    _ok(results)
+    with torch.inference_mode():
+        ref = _answers(False)
+    assert ref["niah"][1]  # the embedded model finds this needle: the comparison means something
+    for got in results:
+        assert got["niah"] == ref["niah"] and got["which"] == ref["which"]
+        assert [t for t, _ in got["citations"]] == [t for t, _ in ref["citations"]]
+        for (_, share), (_, want) in zip(got["citations"], ref["citations"]):
+            assert share == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_cli_ask_under_torchrun_prints_one_answer_as_one_process(tmp_path):
+    ask = ["-m", "longctx.cli", "ask", str(DOCS), "-q", WHICH, "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *ask], capture_output=True, text=True, env=env, timeout=120)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = subprocess.run([*run, *ask, "--context-parallel"], capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    lines = two.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 alone prints
+    got, want = json.loads(lines[0]), json.loads(one.stdout)
+    assert got["answer"] == want["answer"]
+    assert [c["title"] for c in got["citations"]] == [c["title"] for c in want["citations"]]
+    # Without torchrun the flag is a one-line usage error.
+    alone = subprocess.run([sys.executable, *ask, "--context-parallel"], capture_output=True, text=True, env=env)
+    assert alone.returncode == 2 and "torchrun" in alone.stderr
+
+
+SCENARIOS = {"equal": _equal, "killed": _killed, "hung": _hung, "mismatch": _mismatch, "session": _session}

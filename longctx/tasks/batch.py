@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import signal
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import CacheError, OffloadPolicy
+from ..distributed import join
 from ..generate import check_int, check_sampling
 from ..text.ingest import IngestError, ingest
 from . import jsonl
@@ -119,30 +118,6 @@ def _parse_jobs(jobs_jsonl: Path) -> list[dict]:
 def _seed(seed: int, job: str, qid: str) -> int:
     """A per-question seed, so sampled answers do not depend on sharding or restarts."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{job}/{qid}".encode()).digest()[:8], "little") >> 1
-
-
-def _distributed(model: Model) -> tuple[int, int, bool]:
-    """(world, rank, created): join torch.distributed when launched by torchrun (WORLD_SIZE>1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 1, 0, False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank(), False
-    cuda = model.device.type == "cuda"
-    if cuda:
-        local = os.environ.get("LOCAL_RANK")
-        if local is not None and model.device.index != int(local):
-            warnings.warn(
-                f"the model is on {model.device} but LOCAL_RANK is {local}: under torchrun load it on "
-                f"cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU)",
-                stacklevel=3,
-            )
-        torch.cuda.set_device(model.device)
-    # NOTE: ranks meet only at the end, where the fastest waits for the slowest; the default
-    # collective timeout (10-30 min) would kill a long uneven batch, so wait up to a week.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))
-    return dist.get_world_size(), dist.get_rank(), True
 
 
 class _Signals:
@@ -342,7 +317,9 @@ def run_batch(
         raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
     if not Path(jobs_jsonl).is_file():
         raise FileNotFoundError(f"jobs_jsonl: {jobs_jsonl} is not a file")
-    world, rank, created = _distributed(model)
+    # NOTE: ranks meet only at the end, where the fastest waits for the slowest; the default
+    # collective timeout (10-30 min) would kill a long uneven batch, so wait up to a week.
+    world, rank, created = join(model.device, datetime.timedelta(days=7))
     jobs_jsonl, out_jsonl = Path(jobs_jsonl), Path(out_jsonl)
     mine = jsonl.rank_path(out_jsonl, rank) if world > 1 else out_jsonl
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)

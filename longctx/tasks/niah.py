@@ -36,6 +36,7 @@ same hash exists.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import numbers
@@ -51,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import KVCache, token_hash
+from ..distributed import writer
 from ..generate import check_int, generate, prefill
 from ..sparse import SparseDecode, read_share
 from ..text.prompt import NOT_STATED, context_prefix, question_suffix
@@ -280,7 +282,11 @@ def _grid_axes(lengths, depths) -> tuple[list[int], list[float]]:
 
 
 def prefix_forks(
-    model: Model, prompts: list[list[int]], chunk_size: int = 1024, sparse: SparseDecode | None = None
+    model: Model,
+    prompts: list[list[int]],
+    chunk_size: int = 1024,
+    sparse: SparseDecode | None = None,
+    context_parallel=False,
 ) -> Iterator[tuple[int, KVCache, list[int], int, float]]:
     """Caches for many prompts, each shared prefix prefilled once: a depth-first walk of the
     prompts' prefix tree that forks the cache at every branch.
@@ -333,7 +339,7 @@ def prefix_forks(
             yield from walk(cache.fork(), end, sub)
 
     if order:
-        yield from walk(model.new_cache(sparse=sparse), 0, order)
+        yield from walk(model.new_cache(sparse=sparse, context_parallel=context_parallel), 0, order)
 
 
 def run(
@@ -352,6 +358,7 @@ def run(
     progress: bool = True,
     data=None,
     sparse: SparseDecode | None = None,
+    context_parallel=False,
 ) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
 
@@ -365,6 +372,8 @@ def run(
     ``data``, a SQuAD- or HotpotQA-style JSON(L) path or a loaded ``ruler.QASet``).
     sparse: decode with ``longctx.sparse.SparseDecode`` (part of each cell's hash; each record's
     ``kv_read`` is the share of global-layer KV its decode steps read).
+    context_parallel: True or a ``torch.distributed`` group spreads each context's KV over its
+    ranks (``longctx.distributed``); every rank runs the same call, rank 0 alone writes ``out``.
     """
     from . import ruler
 
@@ -383,7 +392,7 @@ def run(
     out = Path(out) if out is not None else None
     done = {e.key: e.record for e in jsonl.read(out, record_key, repair=True)} if out else {}
     fh = None
-    if out:
+    if out and writer(context_parallel):
         out.parent.mkdir(parents=True, exist_ok=True)
         fh = open(out, "a", encoding="utf-8")
     settings = {"max_new_tokens": max_new_tokens, "greedy": True}
@@ -406,9 +415,10 @@ def run(
             records += [done[c.hash] for c in cells if c.hash in done]
             bar.update(len(cells) - len(todo))
             if reuse_prefix:
-                runs = prefix_forks(model, [c.prompt for c in todo], chunk_size, sparse)
+                runs = prefix_forks(model, [c.prompt for c in todo], chunk_size, sparse, context_parallel)
             else:
-                runs = ((i, model.new_cache(sparse=sparse), c.prompt, 0, 0.0) for i, c in enumerate(todo))
+                new = functools.partial(model.new_cache, sparse=sparse, context_parallel=context_parallel)
+                runs = ((i, new(), c.prompt, 0, 0.0) for i, c in enumerate(todo))
             for i, cache, rest, grown, base_s in runs:
                 c = todo[i]
                 gen = generate(

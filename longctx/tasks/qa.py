@@ -39,6 +39,8 @@ from ..text.prompt import context_prefix, question_suffix
 from .answer import Answer, AnswerStream, Citation
 
 if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
     from ..model import Model
     from ..text.tokenizer import Tokenizer
 
@@ -104,6 +106,7 @@ def _pack_and_prefill(
     progress: bool | None,
     overflow: str = "error",
     sparse: SparseDecode | None = None,
+    context_parallel=False,
 ) -> _Prefilled:
     """Pack ``corpus`` behind the prompt header (QAError, before any prefill, if it does not
     fit) and prefill it into a new cache."""
@@ -125,7 +128,7 @@ def _pack_and_prefill(
             f"header): {e} (command line: --overflow drop|truncate)"
         ) from e
     prefix = np.concatenate([head, np.asarray(packed.ids, dtype=np.int64)])  # = context_prefix(tok, packed.ids)
-    cache = model.new_cache(offload=offload, sparse=sparse)
+    cache = model.new_cache(offload=offload, sparse=sparse, context_parallel=context_parallel)
     t0 = time.perf_counter()
     prefill(model, torch.from_numpy(prefix)[None], cache, chunk_size, progress)
     return _Prefilled(
@@ -149,7 +152,10 @@ class Session:
     ``Corpus.pack``: "error" (``QAError``, before any prefill), "drop" (leave out whole
     documents from the end) or "truncate" (also cut the first one that does not fit);
     ``dropped`` lists the documents left out. sparse: a ``longctx.sparse.SparseDecode`` for
-    answers that read only the KV pages their queries select (default: exact). Arguments are checked before any packing:
+    answers that read only the KV pages their queries select (default: exact). context_parallel:
+    True or a ``torch.distributed`` group spreads the corpus's KV over its ranks
+    (``longctx.distributed``); every rank then makes the same Session and asks the same
+    questions, and gets the same answers. Arguments are checked before any packing:
     ``corpus`` must be a non-empty ``Corpus`` (``longctx.ingest`` makes one).
     ``_prefilled`` is ``Session.load``'s way in: a saved corpus and its loaded cache, used as
     they are (``corpus`` is then None, and nothing is packed or prefilled).
@@ -167,6 +173,7 @@ class Session:
         progress: bool | None = None,
         overflow: str = "error",
         sparse: SparseDecode | None = None,
+        context_parallel: bool | ProcessGroup = False,
         _prefilled: _Prefilled | None = None,
     ):
         check_int("chunk_size", chunk_size, 1)
@@ -180,7 +187,7 @@ class Session:
                 raise ValueError(f"overflow must be 'error', 'drop' or 'truncate', got {overflow!r}")
             _tokenizer(model)
             _prefilled = _pack_and_prefill(
-                model, corpus, offload, chunk_size, max_context, budget, progress, overflow, sparse
+                model, corpus, offload, chunk_size, max_context, budget, progress, overflow, sparse, context_parallel
             )
         self.model, self.chunk_size, self.max_context = model, chunk_size, max_context
         p = _prefilled
