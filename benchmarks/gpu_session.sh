@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project measures on a lent CUDA GPU, in one time-boxed call. Steps, in the
-# order they run (the first six are the default, most wanted first; the rest on request):
+# order they run (the first seven are the default, most wanted first; the rest on request):
 #   quanttests   quantization tests on the GPU (tests/test_quant.py, tests/test_checkpoint_quant.py:
 #                the grouped-MoE Triton kernel against its dequantize-then-matmul reference);
 #   scout        benchmarks/scout_int4.py: Scout's full text model with random int4 weights built
@@ -8,6 +8,7 @@
 #                decode at 32K, the MoE kernel's and the decode step's share of the HBM bound;
 #   tests        kernel and cache tests on the GPU (bf16 Triton kernel against the fp64 oracle;
 #                offload tiers streamed through pinned memory on a side stream);
+#   cpnccl       context parallelism over NCCL: one GPU rank (two with two GPUs) equals one process;
 #   attention16k benchmarks/attention.py at 16K against SDPA's default backend (the kernel's table);
 #   decode1m     benchmarks/decode.py over a pinned-CPU KV cache at 1M tokens (Scout's attention
 #                shape), with a profile of the steps;
@@ -21,7 +22,7 @@
 # the records written so far and a summary are packed into $OUT (the device tool brings that
 # folder back, also when the call itself is cut off).
 #
-#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [total seconds, default 560] [steps, default the first six]
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [total seconds, default 560] [steps, default the first seven]
 # GPU_SESSION_DRY=1 prints each step's command and the limit it would get if every earlier step
 # used all of its own, instead of running anything (tests/test_gpu_scripts.py checks the commands
 # on CPU). GPU_COMMIT names the commit in gpu.jsonl where the copy has no git history.
@@ -38,7 +39,7 @@ export GPU_COMMIT
 PY=${PY:-python3}
 deadline=$(( $(date +%s) + ${1:-560} ))
 touch "$LOGS/.start"
-STEPS=" ${2:-quanttests scout tests attention16k decode1m long} "
+STEPS=" ${2:-quanttests scout tests cpnccl attention16k decode1m long} "
 spent=0  # a dry run's clock: seconds the steps before would take at their limits
 want() { [[ $STEPS == *" $1 "* ]]; }
 : > "$LOGS/summary.txt"
@@ -103,6 +104,10 @@ want scout && show scout -E "^(\| |summary:|recorded|Traceback|[A-Za-z]*Error)"
 
 want tests && step tests 150 $PYTEST tests/test_kernels.py tests/test_cache.py
 want tests && show tests -E "passed|failed|error" | tail -n 15
+
+# Context parallelism over NCCL: a world of one GPU (two with two GPUs) equals one process.
+want cpnccl && step cpnccl 90 $PYTEST tests/test_distributed.py -k nccl
+want cpnccl && show cpnccl -E "passed|failed|error|skipped" | tail -n 5
 
 want attention16k && step attention16k 60 $PY benchmarks/attention.py --lengths 16384 --record
 want attention16k && show attention16k -E "^ *(causal|chunk) |SDPA|backend"

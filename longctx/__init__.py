@@ -17,6 +17,7 @@ import importlib
 from .cache import CacheError, KVCache, OffloadPolicy
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
+from .distributed import ContextParallelError
 from .generate import Generation, generate, prefill, sample
 from .model import Model
 from .quant import quantize
@@ -55,6 +56,7 @@ __all__ = [
     "CacheError",
     "CheckpointError",
     "ConfigError",
+    "ContextParallelError",
     "Corpus",
     "Document",
     "DocumentSpan",

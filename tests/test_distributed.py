@@ -42,12 +42,14 @@ def test_shards_are_contiguous_chunk_aligned_and_cover_the_context():
 
 
 # ---- ranks ---------------------------------------------------------------------------------
-def _rank_main(rank: int, world: int, folder: str, scenario: str, timeout_s: float) -> None:
+def _rank_main(rank: int, world: int, folder: str, scenario: str, timeout_s: float, backend: str) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{folder}/rendezvous",
             rank=rank,
             world_size=world,
@@ -62,11 +64,14 @@ def _rank_main(rank: int, world: int, folder: str, scenario: str, timeout_s: flo
     os._exit(0)  # no teardown: a peer may be gone, and destroy_process_group would wait for it
 
 
-def spawn(world: int, scenario: str, tmp_path, timeout_s: float = 60, wait_s: float = 120, needed=None) -> list[dict]:
-    """Run ``scenario`` on ``world`` gloo ranks; each rank's result (or error, or None) in rank
-    order. Waits for the ``needed`` ranks (default all), then kills what is left."""
+def spawn(
+    world: int, scenario: str, tmp_path, timeout_s: float = 60, wait_s: float = 120, needed=None, backend: str = "gloo"
+) -> list[dict]:
+    """Run ``scenario`` on ``world`` ranks of ``backend``; each rank's result (or error, or None)
+    in rank order. Waits for the ``needed`` ranks (default all), then kills what is left."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path), scenario, timeout_s)) for r in range(world)]
+    args = [(r, world, str(tmp_path), scenario, timeout_s, backend) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=a) for a in args]
     for p in procs:
         p.start()
     deadline = time.monotonic() + wait_s
@@ -123,15 +128,36 @@ def _equal(rank, world, folder):
     return [run_case(model, case, True, f"{folder}/disk{rank}") for case in CASES]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_equal_one_process(world, tmp_path, one_thread):
+def _equal_cuda(rank, world, folder):
+    model = random_model(tiny_config()).to(f"cuda:{rank}")
+    return [
+        {k: v.cpu() if torch.is_tensor(v) else v for k, v in run_case(model, case, True, folder).items()}
+        for case in CASES
+    ]
+
+
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.parametrize(
+    "world, backend",
+    [
+        (2, "gloo"),
+        (3, "gloo"),
+        pytest.param(1, "nccl", marks=pytest.mark.skipif(GPUS < 1, reason="needs a GPU")),
+        pytest.param(2, "nccl", marks=pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")),
+    ],
+)
+def test_ranks_equal_one_process(world, backend, tmp_path, one_thread):
     """Prefill logits, 32 decoded steps' logits and the attention mass equal the single-process
-    run to fp32 rounding, on every rank; the global KV is split over the ranks."""
-    results = spawn(world, "equal", tmp_path)
+    run to fp32 rounding, on every rank; the global KV is split over the ranks. NCCL: the same
+    code on GPU ranks (only the backend and the device differ)."""
+    results = spawn(world, "equal" if backend == "gloo" else "equal_cuda", tmp_path, backend=backend)
     _ok(results)
-    model = random_model(tiny_config())
+    model = random_model(tiny_config()).to("cuda" if backend == "nccl" else "cpu")
     with torch.inference_mode():
         refs = [run_case(model, case, False, str(tmp_path / "ref")) for case in CASES]
+        refs = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in ref.items()} for ref in refs]
     for case, ref, *ranks in zip(CASES, refs, *results):
         for r, got in enumerate(ranks):
             torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=2e-5, msg=f"{case} rank {r}")
@@ -282,4 +308,11 @@ def test_cli_ask_under_torchrun_prints_one_answer_as_one_process(tmp_path):
     assert alone.returncode == 2 and "torchrun" in alone.stderr
 
 
-SCENARIOS = {"equal": _equal, "killed": _killed, "hung": _hung, "mismatch": _mismatch, "session": _session}
+SCENARIOS = {
+    "equal": _equal,
+    "equal_cuda": _equal_cuda,
+    "killed": _killed,
+    "hung": _hung,
+    "mismatch": _mismatch,
+    "session": _session,
+}

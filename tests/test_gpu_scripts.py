@@ -233,7 +233,7 @@ def test_commit_from_git_when_not_given(monkeypatch):
         assert re.fullmatch(r"[0-9a-f]{4,40}(\+dirty)?", c)
 
 
-ALL_STEPS = "quanttests scout tests attention16k decode1m long tune attention decode"
+ALL_STEPS = "quanttests scout tests cpnccl attention16k decode1m long tune attention decode"
 
 
 def dry_run(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -248,7 +248,7 @@ def test_gpu_session_is_valid_bash_and_its_default_fits_a_call(tmp_path):
     out = dry_run(tmp_path)
     assert out.returncode == 0, out.stderr
     steps = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("DRY ")]
-    assert steps == ["quanttests", "scout", "tests", "attention16k", "decode1m", "long"]
+    assert steps == ["quanttests", "scout", "tests", "cpnccl", "attention16k", "decode1m", "long"]
     summary = out.stdout.split("=== summary", 1)[1]
     assert "quanttests" in summary and "would-be-skipped" in summary  # 560 s cannot hold every limit
     assert not (tmp_path / "out" / "session.tgz").exists()  # a dry run packs nothing
@@ -267,7 +267,7 @@ def test_every_command_of_the_gpu_session_exists_with_its_flags(tmp_path):
             _, name, limit, rest = line.split(" ", 3)
             assert int(limit) >= 10, line
             commands[name] = shlex.split(rest)
-    assert set(commands) >= set(ALL_STEPS.split()) and len(commands) == 11
+    assert set(commands) >= set(ALL_STEPS.split()) and len(commands) == 12
     helps: dict[str, str] = {}
     for name, argv in commands.items():
         assert argv[0] == sys.executable, argv

@@ -5,18 +5,24 @@ that holds what they name: ``reports/`` (two Markdown documents, the needle in o
 ``contract.pdf``, ``checkpoints/Llama-4-Scout`` and a Hugging Face cache holding
 ``meta-llama/Llama-4-Scout-17B-16E-Instruct`` (both a random tiny Llama 4 with the embedded
 tokenizer, widths divisible by int4's group of 128). Two substitutions, both stated here:
-``device="cuda"`` runs as ``"cpu"`` on a machine without CUDA, and nothing else changes. A line
-``print(x)  # -> text`` asserts that ``text`` is what that print wrote. Shell blocks of
-``longctx`` commands run through ``longctx.cli.main`` and must exit 0; the install and test
-commands are what CI runs, so they are not rerun here.
+``device="cuda"`` runs as ``"cpu"`` on a machine without CUDA, and the python blocks run in
+torchrun's environment for a world of one rank (what each rank of a context-parallel example
+runs); nothing else changes. A line ``print(x)  # -> text`` asserts that ``text`` is what that
+print wrote. Shell blocks of ``longctx`` commands run through ``longctx.cli.main`` and
+``torchrun`` lines as a subprocess, and must exit 0; the install and test commands are what CI
+runs, so they are not rerun here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +85,11 @@ def test_readme_has_the_blocks_this_test_runs():
 def test_python_blocks_run_in_order_and_print_what_they_say(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("HF_HUB_CACHE", str(workdir / "hf"))
+    with socket.socket() as s:  # a free port for the world of one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
     torch.manual_seed(0)
     namespace: dict = {"__name__": "readme"}
     for i, code in enumerate(blocks("python")):
@@ -102,3 +113,11 @@ def test_cli_blocks_run(workdir, monkeypatch, capsys):
         assert main(shlex.split(line)[1:]) == 0, (line, capsys.readouterr().err)
     out = capsys.readouterr().out
     assert "A: 4823917" in out and "Tidal Harbor" in out  # the two ask commands
+    runs = [line for body in blocks("bash") for line in body.splitlines() if line.startswith("torchrun ")]
+    assert runs
+    for line in runs:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", *shlex.split(line)[1:]]
+        done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+        assert "Tidal Harbor" in done.stdout and done.stdout.count("Q: ") == 1  # rank 0 alone prints
