@@ -95,7 +95,9 @@ class Attention(nn.Module):
             segments = kv.segments() + [(k, v, start)]
             kv.append(k, v, start)
             if T == 1 and kv.pages is not None:  # sparse decode: only the selected pages are read
-                out, lse = sparse.attend(q, kv, start, scale)  # records citations itself
+                out, lse, read = sparse.attend(q, kv, start, scale)
+                if kv.stats is not None:
+                    kv.stats.record_gathered(q, *read, lse, scale)
             else:
                 out, lse = attend(q, segments, start, chunk, scale)
                 if kv.stats is not None:

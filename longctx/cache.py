@@ -229,8 +229,6 @@ class KVCache:
         sparse: SparseDecode | None = None,
         context_parallel: ContextParallel | None = None,
     ):
-        if sparse is not None and context_parallel is not None:
-            raise CacheError("sparse decode under context parallelism is not supported yet: choose one")
         self.offload, self.sparse, self.context_parallel = offload or OffloadPolicy(), sparse, context_parallel
         self.placer = Placer(self.offload, device)
         self.layer_kinds, self.chunk, self.batch, self.fingerprint = list(layer_kinds), chunk, batch, fingerprint

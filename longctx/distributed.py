@@ -27,7 +27,8 @@ times.
 Later forwards (a question, decode steps) are replicated: every rank runs the same tokens; in a
 global layer each rank attends over its own keys, the (out, LSE) pairs of all ranks are
 gathered and merged in rank order (the same bits on every rank, so every rank samples the same
-token), and the new keys go to the last rank.
+token), and the new keys go to the last rank. With sparse decode each rank reads the pages that
+its own shard's bounds select (``top_pages`` per rank) and the merge is the same.
 
 Checks and faults. Every forward first gathers (position, token digest) from every rank, the
 first one also the model fingerprint: a mismatch raises ``ContextParallelError`` on every rank
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import sparse
 from .attention import attend
 from .kernels import merge_attention
 
@@ -191,7 +193,14 @@ class ContextParallel:
         if self.shards is not None or self.last:
             own.append((k, v, start))
             kv.append(k, v, start)
-        parts, seen = [_attend_or_empty(q, own, start, scale)], list(own)
+        held = any(seg[0].shape[2] for seg in own)
+        read = None  # sparse decode: each rank reads the pages its shard's bounds select
+        if self.shards is None and q.shape[2] == 1 and kv.pages is not None and held:
+            out, lse, read = sparse.attend(q, kv, start, scale)
+            parts = [(out, lse)]
+        else:
+            parts = [attend(q, own, start, None, scale) if held else _empty(q)]
+        seen = list(own)
         if self.shards is not None:  # pass-KV pipeline: blocks of earlier ranks, nearest first
             for block in self._earlier_blocks(torch.stack([k, v])):
                 seen.append(block)
@@ -203,7 +212,9 @@ class ContextParallel:
             stacked = self._all_gather(flat, "gather attention")
             n = out.numel()
             out, lse = merge_attention([(s[:n].view(out.shape).to(out.dtype), s[n:].view(lse.shape)) for s in stacked])
-        if kv.stats is not None and seen:
+        if kv.stats is not None and read is not None:
+            kv.stats.record_gathered(q, *read, lse, scale)
+        elif kv.stats is not None and held:
             kv.stats.record(q, start, seen, lse, scale)
         return out, lse
 
@@ -290,9 +301,7 @@ class ContextParallel:
         layer.k, layer.v, layer.start = kv[0].clone(), kv[1].clone(), start
 
 
-def _attend_or_empty(q: torch.Tensor, segments, start: int, scale: float):
-    """``attend`` over ``segments``, or (zeros, -inf) when none holds a key (a rank whose cache
-    is empty still joins the merge)."""
-    if any(k.shape[2] for k, _, _ in segments):
-        return attend(q, segments, start, None, scale)
+def _empty(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, lse) of attending to no key, (zeros, -inf): a rank whose cache is empty still
+    joins the merge."""
     return torch.zeros_like(q), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)

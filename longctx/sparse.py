@@ -56,17 +56,19 @@ class SparseDecode:
 
 class PageIndex:
     """Per-page key bounds of one global layer: ``kmin``/``kmax`` (B, Hkv, capacity, D) in the
-    keys' dtype on the device, valid for the first ``pages`` entries; and what decode read."""
+    keys' dtype on the device, valid for the first ``pages`` entries; and what decode read.
+    Pages count from ``origin``, the first key's position: 0, or where a context-parallel
+    rank's shard starts (``longctx.distributed``)."""
 
     def __init__(self, sparse: SparseDecode, device: torch.device | str):
         self.sparse, self.device = sparse, torch.device(device)
         self.kmin = self.kmax = None
-        self.length = 0  # keys summarised
+        self.origin = self.length = 0  # keys summarised: positions origin..length-1
         self.reset_reads()
 
     @property
     def pages(self) -> int:
-        return -(-self.length // self.sparse.page_tokens)
+        return -(-(self.length - self.origin) // self.sparse.page_tokens)
 
     def reset_reads(self) -> None:
         self.keys_read = self.keys_total = 0  # summed over steps, batch rows and KV heads
@@ -74,13 +76,16 @@ class PageIndex:
 
     def add(self, k: torch.Tensor, pos: int) -> None:
         """Fold keys k (B, Hkv, T, D) at positions pos..pos+T-1 (the next ones) into the bounds."""
+        if self.kmin is None and self.length == 0:  # the first keys fix the origin
+            self.origin = self.length = pos
         if pos != self.length:
             raise CacheError(f"page index holds keys up to {self.length}, got keys at {pos}")
         B, H, T, D = k.shape
         if T == 0:
             return
         P = self.sparse.page_tokens
-        first, last = pos // P, (pos + T - 1) // P
+        rel = pos - self.origin
+        first, last = rel // P, (rel + T - 1) // P
         if self.kmin is None or self.kmin.shape[2] <= last:  # grow geometrically: O(1) per decode step
             cap = max(last + 1, 2 * (0 if self.kmin is None else self.kmin.shape[2]))
             # NOTE: normal tensors even under inference_mode (prefill), which decode under no_grad updates.
@@ -91,7 +96,7 @@ class PageIndex:
                     lo[:, :, :n], hi[:, :, :n] = self.kmin[:, :, :n], self.kmax[:, :, :n]
             self.kmin, self.kmax = lo, hi
         k = k.to(self.device)
-        off, n = pos - first * P, last - first + 1
+        off, n = rel - first * P, last - first + 1
         lo = k.new_full((B, H, n * P, D), float("inf"))
         lo[:, :, off : off + T] = k
         hi = k.new_full((B, H, n * P, D), float("-inf"))
@@ -109,12 +114,12 @@ class PageIndex:
         if self.kmin is not None:
             with torch.inference_mode(False):  # see ``add``
                 p.kmin, p.kmax = self.kmin[:, :, : self.pages].clone(), self.kmax[:, :, : self.pages].clone()
-        p.length, p.keys_read, p.keys_total = self.length, self.keys_read, self.keys_total
+        p.origin, p.length, p.keys_read, p.keys_total = self.origin, self.length, self.keys_read, self.keys_total
         p.bytes_read = dict(self.bytes_read)
         return p
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
-        """Pages to read for the query q (B, Hq, 1, D) at position ``length - 1``: (B, Hkv, K)
+        """Pages to read for the query q (B, Hq, 1, D) at position ``length - 1`` or later: (B, Hkv, K)
         int64 page ids, ascending per row, the last page (which may be partial) last. Ties in
         score go to the lower page id, so the choice is deterministic."""
         sp, n = self.sparse, self.pages
@@ -139,7 +144,8 @@ def page_rows(pages: torch.Tensor, page_tokens: int, length: int) -> torch.Tenso
 
 
 def gather(cache: GlobalCache, pos: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v (B, H, n, D) on ``device`` at positions ``pos`` (B, H, n) of ``cache``: only those
+    """k and v (B, H, n, D) on ``device`` at positions ``pos`` (B, H, n), counted from the
+    cache's first key (its ``pages.origin``): only those
     rows are read from each segment's tier (a memory-mapped segment reads just those pages);
     bytes read per tier are added to ``cache.pages.bytes_read``. Work is per segment touched,
     at most a few per page read, never per segment held."""
@@ -157,23 +163,24 @@ def gather(cache: GlobalCache, pos: torch.Tensor, device: torch.device) -> tuple
     return out[0], out[1]
 
 
-def attend(q: torch.Tensor, cache: GlobalCache, q_start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse attention of one query token q (B, Hq, 1, D) at ``q_start`` over ``cache``, which
-    already holds its key (length q_start + 1). Records citations if ``cache.stats`` is set.
-    Returns out (B, Hq, 1, D) in q's dtype and lse (B, Hq, 1) fp32 over the keys read."""
+def attend(q: torch.Tensor, cache: GlobalCache, q_start: int, scale: float):
+    """Sparse attention of one query token q (B, Hq, 1, D) at ``q_start`` over the keys of
+    ``cache``, all at positions up to q_start: its own key included (length q_start + 1), or,
+    on a context-parallel rank, the keys of its shard. Returns out (B, Hq, 1, D) in q's dtype,
+    lse (B, Hq, 1) fp32 over the keys read, and what was read for citations: (k (B, Hkv, n, D),
+    absolute positions (B, Hkv, n)), for ``AttentionMass.record_gathered``."""
     idx = cache.pages
-    length = q_start + 1
-    if idx.length != length:
-        raise CacheError(f"page index holds {idx.length} keys, the query at {q_start} needs {length}")
-    pos = page_rows(idx.select(q), idx.sparse.page_tokens, length)
+    end = cache.tail_start + (0 if cache.tail is None else cache.tail.shape[3])
+    if idx.length != end or end > q_start + 1:
+        raise CacheError(f"page index holds keys up to {idx.length}, the cache {end}, the query is at {q_start}")
+    n = idx.length - idx.origin
+    pos = page_rows(idx.select(q), idx.sparse.page_tokens, n)
     k, v = gather(cache, pos, q.device)
     # Every gathered key precedes the query, so no mask: causal=False over keys in any order.
     out, lse = decode_attention(q, [(k, v, 0)], q_start=q_start, causal=False, scale=scale)
     idx.keys_read += pos.numel()
-    idx.keys_total += pos.shape[0] * pos.shape[1] * length
-    if cache.stats is not None:
-        cache.stats.record_gathered(q, k, pos, lse, scale)
-    return out, lse
+    idx.keys_total += pos.shape[0] * pos.shape[1] * n
+    return out, lse, (k, pos + idx.origin)
 
 
 def layers(cache: KVCache) -> list[GlobalCache]:
@@ -186,6 +193,8 @@ def read_share(cache: KVCache) -> float:
     none ran or the cache decodes exactly)."""
     read = sum(layer.pages.keys_read for layer in layers(cache))
     total = sum(layer.pages.keys_total for layer in layers(cache))
+    if cache.context_parallel is not None:  # each rank counts its own shard's keys
+        read, total = cache.context_parallel.all_reduce(torch.tensor([read, total], dtype=torch.float64)).tolist()
     return read / total if total else 1.0
 
 

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from conftest import random_model, tiny_config
-from longctx.cache import GlobalCache, KVCache
+from longctx.cache import GlobalCache
 from longctx.distributed import ContextParallelError, shard_bounds
 from longctx.generate import prefill
-from longctx.offload import CacheError, OffloadPolicy
+from longctx.offload import OffloadPolicy
+from longctx.sparse import SparseDecode, read_share
 
 TIMEOUT_S = 6  # the process group's timeout in the fault scenarios
 
@@ -89,10 +90,10 @@ def _ok(results: list[dict]) -> None:
 
 
 # ---- equality with one process ---------------------------------------------------------------
-# (context tokens, batch, offload policy): a context that ends mid-chunk (53 = 10 chunks of 5 and
-# 3), one on a chunk boundary, one too short to shard (all of it on the last rank), a batch of 2,
-# and global KV on the CPU and disk tiers of each rank.
-CASES = [(53, 1, None), (60, 1, None), (8, 1, None), (37, 2, None), (71, 1, "tiers")]
+# (context tokens, batch, kind): a context that ends mid-chunk (53 = 10 chunks of 5 and 3), one
+# on a chunk boundary, one too short to shard (all of it on the last rank), a batch of 2, global
+# KV on the CPU and disk tiers of each rank, and sparse decode that selects every page (exact).
+CASES = [(53, 1, None), (60, 1, None), (8, 1, None), (37, 2, None), (71, 1, "tiers"), (47, 1, "sparse")]
 DECODE = 32
 
 
@@ -102,17 +103,23 @@ def _policy(kind, folder):
     return OffloadPolicy(segment_tokens=4, device_bytes=0, cpu_bytes=1536, disk_dir=folder)
 
 
+def _sparse(kind, top_pages: int = 1000):
+    return SparseDecode(top_pages=top_pages, page_tokens=3) if kind == "sparse" else None
+
+
 def _inputs(n: int, batch: int):
     g = torch.Generator().manual_seed(n)
     return torch.randint(3, 97, (batch, n), generator=g), torch.randint(3, 97, (DECODE, batch), generator=g)
 
 
-def run_case(model, case, context_parallel, folder):
+def run_case(model, case, context_parallel, folder, top_pages: int = 1000):
     """Prefill (chunks of 7) then DECODE fed tokens, with attention recorded after the prefill:
-    logits (1 + DECODE, B, V), the attention mass (B, length), and this rank's KV per tier."""
+    logits (1 + DECODE, B, V), the attention mass (B, length), this rank's KV per tier, and the
+    share of the KV that decode read."""
     n, batch, kind = case
     tokens, feed = _inputs(n, batch)
-    cache = model.new_cache(batch, offload=_policy(kind, folder), context_parallel=context_parallel)
+    policy, sparse = _policy(kind if kind == "tiers" else None, folder), _sparse(kind, top_pages)
+    cache = model.new_cache(batch, offload=policy, sparse=sparse, context_parallel=context_parallel)
     logits = [prefill(model, tokens, cache, chunk_size=7, progress=False)]
     cache.record_attention()
     fork = cache.fork()  # decoding into a fork leaves the prefilled cache as it was
@@ -120,12 +127,14 @@ def run_case(model, case, context_parallel, folder):
         logits.append(model(t[:, None], fork)[:, -1].float())
     tiers = [layer.tier_bytes() for layer in fork.layers if isinstance(layer, GlobalCache)]
     tiers = {t: sum(b[t] for b in tiers) for t in tiers[0]}  # global layers' KV only
-    return {"logits": torch.stack(logits), "mass": fork.attention_mass(), "tiers": tiers, "n": cache.length}
+    out = {"logits": torch.stack(logits), "mass": fork.attention_mass(), "tiers": tiers, "n": cache.length}
+    return {**out, "read": read_share(fork)}
 
 
 def _equal(rank, world, folder):
     model = random_model(tiny_config())
-    return [run_case(model, case, True, f"{folder}/disk{rank}") for case in CASES]
+    few = run_case(model, (95, 1, "sparse"), True, folder, top_pages=2)  # each rank: its best 2 pages
+    return [run_case(model, case, True, f"{folder}/disk{rank}") for case in CASES] + [few]
 
 
 def _equal_cuda(rank, world, folder):
@@ -158,6 +167,9 @@ def test_ranks_equal_one_process(world, backend, tmp_path, one_thread):
     with torch.inference_mode():
         refs = [run_case(model, case, False, str(tmp_path / "ref")) for case in CASES]
         refs = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in ref.items()} for ref in refs]
+    few = [r.pop() for r in results]  # sparse decode reading a few pages of each rank's shard
+    assert all(torch.equal(got["logits"], few[0]["logits"]) for got in few)
+    assert few[0]["read"] == few[-1]["read"] < 0.8
     for case, ref, *ranks in zip(CASES, refs, *results):
         for r, got in enumerate(ranks):
             torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=2e-5, msg=f"{case} rank {r}")
@@ -167,6 +179,7 @@ def test_ranks_equal_one_process(world, backend, tmp_path, one_thread):
         assert all(torch.equal(got["logits"], ranks[0]["logits"]) for got in ranks)
         held = [sum(got["tiers"].values()) for got in ranks]
         assert sum(held) == sum(ref["tiers"].values())  # every global key is held once
+        assert all(got["read"] == 1.0 for got in ranks) and ref["read"] == 1.0
         if case[2] == "tiers":
             assert all(got["tiers"]["disk"] > 0 and got["tiers"]["cpu"] > 0 for got in ranks)
 
@@ -240,14 +253,10 @@ def test_different_tokens_or_model_on_one_rank_are_refused_before_prefill(what, 
         assert res["length"] == 0 and sum(res["tiers"].values()) == 0
 
 
-def test_without_a_process_group_or_with_sparse_decode_it_is_refused():
-    from longctx.sparse import SparseDecode
-
+def test_without_a_process_group_it_is_refused():
     model = random_model(tiny_config())
     with pytest.raises(ContextParallelError, match="init_process_group"):
         model.new_cache(context_parallel=True)
-    with pytest.raises(CacheError, match="sparse decode under context parallelism"):
-        KVCache(["global"], 5, 1, "cpu", "x", sparse=SparseDecode(top_pages=2), context_parallel=object())
 
 
 # ---- the embedded model through Session, niah.run and the CLI ---------------------------------
