@@ -91,17 +91,17 @@ class Attention(nn.Module):
             out, _ = flash_attention(q, k, v, q_start=start, k_start=start, causal=True, chunk=chunk, scale=scale)
         elif kv.cp is not None:  # a context-parallel global layer: other ranks hold keys too
             out, _ = kv.cp.attend(q, k, v, start, kv, scale)  # appends and records citations itself
+        elif T == 1 and kv.pages is not None:  # sparse decode: only the selected pages are read
+            kv.append(k, v, start)  # (no segment list: its length grows with the context)
+            out, lse, read = sparse.attend(q, kv, start, scale)
+            if kv.stats is not None:
+                kv.stats.record_gathered(q, *read, lse, scale)
         else:
             segments = kv.segments() + [(k, v, start)]
             kv.append(k, v, start)
-            if T == 1 and kv.pages is not None:  # sparse decode: only the selected pages are read
-                out, lse, read = sparse.attend(q, kv, start, scale)
-                if kv.stats is not None:
-                    kv.stats.record_gathered(q, *read, lse, scale)
-            else:
-                out, lse = attend(q, segments, start, chunk, scale)
-                if kv.stats is not None:
-                    kv.stats.record(q, start, segments, lse, scale)
+            out, lse = attend(q, segments, start, chunk, scale)
+            if kv.stats is not None:
+                kv.stats.record(q, start, segments, lse, scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
