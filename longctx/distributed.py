@@ -30,12 +30,17 @@ gathered and merged in rank order (the same bits on every rank, so every rank sa
 token), and the new keys go to the last rank. With sparse decode each rank reads the pages that
 its own shard's bounds select (``top_pages`` per rank) and the merge is the same.
 
+A context of fewer attention chunks than ranks is not sharded: it goes whole to the last rank.
+
 Checks and faults. Every forward first gathers (position, token digest) from every rank, the
 first one also the model fingerprint: a mismatch raises ``ContextParallelError`` on every rank
-before any work. Every wait runs under the process group's timeout (``init_process_group(...,
-timeout=)``, gloo's default is 30 minutes): a peer that died or hangs becomes a
-``ContextParallelError`` naming the operation, at the latest after that timeout (at once when
-the peer's connection closes).
+before any work, as does a prefill that some rank has no room for. Under gloo every wait runs
+under the process group's timeout (``init_process_group(..., timeout=)``, 30 minutes by
+default): a peer that died or hangs becomes a ``ContextParallelError`` naming the operation, at
+the latest after that timeout (at once when the peer's connection closes). Under NCCL waits are
+asynchronous on the GPU: a dead or hung peer is caught by NCCL's watchdog, which aborts the
+process after the same timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING``), and ``comm_s`` counts
+only host time. After a failed forward the cache is unusable on every rank.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import torch.distributed as dist
 
 from . import sparse
 from .attention import attend
+from .cache import ChunkedCache
 from .kernels import merge_attention
 
 if TYPE_CHECKING:
@@ -119,7 +125,7 @@ class ContextParallel:
 
     ``comm_s``: seconds this rank spent waiting on other ranks (transfers included)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
         if not (dist.is_available() and dist.is_initialized()):
             raise ContextParallelError(
                 "context parallelism needs torch.distributed: call torch.distributed.init_process_group first "
@@ -128,9 +134,8 @@ class ContextParallel:
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.peers = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world)]
-        # gloo moves CPU tensors, NCCL this rank's GPU's.
-        nccl = dist.get_backend(group) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # gloo moves CPU tensors, NCCL those on the model's GPU (``device``).
+        self.device = torch.device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         self.shards: list[tuple[int, int]] | None = None  # set while a sharded forward runs
         self.comm_s = 0.0
 
@@ -165,6 +170,26 @@ class ContextParallel:
         a, b = self.shards[self.rank]
         return tokens[:, a:b], a
 
+    def check_room(self, cache: KVCache, tokens: int, bytes_per_token: int) -> None:
+        """``cache.check_room`` for this rank's part of a prefill of ``tokens`` (its shard, or all
+        of them on the last rank), decided together: if any rank has no room, every rank raises
+        ``CacheError`` (the failing rank its own reason) before any work."""
+        from .offload import CacheError
+
+        shards = shard_bounds(tokens, self.world, cache.chunk) if cache.length == 0 else None
+        mine = shards[self.rank][1] - shards[self.rank][0] if shards else (tokens if self.last else 0)
+        try:
+            cache.check_room(mine, bytes_per_token)
+            error = None
+        except CacheError as e:
+            error = e
+        flags = self._all_gather(torch.tensor([error is not None], dtype=torch.int64), "check room").flatten()
+        if error is not None:
+            raise error
+        if flags.any():
+            ranks = ", ".join(str(r) for r in flags.nonzero().flatten().tolist())
+            raise CacheError(f"rank {ranks} of {self.world} has no room for its part of the {tokens}-token prefill")
+
     def end(self, x: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         """After the layers: hidden states of the whole forward on every rank, (B, T, d) or the
         last position's (B, 1, d) if ``last_only``. After a sharded forward the last rank's
@@ -173,7 +198,7 @@ class ContextParallel:
             return x[:, -1:] if last_only else x
         shards, self.shards = self.shards, None
         for layer in cache.layers:
-            if layer.cp is None:  # chunked: the open attention chunk, from the last rank
+            if isinstance(layer, ChunkedCache):  # the open attention chunk, from the last rank
                 self._sync_chunked(layer)
         if last_only:
             return self._broadcast(x[:, -1:].contiguous(), "broadcast hidden")
@@ -189,18 +214,22 @@ class ContextParallel:
         """Causal attention of q (B, Hq, M, D) at ``start`` over the whole context's keys, this
         rank's new keys k, v (B, Hkv, M, D) included; appends them where they belong (sharded:
         here; replicated: on the last rank). Returns out (B, Hq, M, D) and lse (B, Hq, M) fp32."""
-        own = kv.segments()
-        if self.shards is not None or self.last:
-            own.append((k, v, start))
-            kv.append(k, v, start)
-        held = any(seg[0].shape[2] for seg in own)
-        read = None  # sparse decode: each rank reads the pages its shard's bounds select
-        if self.shards is None and q.shape[2] == 1 and kv.pages is not None and held:
-            out, lse, read = sparse.attend(q, kv, start, scale)
-            parts = [(out, lse)]
+        read = own = None  # sparse decode: each rank reads the pages its shard's bounds select
+        if self.shards is None and q.shape[2] == 1 and kv.pages is not None:
+            if self.last:
+                kv.append(k, v, start)
+            held = kv.pages.length > kv.pages.origin
+            if held:
+                out, lse, read = sparse.attend(q, kv, start, scale)
+            parts = [(out, lse) if held else _empty(q)]
         else:
+            own = kv.segments()
+            if self.shards is not None or self.last:
+                own.append((k, v, start))
+                kv.append(k, v, start)
+            held = any(seg[0].shape[2] for seg in own)
             parts = [attend(q, own, start, None, scale) if held else _empty(q)]
-        seen = list(own)
+        seen = own
         if self.shards is not None:  # pass-KV pipeline: blocks of earlier ranks, nearest first
             for block in self._earlier_blocks(torch.stack([k, v])):
                 seen.append(block)
@@ -211,7 +240,8 @@ class ContextParallel:
             flat = torch.cat([out.float().flatten(), lse.flatten()])
             stacked = self._all_gather(flat, "gather attention")
             n = out.numel()
-            out, lse = merge_attention([(s[:n].view(out.shape).to(out.dtype), s[n:].view(lse.shape)) for s in stacked])
+            merged, lse = merge_attention([(s[:n].view(out.shape), s[n:].view(lse.shape)) for s in stacked])
+            out = merged.to(out.dtype)  # the parts stay fp32 until merged
         if kv.stats is not None and read is not None:
             kv.stats.record_gathered(q, *read, lse, scale)
         elif kv.stats is not None and held:
@@ -230,10 +260,12 @@ class ContextParallel:
             if origin > 0:
                 pending = self._irecv(mine, origin - 1)
             if not self.last:
+                # One block in flight at a time: a forwarding rank holds two, not all earlier ranks'.
+                self._wait(sends.pop(), f"send layer KV to rank {r + 1}")
                 sends.append(self._isend(block, r + 1, origin))
             yield block[0], block[1], shards[origin][0]
-        for work, _ in sends:
-            self._wait((work, None), f"send layer KV to rank {r + 1}")
+        for pending_send in sends:
+            self._wait(pending_send, f"send layer KV to rank {r + 1}")
 
     def _irecv(self, like: torch.Tensor, origin: int):
         """Post the receive of ``origin``'s block (shaped as ``like`` but for its length) from
@@ -252,10 +284,11 @@ class ContextParallel:
         t0 = time.perf_counter()
         try:
             return fn()
-        except (RuntimeError, ValueError) as e:  # gloo/NCCL errors and timeouts are RuntimeErrors
+        except RuntimeError as e:  # gloo's errors and timeouts (DistBackendError, ...) are RuntimeErrors
+            first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ContextParallelError(
                 f"rank {self.rank} of {self.world}: {what} failed after {time.perf_counter() - t0:.1f} s "
-                f"(a peer died, hung past the group's timeout, or left): {str(e).splitlines()[0][:300]}"
+                f"(a peer died, hung past the group's timeout, or left): {first[:300]}"
             ) from e
         finally:
             self.comm_s += time.perf_counter() - t0
@@ -292,8 +325,7 @@ class ContextParallel:
         n = 0 if layer.k is None else layer.k.shape[2]
         meta = self._broadcast(torch.tensor([layer.start, n], dtype=torch.int64), "broadcast chunked cache")
         start, n = meta.tolist()
-        if layer.k is None:  # a rank always holds at least one chunk of its shard
-            raise ContextParallelError(f"rank {self.rank}: chunked cache empty after a sharded forward")
+        assert layer.k is not None, "a rank holds at least one chunk of its shard"
         shape = (2, *layer.k.shape[:2], n, layer.k.shape[3])
         kv = torch.stack([layer.k, layer.v]) if self.last else layer.k.new_empty(shape)
         if n:  # a context that ends on a chunk boundary leaves it empty

@@ -114,7 +114,11 @@ def prefill(
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     if cache.context_parallel is not None and cache.length == 0:
         step = T  # one forward, cut into one shard per rank (``longctx.distributed``)
-    cache.check_room(T, model.config.kv_bytes_per_token(torch.empty(0, dtype=model.dtype).element_size())["global"])
+    per_token = model.config.kv_bytes_per_token(torch.empty(0, dtype=model.dtype).element_size())["global"]
+    if cache.context_parallel is None:
+        cache.check_room(T, per_token)
+    else:  # each rank stores its part; every rank learns if one has no room
+        cache.context_parallel.check_room(cache, T, per_token)
     show = (T > 8 * step) if progress is None else progress
     logits = None
     with tqdm(total=T, unit="tok", desc="prefill", disable=not show, leave=False) as bar:

@@ -118,7 +118,7 @@ class Model(nn.Module):
         cfg, device = self.config, self.embed_tokens.weight.device
         cp = None
         if context_parallel is not False and context_parallel is not None:
-            cp = ContextParallel(None if context_parallel is True else context_parallel)
+            cp = ContextParallel(None if context_parallel is True else context_parallel, device)
         return KVCache(cfg.layer_kinds, cfg.attention_chunk_size, batch, device, self.fingerprint, offload, sparse, cp)
 
     @property

@@ -24,7 +24,7 @@ from conftest import random_model, tiny_config
 from longctx.cache import GlobalCache
 from longctx.distributed import ContextParallelError, shard_bounds
 from longctx.generate import prefill
-from longctx.offload import OffloadPolicy
+from longctx.offload import CacheError, OffloadPolicy
 from longctx.sparse import SparseDecode, read_share
 
 TIMEOUT_S = 6  # the process group's timeout in the fault scenarios
@@ -253,6 +253,26 @@ def test_different_tokens_or_model_on_one_rank_are_refused_before_prefill(what, 
         assert res["length"] == 0 and sum(res["tiers"].values()) == 0
 
 
+def _no_room(rank, world, folder):
+    model = random_model(tiny_config())
+    tokens, _ = _inputs(53, 1)
+    policy = OffloadPolicy(segment_tokens=4, device_bytes=0, cpu_bytes=0) if rank == 1 else None
+    cache = model.new_cache(offload=policy, context_parallel=True)
+    try:
+        prefill(model, tokens, cache)
+    except CacheError as e:
+        return {"raised": str(e), "length": cache.length}
+    return {"raised": None}
+
+
+def test_a_rank_without_room_is_an_error_on_every_rank_before_prefill(tmp_path):
+    results = spawn(2, "no_room", tmp_path)
+    _ok(results)
+    assert "disk_dir is not set" in results[1]["raised"]  # its own reason
+    assert "rank 1 of 2 has no room" in results[0]["raised"]
+    assert results[0]["length"] == results[1]["length"] == 0
+
+
 def test_without_a_process_group_it_is_refused():
     model = random_model(tiny_config())
     with pytest.raises(ContextParallelError, match="init_process_group"):
@@ -324,4 +344,5 @@ SCENARIOS = {
     "hung": _hung,
     "mismatch": _mismatch,
     "session": _session,
+    "no_room": _no_room,
 }

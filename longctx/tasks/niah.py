@@ -374,6 +374,9 @@ def run(
     ``kv_read`` is the share of global-layer KV its decode steps read).
     context_parallel: True or a ``torch.distributed`` group spreads each context's KV over its
     ranks (``longctx.distributed``); every rank runs the same call, rank 0 alone writes ``out``.
+    Each cell is then prefilled whole (``reuse_prefix`` is ignored): only a prefill into an
+    empty cache is spread over the ranks, and a shared prefix would leave the rest of every
+    cell on the last rank.
     """
     from . import ruler
 
@@ -390,14 +393,19 @@ def run(
     if tok is None:
         raise ValueError("model has no tokenizer (load it from a folder with tokenizer.model)")
     out = Path(out) if out is not None else None
-    done = {e.key: e.record for e in jsonl.read(out, record_key, repair=True)} if out else {}
+    writes = writer(context_parallel)
+    done = {e.key: e.record for e in jsonl.read(out, record_key, repair=writes)} if out else {}
     fh = None
-    if out and writer(context_parallel):
+    if out and writes:
         out.parent.mkdir(parents=True, exist_ok=True)
         fh = open(out, "a", encoding="utf-8")
     settings = {"max_new_tokens": max_new_tokens, "greedy": True}
     if sparse is not None:  # only then: exact cells keep their hashes
         settings["sparse"] = dict(vars(sparse))
+        if context_parallel:  # top_pages per rank: what decode reads depends on the world size
+            import torch.distributed as dist
+
+            settings["ranks"] = dist.get_world_size(None if context_parallel is True else context_parallel)
     fingerprint = (model.fingerprint, tok.fingerprint)
     records = []
     bar = tqdm(total=len(lengths) * len(depths) * samples, desc=f"niah {task}", unit="cell", disable=not progress)
@@ -414,7 +422,7 @@ def run(
             todo = [c for c in cells if c.hash not in done]
             records += [done[c.hash] for c in cells if c.hash in done]
             bar.update(len(cells) - len(todo))
-            if reuse_prefix:
+            if reuse_prefix and not context_parallel:
                 runs = prefix_forks(model, [c.prompt for c in todo], chunk_size, sparse, context_parallel)
             else:
                 new = functools.partial(model.new_cache, sparse=sparse, context_parallel=context_parallel)
