@@ -52,7 +52,39 @@ def with_budget(cache, top_pages: int | None):
     return fork
 
 
-def accuracy(model, args) -> list[str]:
+def plot(rows: dict, args, path: Path) -> Path | None:
+    """Agreement with exact decode against the share of global-layer KV read, one line per
+    context length (points: k); None without matplotlib (the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for L in args.lengths:
+        pts = []
+        for k in args.budgets:
+            rs = [r for (t, length, kk), r in rows.items() if length == L and kk == k]
+            n = sum(r["n"] for r in rs)
+            pts.append((sum(r["read"] for r in rs) / n, sum(r["same"] for r in rs) / n, k))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=niah.length_label(L))
+        for x, y, k in pts:
+            ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("share of global-layer KV read per decode step")
+    ax.set_ylabel("answers equal to exact decode's")
+    ax.set_ylim(0, 1.05)
+    ax.legend(title="context")
+    ax.set_title(f"Sparse decode, embedded model ({', '.join(args.tasks)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy(model, args) -> tuple[list[str], dict]:
     tok = model.tokenizer
     variants = [None, *args.budgets]
     rows, lines = {}, []
@@ -100,7 +132,7 @@ def accuracy(model, args) -> list[str]:
                     else f"{r['ok']}/{r['n']}, same {r['same']}/{r['n']}, read {r['read'] / r['n']:.3f}"
                 )
             lines.append(f"| {task} | {niah.length_label(L)} | " + " | ".join(cells) + " |")
-    return lines
+    return lines, rows
 
 
 @torch.inference_mode()
@@ -198,29 +230,38 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     model = longctx.load_model()
     t0 = time.perf_counter()
-    body = [] if args.skip_accuracy else accuracy(model, args) + [""]
+    body, png = [], None
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_accuracy:
+            lines, rows = accuracy(model, args)
+            body += lines + [""]
+            png = plot(rows, args, Path(tmp) / "sparse_decode.png")
         body += speed(model, args, Path(tmp))
-    wall = time.perf_counter() - t0
-    print("\n".join(body))
-    if args.record:
-        cmd = "python benchmarks/sparse_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        # The speed part alone is its own record: a rerun of it keeps the accuracy record.
-        name, what = ("sparse_decode_speed", "decode step time") if args.skip_accuracy else ("sparse_decode", "")
-        path = write_record(
-            RESULTS,
-            name,
-            f"Sparse decode vs exact{', ' + what if what else ''}, embedded model",
-            cmd,
-            [
-                f"wall time {wall:.0f} s; one process, exact and sparse alternating",
-                f"machine shared with other work: {args.load_note}",
-            ],
-            body,
-            threads=1,
-        )
-        print(f"recorded {path}")
+        wall = time.perf_counter() - t0
+        print("\n".join(body))
+        if args.record:
+            record(args, argv, wall, body, png)
     return 0
+
+
+def record(args, argv, wall: float, body: list[str], png) -> None:
+    """Write the record: the speed part alone is its own (a rerun of it keeps the accuracy record)."""
+    cmd = "python benchmarks/sparse_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    name, what = ("sparse_decode_speed", ", decode step time") if args.skip_accuracy else ("sparse_decode", "")
+    path = write_record(
+        RESULTS,
+        name,
+        f"Sparse decode vs exact{what}, embedded model",
+        cmd,
+        [
+            f"wall time {wall:.0f} s; one process, exact and sparse alternating",
+            f"machine shared with other work: {args.load_note}",
+        ],
+        body,
+        threads=1,
+        png=png,
+    )
+    print(f"recorded {path}")
 
 
 if __name__ == "__main__":
