@@ -1,17 +1,20 @@
 """Train the embedded default model from scratch (into ``--out``, default ``tiny_model_out/``).
 
-    python examples/train_tiny_model.py --recipe     # the shipped model: ~90 min on 2 CPU cores
+    python examples/train_tiny_model.py --recipe     # all stages: ~2.5 h on 2 CPU cores
     python examples/train_tiny_model.py --recipe --out longctx/assets/default   # replace the shipped one
 
-``--recipe`` runs the two stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
+``--recipe`` runs the three stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
 warm-up, then a curriculum up to 2,048 tokens), then 3,000 steps from those weights at a lower
 learning rate with 40 % which-document contexts, after making the title words' embedding rows
-distinct. Without ``--recipe`` the script runs one stage with the flags given (``--init`` to go
-on from a saved model); the card of each run records its command.
+distinct, then 1,800 steps that teach open keys (``--keys mix``: half the rows' keys are words,
+codes and numbers of an open pool, split by word, so evaluation asks about words never used as
+keys; see ``longctx.tasks.needles``) with the router load-balancing loss (``--balance``). Without
+``--recipe`` the script runs one stage with the flags given (``--init`` to go on from a saved
+model); the card of each run records its command.
 
 ``--checkpoint-every N`` writes a resumable state to ``OUT/resume/`` every N steps; ``--resume``
-goes on from it (with ``--recipe``: skips a finished first stage, kept in ``OUT/stage1/`` while
-the recipe runs) and ends in the same weight bytes and log lines as a run never stopped.
+goes on from it (with ``--recipe``: skips finished earlier stages, kept in ``OUT/stage<i>/``
+while the recipe runs) and ends in the same weight bytes and log lines as a run never stopped.
 
 A Scout-architecture model at small width (chunked-local RoPE layers alternating with global
 NoPE layers with temperature tuning, top-1 sigmoid MoE + shared expert, tied embeddings)
@@ -57,6 +60,7 @@ from longctx.checkpoint import DEFAULT_MODEL, load_model, save_model
 from longctx.config import ModelConfig
 from longctx.generate import generate
 from longctx.model import Model
+from longctx.moe import MoE
 from longctx.storage import atomic_folder
 from longctx.tasks import needles
 from longctx.text.ingest import DEFAULT_MARKER, ingest
@@ -144,7 +148,7 @@ def answer_turns(tok, qa: list[tuple[str, str]]) -> list[tuple[list[int], list[i
 
 
 def needle_example(
-    tok, rng: random.Random, length: int, split: str, kind: str, sents, turns: int = 1
+    tok, rng: random.Random, length: int, split: str, kind: str, sents, turns: int = 1, keys: str = "vocab"
 ) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """A context of needles in haystack text and the questions asked about it.
 
@@ -153,10 +157,11 @@ def needle_example(
     Returns (prompt, later): prompt is exactly ``length`` tokens (context + first question,
     ending in the assistant header) and its answer is later[0][1]; ``later`` lists
     (turn ids, answer ids, answer text) for the first question's answer (empty turn ids) and
-    then up to ``turns - 1`` further chat turns about the same context.
+    then up to ``turns - 1`` further chat turns about the same context. keys: the kind of the
+    keys (``needles.KEY_KINDS``).
     """
     n = {"single": 1, "distractor": 4, "many": rng.randint(1, 12), "none": 0}[kind]
-    keys = needles.make_keys(rng, n + 2, split)
+    keys = needles.make_keys(rng, n + 2, split, keys)
     values = [needles.make_value(rng) for _ in range(n)]
     absent = keys[n : n + 1] if kind == "none" or rng.random() < 0.3 else []  # a key not in the text
     qa = questions(rng, keys[:n], values, absent, turns)
@@ -181,15 +186,17 @@ def document_example(
     docs: tuple[int, int] = (3, 8),
     chunk: int = 128,
     align: bool = False,
+    keys: str = "vocab",
 ) -> tuple[list[int], list[tuple[list[int], list[int], str]]]:
     """Which-document questions over ``docs`` (a min, max range) packed documents, 1-3 of which
     hold a needle; titles are two capitalised words ("Slow Robin"), no word shared by two
     titles of a context. Returns (prompt, later) as ``needle_example``; the answer to a
     which-document question is the document's chunk marker ("[3 Slow Robin]\n", see
-    ``Corpus.pack``): a citation that starts with a constant token, then the document's id."""
+    ``Corpus.pack``): a citation that starts with a constant token, then the document's id.
+    keys: the kind of the needles' keys (``needles.KEY_KINDS``)."""
     n_docs = rng.randint(*docs)
     n = rng.randint(1, min(3, n_docs))
-    keys = needles.make_keys(rng, n, split)
+    keys = needles.make_keys(rng, n, split, keys)
     values = [needles.make_value(rng) for _ in keys]
     adjs, nouns = rng.sample(needles._ADJECTIVES, n_docs), rng.sample(needles._NOUNS, n_docs)
     titles = [f"{a.title()} {b.title()}" for a, b in zip(adjs, nouns)]
@@ -230,6 +237,7 @@ def make_batch(
     split: str = "train",
     chunk: int = 128,
     doc_share: float = 0.1,
+    keys: str = "vocab",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (rows, T), targets (rows, T) (-100 everywhere but the answer tokens) and the
     attention-guidance targets (N, 5): row, layer, head, query position, key position
@@ -239,19 +247,23 @@ def make_batch(
     an answer costs ~25 tokens of sequence instead of a whole context, so the retrieval
     signal per step is several times denser than with one question per context. A share
     ``doc_share`` of the rows are which-document contexts (markers for attention chunks of
-    ``chunk`` tokens)."""
+    ``chunk`` tokens). keys: the kind of the keys, "vocab" or "open" (``needles.KEY_KINDS``),
+    or "mix": each row's keys open with probability ``MIX_OPEN``, else vocab."""
     noise = needles.encoded_sentences(tok, "noise")
     seqs, guide = [], []
     for _ in range(rows):
         sents_b = noise if rng.random() < 0.2 else sents  # some on the repetitive noise haystack
+        kind_k = keys if keys != "mix" else "open" if rng.random() < MIX_OPEN else "vocab"
         r = rng.random()
         if r < doc_share:
             docs = (3, 20 if length >= 768 else 8)  # ids up to 19, as the benchmark's 5-20 documents have
-            prompt, later = document_example(tok, rng, length, split, sents_b, turns, docs=docs, chunk=chunk)
+            prompt, later = document_example(
+                tok, rng, length, split, sents_b, turns, docs=docs, chunk=chunk, keys=kind_k
+            )
         else:
             r = 0.1 + 0.9 * (r - doc_share) / (1 - doc_share)  # the needle kinds' shares, as with doc_share 0.1
             kind = "many" if r < 0.75 else "single" if r < 0.85 else "distractor" if r < 0.93 else "none"
-            prompt, later = needle_example(tok, rng, length, split, kind, sents_b, turns)
+            prompt, later = needle_example(tok, rng, length, split, kind, sents_b, turns, keys=kind_k)
         seq, target = list(prompt), [-100] * len(prompt)
         for turn, ans, text in later:
             seq += turn
@@ -268,6 +280,11 @@ def make_batch(
         x[b, : len(s) - 1] = torch.tensor(s[:-1])
         y[b, : len(s) - 1] = torch.tensor(t[1:])  # position i predicts token i + 1
     return x, y, torch.tensor(guide, dtype=torch.long).reshape(-1, 5)
+
+
+# With --keys mix, the share of rows whose keys are open: the rest keep the vocab keys that the
+# earlier stages trained on, so their tasks do not drift while open keys are learned.
+MIX_OPEN = 0.5
 
 
 def curriculum(step: int, steps: int, rng: random.Random, max_len: int = 2048, warm_up: bool = True) -> int:
@@ -299,6 +316,25 @@ GUIDED = {"local": (0,), "global": (1, 3)}  # layer indices of the 4-layer model
 
 
 @functools.lru_cache(maxsize=4)
+def _needle_head(tok) -> tuple[int, ...]:
+    """Token ids of a needle just before its key (" of the special magic numbers for"; not its
+    first word, tokenized otherwise at the start of a document: "One" and " One")."""
+    ids = tok.encode(" " + needles.NEEDLE.format(key="amber-falcon", value="1234567"))
+    return tuple(ids[ids.index(tok.encode(" of")[0]) : ids.index(tok.encode(" amber-falcon")[0])])
+
+
+def _key_length(tok, prompt: list[int], end: int) -> int:
+    """Number of tokens of the needle key that ends just before ``end`` (its last token at
+    end - 1), found as the tokens since the needle's head; 0 when there is no needle head
+    within 32 tokens."""
+    head = _needle_head(tok)
+    for n in range(1, 33):
+        if end - n - len(head) >= 0 and tuple(prompt[end - n - len(head) : end - n]) == head:
+            return n
+    return 0
+
+
+@functools.lru_cache(maxsize=4)
 def _needle_gap(tok) -> tuple[int, ...]:
     """Token ids between a needle's key and its value (" is", ":", " ")."""
     ids = tok.encode(" " + needles.NEEDLE.format(key="amber-falcon", value="1234567"))
@@ -311,7 +347,8 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
     position len(seq) of a row whose context is ``prompt``. Only answers that start with a
     needle's value are guided (not "not stated"; which-document answers get ``title_targets``),
     and an answer token only when the context holds it at exactly one place (after the
-    previous answer token, for j > 0)."""
+    previous answer token, for j > 0). Local heads 0 and 1 go to the key's last and second-last
+    tokens: a one-token key (an open key such as "6535" can be one) guides head 0 only."""
     at, gap, out = len(seq), _needle_gap(tok), []
     g = len(gap)
     for j, t in enumerate(ans[:-1]):  # not <|eot|>
@@ -324,7 +361,11 @@ def guide_targets(tok, prompt: list[int], seq: list[int], ans: list[int]) -> lis
         if j == 0:
             if tuple(prompt[k - g : k]) != gap or k < g + 2:
                 return []  # not a needle's value
-            for head, key_tok in ((0, prompt[k - g - 1]), (1, prompt[k - g - 2])):  # the key's tokens
+            # A one-token key, or one whose second-last token is a bare space (" " before a piece
+            # with no spaced form): head 1 has nothing of the key to read. 0: no needle head found.
+            one = _key_length(tok, prompt, k - g) == 1 or not tok.decode([prompt[k - g - 2]]).strip()
+            n_key = 1 if one else 2
+            for head, key_tok in ((h, prompt[k - g - 1 - h]) for h in range(n_key)):  # the key's tokens
                 asked = [i for i in range(q - 1, max(k, q - 16), -1) if seq[i] == key_tok]
                 if asked:  # the key as the question spells it
                     out += [(layer, head, k, k - g - 1 - head) for layer in GUIDED["local"]]
@@ -408,6 +449,43 @@ def guidance_loss(model, inputs: dict, guide: torch.Tensor, tokens: torch.Tensor
     return torch.cat(losses).mean() + (torch.cat(copies).mean() if copies else 0.0)
 
 
+# ---- router load balancing (training only) ---------------------------------------------------
+#
+# Trained on the answer loss alone, the top-1 routers collapse: the shipped model's layer 2 sends
+# nearly every token to one expert (``longctx.monitor.RoutingCollapse``). The Switch Transformer's
+# auxiliary loss, E · Σ_i f_i · P_i (f_i: the share of tokens routed to expert i, P_i: its mean
+# router probability), is 1 when routing is even and E when one expert takes everything. The
+# Llama-4 router scores with a sigmoid of the top logit, not a softmax; P_i here is the softmax of
+# the router logits, which ranks the experts as the top-1 choice does, so lowering its mass on the
+# busy expert lowers that expert's logit against the others, the thing that moves tokens.
+
+
+def router_logits_hooks(model) -> tuple[list, list]:
+    """Forward hooks on every MoE router that append its logits (N, E) to a list.
+    Returns (the list, the hook handles)."""
+    logits: list = []
+    handles = [
+        block.feed_forward.router.register_forward_hook(lambda _m, _a, out: logits.append(out))
+        for block in model.layers
+        if isinstance(block.feed_forward, MoE)
+    ]
+    return logits, handles
+
+
+def balance_loss(logits: list, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over MoE layers of E · Σ_i f_i · P_i (1 when balanced, E when collapsed) over the
+    tokens where ``keep`` (B, T) is true (not padding); ``logits``: each layer's router
+    logits (B·T, E), as ``router_logits_hooks`` collects them."""
+    keep = keep.reshape(-1)
+    out = []
+    for z in logits:
+        z = z[keep].float()  # (N, E)
+        n_experts = z.shape[-1]
+        share = torch.bincount(z.argmax(-1), minlength=n_experts).float() / len(z)  # f_i, no gradient
+        out.append(n_experts * (share * z.softmax(-1).mean(0)).sum())
+    return torch.stack(out).mean()
+
+
 def reset_title_words(model, tok, spread: float = 0.4) -> None:
     """Give the capitalised adjectives and nouns that make the training titles distinct (tied)
     embedding rows again: each becomes the group's mean row plus a random direction of norm
@@ -445,8 +523,9 @@ def mimetic_init(model, std: float = 0.1) -> None:
 # ---- evaluation ----------------------------------------------------------------------------
 
 
-def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents) -> dict:
-    """Exact match through chunked prefill + KV cache + greedy decode, on eval-split keys."""
+def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents, keys: str = "vocab") -> dict:
+    """Exact match through chunked prefill + KV cache + greedy decode, on eval-split keys of
+    kind ``keys`` ("vocab" or "open")."""
     rng = random.Random(seed)
     results: dict = {}
     for length in lengths:
@@ -455,10 +534,10 @@ def evaluate(model, tok, lengths, depths, samples: int, seed: int, sents) -> dic
             for _ in range(samples):
                 if kind == "document":
                     prompt, later = document_example(
-                        tok, rng, length, "eval", sents, chunk=model.config.attention_chunk_size
+                        tok, rng, length, "eval", sents, chunk=model.config.attention_chunk_size, keys=keys
                     )
                 else:
-                    prompt, later = needle_example(tok, rng, length, "eval", kind, sents)
+                    prompt, later = needle_example(tok, rng, length, "eval", kind, sents, keys=keys)
                 answer = later[0][2].strip()
                 out = generate(model, torch.tensor([prompt]), max_new_tokens=24, chunk_size=512, progress=False)
                 hits += tok.decode(out.tokens[0]).strip() == answer
@@ -472,14 +551,15 @@ def answer_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model.lm_head(model.hidden(x)[mask]).float(), y[mask])
 
 
-def probe(model, tok, sents, seed: int) -> dict:
-    """Teacher-forced exact match of whole answers on eval-split keys (one forward per length,
-    16 single-question contexts): a cheap progress signal for the log, not the final score."""
+def probe(model, tok, sents, seed: int, keys: str = "vocab") -> dict:
+    """Teacher-forced exact match of whole answers on eval-split keys of kind ``keys`` (one
+    forward per length, 16 single-question contexts): a cheap progress signal for the log, not
+    the final score."""
     out = {}
     model.eval()
     with torch.no_grad():
         for length in (512, 2048):
-            x, y, _ = make_batch(tok, random.Random(seed + length), length, 16, sents, turns=1, split="eval")
+            x, y, _ = make_batch(tok, random.Random(seed + length), length, 16, sents, turns=1, split="eval", keys=keys)
             pred = model(x).argmax(-1)
             ok = ((pred == y) | (y == -100)).all(dim=1)
             out[length] = round(ok.float().mean().item(), 3)
@@ -489,16 +569,21 @@ def probe(model, tok, sents, seed: int) -> dict:
 
 # The embedded model's recipe: a first stage from scratch (warm-up, then a curriculum, a tenth of
 # the rows which-document), then a second from its weights at a lower rate, with which-document
-# rows at 40 % and the title words' embedding rows made distinct first (see reset_title_words).
+# rows at 40 % and the title words' embedding rows made distinct first (see reset_title_words),
+# then a third that teaches open keys (half the rows; the other half keep the vocab keys so the
+# earlier tasks hold) with the router load-balancing loss.
+STAGE3 = "--steps 1800 --lr 1e-3 --doc-share 0.4 --keys mix --balance 0.05 --seed 5"
 RECIPE = (
     "--steps 3000 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 1024 --eval-samples 5",
-    "--steps 3000 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
+    "--steps 3000 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3 --eval-lengths 1024 --eval-samples 5",
+    STAGE3,
 )
 
 
 def run_recipe(args) -> None:
-    """Both stages of RECIPE, the first into a temporary folder; ``--out`` gets the second
-    stage's model and card, and the first stage's log as ``train_stage1.log``."""
+    """The stages of RECIPE, each from the one before's weights: the last into ``--out`` (model
+    and card), the others into temporary folders (``OUT/stage<i>`` when resumable), their logs
+    kept in ``--out`` as ``train_stage<i>.log``."""
     shared = [
         "--tokens",
         str(args.tokens),
@@ -517,37 +602,38 @@ def run_recipe(args) -> None:
     ]
     t0 = time.time()
     resumable = args.checkpoint_every or args.resume
-    with contextlib.nullcontext(str(args.out / "stage1")) if resumable else tempfile.TemporaryDirectory() as first:
-        # A resumable recipe keeps its first stage in --out/stage1 (a killed run finds it there):
-        # a finished stage (its card written) is skipped, an unfinished one goes on from its checkpoint.
-        if resumable:
-            shared += ["--checkpoint-every", str(args.checkpoint_every)]
-        done = (Path(first) / "CARD.md").exists() and args.resume
-        if not done:
-            main(RECIPE[0].split() + shared + _resume_flag(args, Path(first)) + ["--out", first])
-        main(
-            RECIPE[1].split()
-            + shared
-            + _resume_flag(args, args.out)
-            + [
-                "--eval-lengths",
-                args.eval_lengths,
-                "--eval-samples",
-                str(args.eval_samples),
-                "--init",
-                first,
-                "--out",
-                str(args.out),
-            ]
-        )
-        shutil.copy(Path(first) / "train.log", args.out / "train_stage1.log")
     if resumable:
-        shutil.rmtree(args.out / "stage1")
+        shared += ["--checkpoint-every", str(args.checkpoint_every)]
+    with contextlib.ExitStack() as stack:
+        # A resumable recipe keeps its earlier stages in --out/stage<i> (a killed run finds them
+        # there): a finished stage (its card written) is skipped, an unfinished one goes on from its
+        # checkpoint.
+        folders = [
+            args.out / f"stage{i}" if resumable else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            for i in range(1, len(RECIPE))
+        ] + [args.out]
+        for i, (stage, out) in enumerate(zip(RECIPE, folders)):
+            last = i == len(RECIPE) - 1
+            if not last and args.resume and (out / "CARD.md").exists():
+                continue
+            main(
+                stage.split()
+                + shared
+                + _resume_flag(args, out)
+                + (["--eval-lengths", args.eval_lengths, "--eval-samples", str(args.eval_samples)] if last else [])
+                + (["--init", str(folders[i - 1])] if i else [])
+                + ["--out", str(out)]
+            )
+        for i, out in enumerate(folders[:-1], 1):
+            shutil.copy(out / "train.log", args.out / f"train_stage{i}.log")
+    if resumable:
+        for out in folders[:-1]:
+            shutil.rmtree(out)
     card = args.out / "CARD.md"
     lines = card.read_text().splitlines()
     lines.insert(
         3,
-        f"Made by `python examples/train_tiny_model.py --recipe` (both stages of its RECIPE, "
+        f"Made by `python examples/train_tiny_model.py --recipe` (the {len(RECIPE)} stages of its RECIPE, "
         f"{(time.time() - t0) / 60:.1f} min in all, evaluations included).",
     )
     card.write_text("\n".join(lines) + "\n")
@@ -592,6 +678,19 @@ def main(argv=None) -> None:
         action="store_true",
         help="add to the guidance a copy loss on the guided global heads' output maps (see guidance_loss)",
     )
+    ap.add_argument(
+        "--keys",
+        choices=("vocab", "open", "mix"),
+        default="vocab",
+        help="training keys: vocab (two words of needles.py's lists), open (words, codes and numbers of an open "
+        f"pool, split by word), mix ({round(MIX_OPEN * 100)}%% of the rows open, the rest vocab)",
+    )
+    ap.add_argument(
+        "--balance",
+        type=float,
+        default=0.0,
+        help="weight of the router load-balancing loss (Switch-style, see balance_loss; 0: none)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=128, help="attention chunk of the local layers (tokens)")
@@ -609,7 +708,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--recipe",
         action="store_true",
-        help="run the two stages of RECIPE in one go, from scratch, into --out (~1.5 h on 2 CPU cores)",
+        help="run the stages of RECIPE in one go, from scratch, into --out (~2.5 h on 2 CPU cores)",
     )
     ap.add_argument(
         "--checkpoint-every",
@@ -627,7 +726,18 @@ def main(argv=None) -> None:
     if args.recipe:
         owned = [
             o
-            for o in ("steps", "lr", "seed", "doc_share", "init", "title_head", "reset_title_words", "copy_loss")
+            for o in (
+                "steps",
+                "lr",
+                "seed",
+                "doc_share",
+                "init",
+                "title_head",
+                "reset_title_words",
+                "copy_loss",
+                "keys",
+                "balance",
+            )
             if getattr(args, o) != ap.get_default(o)
         ]
         if owned:
@@ -691,6 +801,7 @@ def train(args) -> None:
         model.layers[layer].self_attn.register_forward_pre_hook(
             lambda _m, a, layer=layer: inputs.__setitem__(layer, (a[0], a[2]))
         )
+    routed, hooks = router_logits_hooks(model) if args.balance else ([], [])
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -710,12 +821,25 @@ def train(args) -> None:
         length = curriculum(step, args.steps, rng, args.max_len, warm_up=args.init is None)
         rows = max(2, args.tokens // (max(length, 160) + 25 * args.turns))  # a turn is ~25 tokens
         x, y, guide = make_batch(
-            tok, rng, length, rows, sents, args.turns, chunk=cfg.attention_chunk_size, doc_share=args.doc_share
+            tok,
+            rng,
+            length,
+            rows,
+            sents,
+            args.turns,
+            chunk=cfg.attention_chunk_size,
+            doc_share=args.doc_share,
+            keys=args.keys,
         )
-        loss = answer_loss(model, x, y)
+        routed.clear()
+        loss = answer_loss(model, x, y)  # its forward fills ``routed``, one entry per MoE layer
+        bal = balance_loss(routed, x != tok.pad_id) if args.balance else None
         aux = guidance_loss(model, inputs, guide, x if args.copy_loss else None) if args.guide else torch.zeros(())
+        total = loss + args.guide * aux
+        if bal is not None:
+            total = total + args.balance * bal
         opt.zero_grad(set_to_none=True)
-        (loss + args.guide * aux).backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -731,8 +855,12 @@ def train(args) -> None:
                 "lr": sched.get_last_lr()[0],
                 "elapsed_s": round(time.time() - t0, 1),
             }
+            if bal is not None:
+                entry["balance"] = round(bal.item(), 4)
             if args.probe_every and (step % args.probe_every == 0 or step == args.steps - 1):
                 entry["probe"] = probe(model, tok, sents, args.seed)
+                if args.keys != "vocab":
+                    entry["probe_open"] = probe(model, tok, sents, args.seed, keys="open")
                 bar.write(json.dumps(entry))
             log.write(json.dumps(entry) + "\n")
             log.flush()
@@ -745,6 +873,8 @@ def train(args) -> None:
                 log.close()
                 return
     log.close()
+    for h in hooks:
+        h.remove()
     train_s = time.time() - t0
     model.eval()
     for p in model.parameters():
@@ -753,9 +883,11 @@ def train(args) -> None:
     save_model(model, args.out, tokenizer=tok)
 
     t1 = time.time()
-    scores = evaluate(
-        model, tok, [int(x) for x in args.eval_lengths.split(",")], None, args.eval_samples, args.seed + 1, sents
-    )
+    eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
+    scores = evaluate(model, tok, eval_lengths, None, args.eval_samples, args.seed + 1, sents)
+    if args.keys != "vocab":  # and on open keys of held-out words
+        open_scores = evaluate(model, tok, eval_lengths, None, args.eval_samples, args.seed + 1, sents, keys="open")
+        scores.update({k.replace("@", ", open keys@"): v for k, v in open_scores.items()})
     eval_s = time.time() - t1
     earlier = []  # a second stage's card keeps the first stage's training and command lines
     if args.init is not None and (args.init / "CARD.md").exists():
@@ -784,7 +916,13 @@ def train(args) -> None:
         f'4 needles (3 distractors), no needle (answer "{NOT_STATED}"), and which-document contexts of 3-8 packed '
         f"documents (3-20 from 768 tokens on) with chunk markers ({args.doc_share:.0%} of the rows); "
         f"up to {args.turns} chat turns of questions per context (single keys, two keys at once, keys not "
-        "in the context); train-split keys only",
+        "in the context); train-split keys only"
+        + {
+            "vocab": "",
+            "open": " (open keys: words, codes and numbers, split by word; see longctx/tasks/needles.py)",
+            "mix": f" ({MIX_OPEN:.0%} of the rows with open keys: words, codes and numbers, split by word; "
+            "the rest vocab keys)",
+        }[args.keys],
         f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} "
         + (
             "(a second stage: no warm-up)"
@@ -793,7 +931,9 @@ def train(args) -> None:
         )
         + f", AdamW lr {args.lr}, loss on answer tokens only, plus attention guidance "
         f"(weight {args.guide}: local heads to the key, global heads to the needle's value; mimetic initialisation "
-        f"of the global layers; see the script); {train_s / 60:.1f} min",
+        f"of the global layers; see the script)"
+        + (f", router load balancing (weight {args.balance})" if args.balance else "")
+        + f"; {train_s / 60:.1f} min",
         f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
         f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} "
         f"--turns {args.turns} "
@@ -803,6 +943,8 @@ def train(args) -> None:
         + ("--title-head " if args.title_head else "")
         + ("--copy-loss " if args.copy_loss else "")
         + ("--reset-title-words " if args.reset_title_words else "")
+        + (f"--keys {args.keys} " if args.keys != "vocab" else "")
+        + (f"--balance {args.balance} " if args.balance else "")
         + f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
         f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
         + (f" --out {args.out}" if args.out.resolve() != DEFAULT_MODEL.resolve() else "")
@@ -815,7 +957,8 @@ def train(args) -> None:
         "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
         "|---|" + "---|" * len(args.eval_lengths.split(",")),
     ]
-    for kind in ("single", "distractor", "none", "document"):
+    kinds = ("single", "distractor", "none", "document")
+    for kind in kinds + (tuple(f"{k}, open keys" for k in kinds) if args.keys != "vocab" else ()):
         card.append(
             f"| {kind} | " + " | ".join(f"{scores[f'{kind}@{L}']:.0%}" for L in args.eval_lengths.split(",")) + " |"
         )
@@ -850,7 +993,11 @@ SHAPING = (
     "max_len",
     "probe_every",
     "init",
+    "keys",
+    "balance",
 )
+# Shaping arguments added later: a checkpoint written before them was trained with these values.
+SHAPING_DEFAULTS = {"keys": "vocab", "balance": 0.0}
 
 
 def _args_json(args) -> dict:
@@ -892,10 +1039,11 @@ def load_resume(args, model, opt, sched, rng: random.Random) -> tuple[int, float
     state = json.loads((folder / "state.json").read_text())
     now = _args_json(args)
     for name in SHAPING:
-        if state["args"][name] != now[name]:
+        then = state["args"].get(name, SHAPING_DEFAULTS.get(name))
+        if then != now[name]:
             raise ValueError(
                 f"--resume: --{name.replace('_', '-')} is {now[name]!r}, the checkpoint in {folder} "
-                f"was trained with {state['args'][name]!r}"
+                f"was trained with {then!r}"
             )
     safetensors.torch.load_model(model, str(folder / "model.safetensors"))
     tensors = safetensors.torch.load_file(str(folder / "optimizer.safetensors"))

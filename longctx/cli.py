@@ -290,6 +290,7 @@ def niah_inputs(args: argparse.Namespace) -> tuple[Model, dict]:
         haystack=haystack,
         chunk_size=args.chunk_size,
         sparse=_sparse(args),
+        keys=args.keys,
         context_parallel=_context_parallel(args, model),
     )
 

@@ -175,6 +175,13 @@ def add_niah_arguments(p: argparse.ArgumentParser) -> None:
         "[0, 100] (0,50,100) when any value is above 1 (default: 0,0.25,0.5,0.75,1)",
     )
     p.add_argument("--samples", type=count(1), default=2, help="samples per cell (default: 2)")
+    p.add_argument(
+        "--keys",
+        choices=["vocab", "open"],
+        default="vocab",
+        help="the needles' keys: vocab (two words of the embedded model's training lists, unseen pairs) or "
+        "open (words, names, codes and numbers never used as keys in its training) (default: vocab)",
+    )
     p.add_argument("--seed", type=count(0), default=0, help="seed of the haystacks and needles (default: 0)")
     p.add_argument(
         "--haystack",

@@ -338,3 +338,92 @@ def test_title_guidance_targets_point_at_the_marker_of_the_needles_chunk(train):
         assert x[b, asked[0]] == x[b, k] and x[b, asked[1]] == x[b, k - 1]  # the key as the question spells it
         nxt = guide[(guide[:, 0] == b) & (guide[:, 1] == 1) & (guide[:, 2] == 2) & (guide[:, 3] == q + 1)]
         assert nxt[:, 4].tolist() == [m + 1] and x[b, m + 1] == y[b, q + 1]  # then induction: the title
+
+
+def test_guidance_targets_for_open_keys_point_at_the_keys_own_tokens(train):
+    """Open keys have 1 to many tokens: local heads 0 and 1 go to the key's last and second-last
+    tokens (the same token in the needle and in the question), never to the needle's words
+    before the key; a one-token key guides head 0 only."""
+    from longctx.tasks import needles
+    from longctx.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    sents = needles.encoded_sentences(tok)
+    head = list(train._needle_head(tok))
+    x, y, guide = train.make_batch(tok, random.Random(3), 400, 8, sents, turns=6, keys="open")
+    local = guide[guide[:, 1] == 0]
+    seen = {0: 0, 1: 0}
+    for h in (0, 1):
+        rows = local[local[:, 2] == h].tolist()
+        assert len(rows) % 2 == 0
+        for (b, _, _, q1, k1), (b2, _, _, q2, k2) in zip(rows[0::2], rows[1::2]):
+            assert b == b2 and k1 < q1 < k2 < q2 and x[b, k1] == x[b, k2]
+            key_end = k1 + 1 + h  # the needle's key ends there, before " is: "
+            assert tok.decode(x[b, key_end : key_end + 3].tolist()) == " is: "
+            n_key = train._key_length(tok, x[b].tolist(), key_end)
+            assert n_key > h and x[b, key_end - n_key - len(head) : key_end - n_key].tolist() == head
+            assert tok.decode([int(x[b, k1])]).strip()  # a piece of the key, not a bare space
+            seen[h] += 1
+    assert seen[0] >= 8 and seen[1] >= 4 and seen[1] < seen[0]  # some keys have one token (or a bare space)
+
+
+def test_balance_loss_is_one_when_balanced_and_moves_tokens_off_a_busy_expert(train):
+    """E · Σ f_i · P_i: 1 for routing spread evenly, about E when one expert takes every token;
+    its gradient lowers the busy expert's logits against the others."""
+    import torch
+
+    n = 400
+    even = torch.eye(4).repeat(n // 4, 1) * 0.1  # each expert first for a quarter, probabilities near 1/4
+    keep = torch.ones(n, dtype=torch.bool)
+    assert abs(train.balance_loss([even], keep).item() - 1.0) < 0.02
+    busy = torch.zeros(n, 4)
+    busy[:, 0] = 20.0
+    loss = train.balance_loss([busy, even], keep)
+    assert abs(loss.item() - (4.0 + 1.0) / 2) < 0.01  # the mean over layers
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[:8] = True  # padding is left out: the 8 tokens kept alone decide
+    assert abs(train.balance_loss([busy + even * 100 * (~kept[:, None])], kept).item() - 4.0) < 0.01
+    leaning = torch.zeros(n, 4)
+    leaning[:, 0] = 2.0
+    leaning.requires_grad_(True)
+    train.balance_loss([leaning], keep).backward()
+    assert (leaning.grad[:, 0] > 0).all() and (leaning.grad[:, 1:] < 0).all()
+
+
+def test_recipe_resumed_in_its_third_stage_equals_one_run(tmp_path, train, monkeypatch):
+    """A three-stage recipe whose last stage trains on mixed keys with the balance loss, killed
+    in that stage and resumed with ``--recipe --resume``: the same bytes and logs as a run never
+    stopped; both earlier stages' logs kept."""
+    monkeypatch.setattr(
+        train,
+        "RECIPE",
+        (
+            "--steps 2 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 256 --eval-samples 1",
+            "--steps 2 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3 --eval-lengths 256 --eval-samples 1",
+            "--steps 4 --lr 1e-3 --doc-share 0.4 --keys mix --balance 0.05 --seed 5",
+        ),
+    )
+    out, killed = tmp_path / "plain", tmp_path / "killed"
+    every = ["--checkpoint-every", "2"]
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--recipe", *SHARED, *TAIL, "--out", str(out)])
+        s1, s2 = str(killed / "stage1"), str(killed / "stage2")
+        train.main([*train.RECIPE[0].split(), *SHARED, *every, "--out", s1])
+        train.main([*train.RECIPE[1].split(), *SHARED, *every, "--init", s1, "--out", s2])
+        train.main(
+            [*train.RECIPE[2].split(), *SHARED, *every, *TAIL, "--init", s2, "--out", str(killed), "--stop-after", "2"]
+        )
+        train.main(["--recipe", "--resume", *every, *SHARED, *TAIL, "--out", str(killed)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()
+    for log in ("train.log", "train_stage1.log", "train_stage2.log"):
+        assert _log_without_times(out / log) == _log_without_times(killed / log)
+    lines = _log_without_times(out / "train.log")
+    assert all("balance" in line for line in lines) and not any(
+        "balance" in line for line in _log_without_times(out / "train_stage2.log")
+    )
+    card = (out / "CARD.md").read_text()
+    assert "--keys mix --balance 0.05" in card and "| single, open keys |" in card
+    assert not (killed / "stage1").exists() and not (killed / "stage2").exists()

@@ -1,8 +1,16 @@
 """Needles, keys, values and haystack text shared by training (the embedded model) and NIAH.
 
-Keys are two words joined by a hyphen ("amber-falcon"). Every key belongs to one split by a
-hash of its text: about one key in ten is ``"eval"`` and is never produced for ``"train"``,
-so evaluation asks about keys the embedded model never saw in training.
+Two kinds of keys (``make_key(..., kind=)``):
+
+* ``"vocab"``: two words of a fixed list of ~150 adjectives and ~180 nouns, joined by a hyphen
+  ("amber-falcon"). A key belongs to one split by a hash of its text (about one in ten is
+  ``"eval"``), so evaluation asks about unseen *combinations* of words that training saw.
+* ``"open"``: keys a model cannot memorise, as a user would write them: 1-4 words of an open
+  pool (every word of the haystack text and every alphabetic piece of the default tokenizer's
+  vocabulary, ~5,000), as written or capitalised, joined by "-", " " or "_"; codes ("srv-04b");
+  numbers; words with a number. Every *word* (maximal run of letters and digits, compared in
+  lower case, ``key_words``) belongs to one split by a hash of it, and a key is made of words
+  of its split only, so an ``"eval"`` key holds no word any ``"train"`` key ever holds.
 
 The haystack is English prose from Python's own documentation (``pydoc_data.topics``, part
 of the standard library), cut into sentences; it ships with every Python.
@@ -42,25 +50,114 @@ summit swan thistle tiger timber toad tower trout tulip turtle valley violin wal
 willow wolf wren yak""".split()
 
 
+# Words a key may not contain: the question templates find the key after " for" and join two
+# keys with " and".
+_TEMPLATE_WORDS = frozenset({"for", "and", "is"})
+
+
 def key_split(key: str) -> str:
     """``"eval"`` for about 1 key in 10 (by SHA-256 of the key), else ``"train"``."""
     return "eval" if hashlib.sha256(key.encode()).digest()[0] % 10 == 0 else "train"
 
 
-def make_key(rng: random.Random, split: str = "eval") -> str:
-    """A random two-word key from ``split`` ("train", "eval" or "any")."""
+KEY_KINDS = ("vocab", "open")
+_VOCAB_WORDS = frozenset(_ADJECTIVES + _NOUNS)
+
+
+def word_split(word: str) -> str:
+    """The split of one word of an open key: ``"eval"`` for about 1 word in 10 (by SHA-256 of
+    the word in lower case), else ``"train"``. The words of the vocab keys are always
+    ``"train"``: training that mixes both kinds uses them as keys."""
+    if word.lower() in _VOCAB_WORDS:
+        return "train"
+    return "eval" if hashlib.sha256(b"word:" + word.lower().encode()).digest()[0] % 10 == 0 else "train"
+
+
+def key_words(key: str) -> list[str]:
+    """The words of a key, in lower case: its maximal runs of ASCII letters and digits
+    ("Srv-04b ledger" -> ["srv", "04b", "ledger"])."""
+    return [w.lower() for w in re.findall(r"[A-Za-z0-9]+", key)]
+
+
+@functools.lru_cache(maxsize=1)
+def open_words() -> dict[str, tuple[str, ...]]:
+    """The open key pool by split, {"train": words, "eval": words}, each sorted: lower-case
+    words of 3-14 letters from the haystack text and from the default tokenizer's vocabulary
+    (whole words and word pieces such as "ackages": strings no key list holds)."""
+    from ..text.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    words = {w.lower() for s in haystack_sentences() for w in re.findall(r"[A-Za-z]{3,14}", s)}
+    words |= {
+        p for p in (tok.decode([i]).strip().lower() for i in range(tok.vocab_size)) if re.fullmatch("[a-z]{3,14}", p)
+    }
+    words -= _TEMPLATE_WORDS
+    pool: dict[str, list[str]] = {"train": [], "eval": []}
+    for w in sorted(words):
+        pool[word_split(w)].append(w)
+    return {k: tuple(v) for k, v in pool.items()}
+
+
+def _drawn(rng: random.Random, split: str, draw) -> str:
+    """``draw(rng)`` again until the word it gives is of ``split`` and not a template word."""
+    while True:
+        w = draw(rng)
+        if (split == "any" or word_split(w) == split) and w.lower() not in _TEMPLATE_WORDS:
+            return w
+
+
+def _open_key(rng: random.Random, split: str) -> str:
+    """One open key of ``split`` (see the module docstring)."""
+    pool = open_words()
+    pool = pool["train"] + pool["eval"] if split == "any" else pool[split]
+
+    def word(r: random.Random) -> str:
+        w = r.choice(pool)
+        case = r.random()
+        return w.title() if case < 0.25 else w.upper() if case < 0.3 else w
+
+    def number(r: random.Random) -> str:
+        return str(r.randrange(10 ** r.randint(0, 3), 10 ** r.randint(4, 5)))
+
+    def letters(r: random.Random) -> str:
+        return "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(2, 4)))
+
+    def code_tail(r: random.Random) -> str:  # "04b", "7", "12a"
+        return f"{r.randrange(10 ** r.randint(1, 2)):0{r.randint(1, 2)}d}" + r.choice(["", "", "a", "b", "x"])
+
+    form = rng.random()
+    if form < 0.6:  # 1-4 words
+        n = rng.choice([1, 1, 2, 2, 2, 3, 4])
+        sep = rng.choice(["-", "-", " ", "_"])
+        return sep.join(_drawn(rng, split, word) for _ in range(n))
+    if form < 0.8:  # a code
+        return f"{_drawn(rng, split, letters)}-{_drawn(rng, split, code_tail)}"
+    if form < 0.9:  # a number
+        return _drawn(rng, split, number)
+    return f"{_drawn(rng, split, word)} {_drawn(rng, split, number)}"  # a word and a number
+
+
+def make_key(rng: random.Random, split: str = "eval", kind: str = "vocab") -> str:
+    """A random key of ``kind`` ("vocab" or "open", see the module docstring) from ``split``
+    ("train", "eval" or "any")."""
+    if split not in ("train", "eval", "any"):
+        raise ValueError(f"split must be 'train', 'eval' or 'any', got {split!r}")
+    if kind == "open":
+        return _open_key(rng, split)
+    if kind != "vocab":
+        raise ValueError(f"key kind must be one of {KEY_KINDS}, got {kind!r}")
     while True:
         key = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
         if split == "any" or key_split(key) == split:
             return key
 
 
-def make_keys(rng: random.Random, n: int, split: str = "eval") -> list[str]:
-    """n distinct keys."""
+def make_keys(rng: random.Random, n: int, split: str = "eval", kind: str = "vocab") -> list[str]:
+    """n distinct keys (distinct in lower case) of ``kind`` from ``split``."""
     keys: list[str] = []
     while len(keys) < n:
-        k = make_key(rng, split)
-        if k not in keys:
+        k = make_key(rng, split, kind)
+        if k.lower() not in (x.lower() for x in keys):
             keys.append(k)
     return keys
 

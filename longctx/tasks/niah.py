@@ -102,9 +102,10 @@ class Spec:
     top: int = 0
 
 
-def _task_spec(task: str, rng: random.Random) -> Spec:
-    """The needles, question and expected answers of one of ``TASKS``."""
-    keys = needles.make_keys(rng, 4, "eval")
+def _task_spec(task: str, rng: random.Random, keys: str = "vocab") -> Spec:
+    """The needles, question and expected answers of one of ``TASKS``, with eval-split keys of
+    kind ``keys`` (``needles.KEY_KINDS``)."""
+    keys = needles.make_keys(rng, 4, "eval", keys)
     vals = [needles.make_value(rng) for _ in range(4)]
     say = lambda pairs: [needles.NEEDLE.format(key=k, value=v) for k, v in pairs]  # noqa: E731
     if task == "single":
@@ -134,6 +135,7 @@ def make_cell(
     hay: Haystack,
     chunk: int | None = None,
     data=None,
+    keys: str = "vocab",
 ) -> Cell:
     """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
     the haystack on (seed, sample) only (a task with its own haystack: on (seed, task,
@@ -142,12 +144,13 @@ def make_cell(
     The prompt has ``length`` tokens; with ``chunk`` (the model's ``config.local_chunk``) a
     question that would cross a local-attention chunk start is moved to the next one by a few
     newlines (``question_suffix``), so up to one question's length more. ``task`` is one of
-    ``TASKS`` or ``longctx.tasks.ruler.TASKS``; data: the ``ruler.QASet`` of task "qa"."""
+    ``TASKS`` or ``longctx.tasks.ruler.TASKS``; data: the ``ruler.QASet`` of task "qa"; keys:
+    the kind of the needles' keys in ``TASKS`` (``needles.KEY_KINDS``: "vocab" or "open")."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{seed}/{task}/{sample}")
     if task in TASKS:
-        spec = _task_spec(task, rng)
+        spec = _task_spec(task, rng, keys)
     else:
         from . import ruler
 
@@ -358,6 +361,7 @@ def run(
     progress: bool = True,
     data=None,
     sparse: SparseDecode | None = None,
+    keys: str = "vocab",
     context_parallel=False,
 ) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
@@ -372,6 +376,9 @@ def run(
     ``data``, a SQuAD- or HotpotQA-style JSON(L) path or a loaded ``ruler.QASet``).
     sparse: decode with ``longctx.sparse.SparseDecode`` (part of each cell's hash; each record's
     ``kv_read`` is the share of global-layer KV its decode steps read).
+    keys: the kind of the needles' keys in ``TASKS`` (``needles.KEY_KINDS``): "vocab" (two words
+    of the training key lists, unseen combinations) or "open" (words, codes and numbers never
+    used as keys in training; part of the cells' needles, hence of their hashes).
     context_parallel: True or a ``torch.distributed`` group spreads each context's KV over its
     ranks (``longctx.distributed``); every rank runs the same call, rank 0 alone writes ``out``.
     Each cell is then prefilled whole (``reuse_prefix`` is ignored): only a prefill into an
@@ -384,6 +391,8 @@ def run(
         raise ValueError(f"task: unknown task {task!r}; tasks: {', '.join(TASKS + ruler.TASKS)}")
     if task == "qa":
         data = ruler.load_qa(data) if not isinstance(data, ruler.QASet) else data
+    if keys not in needles.KEY_KINDS:
+        raise ValueError(f"keys: unknown key kind {keys!r}; kinds: {', '.join(needles.KEY_KINDS)}")
     lengths, depths = _grid_axes(lengths, depths)
     check_int("samples", samples, 1)
     check_int("seed", seed, 0)
@@ -416,7 +425,7 @@ def run(
             cells = []
             for L in lengths:
                 for d in depths:
-                    c = make_cell(tok, task, L, float(d), sample, seed, hay, model.config.local_chunk, data)
+                    c = make_cell(tok, task, L, float(d), sample, seed, hay, model.config.local_chunk, data, keys)
                     c.hash = cell_hash(c, fingerprint, seed, settings)
                     cells.append(c)
             todo = [c for c in cells if c.hash not in done]

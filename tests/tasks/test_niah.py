@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 from longctx import niah
 from longctx.cache import token_hash
+from longctx.tasks import needles
 from longctx.text.ingest import ingest
 from longctx.text.prompt import NOT_STATED
 
@@ -65,6 +67,31 @@ def test_multi_needle_tasks_hold_what_they_promise(tok):
     assert len(mv.expected) == 3 and all(v in tok.decode(mv.prompt) for v in mv.expected)
     mq = niah.make_cell(tok, "multi_query", 1000, 0.3, 0, 0, hay)
     assert " and " in mq.question and len(mq.expected) == 2
+
+
+def test_open_keys_are_held_out_words_and_vocab_stays_the_default(tok, model):
+    """``keys="open"``: every task's needles and question use eval-split open keys (no word a
+    training key holds), the same for a seed; the default is the vocab keys, cell for cell."""
+    hay = niah.make_haystack(tok, "english", 2000, seed=3)
+    for task in niah.TASKS:
+        plain = niah.make_cell(tok, task, 700, 0.5, 0, 7, hay)
+        assert plain.prompt == niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="vocab").prompt
+        cell = niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="open")
+        assert cell.prompt == niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="open").prompt
+        assert cell.prompt != plain.prompt and len(cell.prompt) == 700
+        asked = re.fullmatch(r"What (?:is|are) the special magic numbers? for (.+)\?", cell.question).group(1)
+        for key in asked.split(" and "):
+            words = needles.key_words(key)
+            assert words and {needles.word_split(w) for w in words} == {"eval"}
+            assert key not in plain.question
+            if task != "none":
+                assert any(
+                    n["text"].startswith(f"One of the special magic numbers for {key} is: ") for n in cell.needles
+                )
+    res = niah.run(model, task="single", lengths=[200], depths=[0.5], samples=2, keys="open", progress=False)
+    assert all(needles.key_words(r["question"].split(" for ")[1][:-1]) for r in res.records)
+    with pytest.raises(ValueError, match="keys"):
+        niah.run(model, keys="words", lengths=[200], depths=[0.5], progress=False)
 
 
 def test_scoring_accepts_extra_words():
@@ -357,3 +384,10 @@ def test_benchmark_script_runs_on_a_transformers_checkpoint(tmp_path, tok, monke
         "niah_single_200.md",
         "niah_single_200.png",
     ]
+    # Vocab keys vs open keys on the same grid, with the routing: exit code 0 only without a
+    # routing collapse, as the record says.
+    rc = bench([*grid[:-2], "--compare-keys", "--record", str(rec), "--out", str(tmp_path / "out3")])
+    text = (rec / "niah_keys_single_200.md").read_text()
+    assert "| vocab |" in text and "| open |" in text and "busiest share" in text
+    assert rc == (0 if "RoutingCollapse warnings: none" in text else 1)
+    assert {p.name for p in (tmp_path / "out3").iterdir()} == {"single_vocab.jsonl", "single_open.jsonl"}
