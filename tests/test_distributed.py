@@ -7,6 +7,7 @@ test compares; the single-process reference runs in the test's own process.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -193,22 +194,12 @@ def _prefilled(rank, folder):
     return model, cache, logits
 
 
-def _killed(rank, world, folder):
+def _fault(rank, world, folder, kill: bool):
+    """Rank 1 dies (``kill``) or hangs between two decode steps; rank 0 runs the next step."""
     model, cache, logits = _prefilled(rank, folder)
     dist.barrier()
-    if rank == 1:
-        os._exit(1)  # dies between two decode steps
-    t0 = time.perf_counter()
-    try:
-        model(logits.argmax(-1)[:, None], cache)
-    except ContextParallelError as e:
-        return {"raised": str(e), "after": time.perf_counter() - t0}
-    return {"raised": None}
-
-
-def _hung(rank, world, folder):
-    model, cache, logits = _prefilled(rank, folder)
-    dist.barrier()
+    if rank == 1 and kill:
+        os._exit(1)
     if rank == 1:
         time.sleep(10 * TIMEOUT_S)  # alive, but never joins the next step
     t0 = time.perf_counter()
@@ -340,8 +331,8 @@ def test_cli_ask_under_torchrun_prints_one_answer_as_one_process(tmp_path):
 SCENARIOS = {
     "equal": _equal,
     "equal_cuda": _equal_cuda,
-    "killed": _killed,
-    "hung": _hung,
+    "killed": functools.partial(_fault, kill=True),
+    "hung": functools.partial(_fault, kill=False),
     "mismatch": _mismatch,
     "session": _session,
     "no_room": _no_room,
