@@ -60,6 +60,7 @@ from . import sparse
 from .attention import attend
 from .cache import ChunkedCache
 from .kernels import merge_attention
+from .offload import CacheError
 
 if TYPE_CHECKING:
     from .cache import GlobalCache, KVCache
@@ -126,6 +127,8 @@ class ContextParallel:
     ``comm_s``: seconds this rank spent waiting on other ranks (transfers included)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"context_parallel must be True, False or a torch.distributed ProcessGroup, got {group!r}")
         if not (dist.is_available() and dist.is_initialized()):
             raise ContextParallelError(
                 "context parallelism needs torch.distributed: call torch.distributed.init_process_group first "
@@ -174,8 +177,6 @@ class ContextParallel:
         """``cache.check_room`` for this rank's part of a prefill of ``tokens`` (its shard, or all
         of them on the last rank), decided together: if any rank has no room, every rank raises
         ``CacheError`` (the failing rank its own reason) before any work."""
-        from .offload import CacheError
-
         shards = shard_bounds(tokens, self.world, cache.chunk) if cache.length == 0 else None
         mine = shards[self.rank][1] - shards[self.rank][0] if shards else (tokens if self.last else 0)
         try:

@@ -264,10 +264,12 @@ def test_a_rank_without_room_is_an_error_on_every_rank_before_prefill(tmp_path):
     assert results[0]["length"] == results[1]["length"] == 0
 
 
-def test_without_a_process_group_it_is_refused():
+def test_without_a_process_group_or_with_a_bad_argument_it_is_refused():
     model = random_model(tiny_config())
     with pytest.raises(ContextParallelError, match="init_process_group"):
         model.new_cache(context_parallel=True)
+    with pytest.raises(TypeError, match="context_parallel must be"):
+        model.new_cache(context_parallel="yes")
 
 
 # ---- the embedded model through Session, niah.run and the CLI ---------------------------------
