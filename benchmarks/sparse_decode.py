@@ -11,7 +11,7 @@
    off-device segment; sparse reads are counted row by row (the page cache is not dropped:
    these are the bytes asked of the tier, not disk transfers).
 
-    python benchmarks/sparse_decode.py --record
+    python benchmarks/sparse_decode.py --record     # -> benchmarks/results/sparse_decode_4k-16k.md
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--record",
         action="store_true",
-        help=f"write {RESULTS}/sparse_decode.md (with --skip-accuracy: sparse_decode_speed.md)",
+        help=f"write {RESULTS}/sparse_decode_<lengths>.md (with --skip-accuracy: sparse_decode_speed.md)",
     )
     ap.add_argument(
         "--load-note",
@@ -247,7 +247,11 @@ def main(argv=None) -> int:
 def record(args, argv, wall: float, body: list[str], png) -> None:
     """Write the record: the speed part alone is its own (a rerun of it keeps the accuracy record)."""
     cmd = "python benchmarks/sparse_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    name, what = ("sparse_decode_speed", ", decode step time") if args.skip_accuracy else ("sparse_decode", "")
+    # One record per span of lengths (a 256K-only run must not replace the 16K-128K one).
+    span = niah.length_label(min(args.lengths)) + (
+        f"-{niah.length_label(max(args.lengths))}" if len(set(args.lengths)) > 1 else ""
+    )
+    name, what = ("sparse_decode_speed", ", decode step time") if args.skip_accuracy else (f"sparse_decode_{span}", "")
     path = write_record(
         RESULTS,
         name,
