@@ -10,7 +10,9 @@ longctx info --context 1m                              (model summary and memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,6 @@ def _context_parallel(args, model) -> bool:
     if not args.context_parallel:
         return False
     import datetime
-    import os
 
     from .distributed import join
 
@@ -61,8 +62,6 @@ def set_threads(threads: int | str, model=None) -> None:
 
 def _device(device: str) -> str:
     """Under torchrun, a bare "cuda" means this rank's GPU (cuda:LOCAL_RANK)."""
-    import os
-
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
@@ -92,13 +91,42 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:10.0f} B  "
 
 
+@contextlib.contextmanager
+def _stats(args, model: Model):
+    """``--stats PATH``: the block runs under a ``Monitor`` whose report is written to PATH as
+    JSON at the end, also when the block fails part-way (what was measured is kept). Under
+    torchrun a rank > 0 writes PATH's stem + ``.rank<N>``: each rank measures its own work."""
+    if args.stats is None:
+        yield
+        return
+    from .monitor import Monitor
+
+    path, rank = args.stats, int(os.environ.get("RANK", "0"))
+    if rank:
+        path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+    mon = Monitor(model)
+    try:
+        with mon:
+            yield
+    finally:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(mon.report().to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a report
+        print(f"wrote the monitor report to {path}", file=sys.stderr)
+
+
 def cmd_ask(args) -> int:
+    model = _model(args)
+    with _stats(args, model):
+        return _ask(args, model)
+
+
+def _ask(args, model: Model) -> int:
     import torch
 
     from .tasks.qa import Session
     from .text.ingest import ingest
 
-    model = _model(args)
     cp = _context_parallel(args, model)
     if cp and args.session is not None:
         raise UsageError("--session can't be used with --context-parallel (each rank holds a shard of the cache)")
@@ -193,20 +221,20 @@ def cmd_ask(args) -> int:
 def cmd_batch(args) -> int:
     from .tasks.batch import count_answers, run_batch
 
-    out = run_batch(
-        _model(args),
-        args.jobs,
-        args.out,
-        max_new_tokens=args.max_new_tokens,
-        chunk_size=args.chunk_size,
-        max_context=args.max_context,
-        overflow=args.overflow,
-        temperature=args.temperature,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    import os
-
+    model = _model(args)
+    with _stats(args, model):
+        out = run_batch(
+            model,
+            args.jobs,
+            args.out,
+            max_new_tokens=args.max_new_tokens,
+            chunk_size=args.chunk_size,
+            max_context=args.max_context,
+            overflow=args.overflow,
+            temperature=args.temperature,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the merged file and reports
         return 0
     answered, failed = count_answers(out)
@@ -305,7 +333,8 @@ def niah_grid(args: argparse.Namespace) -> tuple[Results, list[str], Path | None
     model, kw = niah_inputs(args)
     out_jsonl = args.out / f"{args.task}.jsonl"
     t0 = time.perf_counter()
-    res = niah.run(model, **kw, out=out_jsonl, reuse_prefix=not args.no_reuse)
+    with _stats(args, model):
+        res = niah.run(model, **kw, out=out_jsonl, reuse_prefix=not args.no_reuse)
     elapsed = time.perf_counter() - t0
     if not writer(kw["context_parallel"]):  # rank 0 reports and draws
         return res, [], None

@@ -107,6 +107,28 @@ def existing_path(s: str) -> Path:
     return Path(s)
 
 
+def stats_path(s: str) -> Path:
+    """``--stats``: a file to (re)write, in a folder that exists."""
+    p = Path(s)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{s}: is a folder; give the JSON report a file name")
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{s}: no folder {p.parent} to write it in")
+    return p
+
+
+def add_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stats",
+        type=stats_path,
+        default=None,
+        metavar="PATH",
+        help="run under longctx.Monitor and write its report as JSON to PATH, also when the run fails "
+        "part-way: tokens per expert per MoE layer, time per prefill chunk and decode step by part, KV "
+        "bytes per tier, peak memory (under torchrun ranks > 0 write PATH's stem + .rank<N>)",
+    )
+
+
 THREADS_HELP = (
     "CPU threads for torch: a number, or auto (default): 1 for a model under 50 M parameters "
     "on the CPU, where more threads only wait on each other, else torch's default; "
@@ -202,6 +224,7 @@ def add_niah_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reuse", action="store_true", help="prefill every cell from scratch")
     p.add_argument("--sparse-pages", type=count(1), default=None, metavar="K", help=SPARSE_HELP)
     add_context_parallel(p)
+    add_stats(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sparse-pages", type=count(1), default=None, metavar="K", help=SPARSE_HELP)
     add_context_parallel(p)
+    add_stats(p)
     common(p)
     p = sub.add_parser(
         "batch",
@@ -275,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobs", type=existing_path, help="the jobs file, one JSON job per line")
     p.add_argument("--out", type=Path, required=True, help="the answers file (JSONL; a rerun resumes it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stats(p)
     common(p)
     p = sub.add_parser(
         "niah",

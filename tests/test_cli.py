@@ -409,3 +409,42 @@ def test_ask_sparse_pages_covering_every_page_answers_as_exact(ckpt, tmp_path, c
     assert sparse["answer"] == exact["answer"] and sparse["citations"] == exact["citations"]
     assert main([*args, "--sparse-pages", "0"]) == 2
     assert "--sparse-pages" in capsys.readouterr().err
+
+
+def test_stats_writes_the_monitor_report_for_ask_batch_and_niah(ckpt, tmp_path):
+    """``--stats PATH`` on ask, batch and niah: a JSON report whose expert counts add up to the
+    tokens the run forwarded (times top_k), per MoE layer, with prefill and decode timed."""
+    doc = tmp_path / "a.txt"
+    doc.write_text("The river runs to the sea. " * 30)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "j", "corpus": str(doc), "questions": ["Where does it run?"]}) + "\n")
+    runs = {
+        "ask": ["ask", str(doc), "-q", "Where does the river run?", "--max-new-tokens", "4"],
+        "batch": ["batch", str(jobs), "--out", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", "--no-progress"],
+        "niah": ["niah", "--lengths", "300", "--depths", "0.5", "--samples", "1", "--out", str(tmp_path / "niah")],
+    }
+    for cmd, argv in runs.items():
+        path = tmp_path / f"{cmd}.json"
+        rc = main([*argv, "--model", str(ckpt), "--stats", str(path)])
+        rep = json.loads(path.read_text())
+        assert rc == 0 and {"prefill", "decode"} <= set(rep["phases"]), cmd
+        tokens = sum(p["tokens"] for p in rep["phases"].values())
+        assert rep["experts"] and all(sum(e["counts"]) == tokens * e["top_k"] for e in rep["experts"]), cmd
+        assert rep["kv_bytes"]["device"] > 0 and rep["steps"], cmd
+        assert not path.with_name(path.name + ".tmp").exists()
+
+
+def test_stats_are_written_when_the_run_fails_part_way_and_a_bad_path_is_refused(ckpt, tmp_path, capsys):
+    doc = tmp_path / "a.txt"
+    doc.write_text("The river runs to the sea. " * 200)
+    path = tmp_path / "stats.json"
+    # The corpus is truncated to fill the context, so the question no longer fits: QAError after the prefill.
+    argv = ["ask", str(doc), "-q", "Where?", "--model", str(ckpt), "--max-context", "256", "--overflow", "truncate"]
+    assert main([*argv, "--stats", str(path)]) == 2
+    rep = json.loads(path.read_text())
+    assert "does not fit" in capsys.readouterr().err
+    assert rep["phases"]["prefill"]["tokens"] > 200 and "decode" not in rep["phases"]
+    for bad, why in ((tmp_path / "no" / "s.json", "no folder"), (tmp_path, "is a folder")):
+        assert main([*argv, "--stats", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "--stats" in err and why in err
