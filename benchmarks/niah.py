@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also write a result file (device, date, command, numbers) into DIR",
     )
     args = ap.parse_args(argv)
+    if args.stats is not None and (args.compare_keys or args.compare_reuse):
+        ap.error("--stats writes the report of a single grid (--compare-keys reports the routing itself)")
     png = None
     if args.compare_keys:
         same, body = compare_keys(args)  # "same": no routing collapse
