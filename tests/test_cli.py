@@ -411,6 +411,7 @@ def test_ask_sparse_pages_covering_every_page_answers_as_exact(ckpt, tmp_path, c
     assert "--sparse-pages" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::longctx.monitor_report.RoutingCollapse")  # a random model's routing
 def test_stats_writes_the_monitor_report_for_ask_batch_and_niah(ckpt, tmp_path):
     """``--stats PATH`` on ask, batch and niah: a JSON report whose expert counts add up to the
     tokens the run forwarded (times top_k), per MoE layer, with prefill and decode timed."""
