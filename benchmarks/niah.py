@@ -15,7 +15,7 @@ without prefix reuse, timed, answers compared), --compare-keys (the grid with th
 with open keys of held-out words, same haystacks and seeds, per-length accuracy side by side, and
 the MoE layers' routing over both runs under ``longctx.Monitor``) and --record (the current
 record of this configuration: task or comparison, lengths, device kind; a rerun replaces it).
---keys vocab|open picks the needles' keys of a single grid (``niah.run(keys=)``).
+--keys open|vocab picks the needles' keys of a single grid (``niah.run(keys=)``; default open).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths = sorted(args.lengths)
         span = niah.length_label(lengths[0]) + (f"-{niah.length_label(lengths[-1])}" if len(lengths) > 1 else "")
         name += f"_{args.task}" if args.compare_keys else ""
-        name += f"_{span}" + ("_open" if args.keys == "open" and not args.compare_keys else "")
+        name += f"_{span}" + ("_vocab" if args.keys == "vocab" and not args.compare_keys else "")
         name += "_cuda" if args.device.startswith("cuda") else ""
         facts = [
             f"model: {args.model or 'embedded default (longctx/assets/default)'}",

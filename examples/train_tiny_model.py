@@ -1,16 +1,18 @@
 """Train the embedded default model from scratch (into ``--out``, default ``tiny_model_out/``).
 
-    python examples/train_tiny_model.py --recipe     # all stages: ~2.5 h on 2 CPU cores
+    python examples/train_tiny_model.py --recipe     # all stages: ~3 h on 2 CPU cores
     python examples/train_tiny_model.py --recipe --out longctx/assets/default   # replace the shipped one
 
-``--recipe`` runs the three stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
+``--recipe`` runs the five stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
 warm-up, then a curriculum up to 2,048 tokens), then 3,000 steps from those weights at a lower
 learning rate with 40 % which-document contexts, after making the title words' embedding rows
 distinct, then 1,800 steps that teach open keys (``--keys mix``: half the rows' keys are words,
 codes and numbers of an open pool, split by word, so evaluation asks about words never used as
-keys; see ``longctx.tasks.needles``) with the router load-balancing loss (``--balance``). Without
-``--recipe`` the script runs one stage with the flags given (``--init`` to go on from a saved
-model); the card of each run records its command.
+keys; see ``longctx.tasks.needles``) with the router load-balancing loss (``--balance``), then
+600 and 400 steps at lower rates with more which-document rows; the shipped weights are the
+last stage's with a tenth of the second stage's averaged in (``AVERAGE``, ``--average``).
+Without ``--recipe`` the script runs one stage with the flags given (``--init`` to go on from a
+saved model); the card of each run records its command.
 
 ``--checkpoint-every N`` writes a resumable state to ``OUT/resume/`` every N steps; ``--resume``
 goes on from it (with ``--recipe``: skips finished earlier stages, kept in ``OUT/stage<i>/``
@@ -505,6 +507,19 @@ def reset_title_words(model, tok, spread: float = 0.4) -> None:
         )
 
 
+def average_weights(model, other, weight: float) -> None:
+    """Every weight w of ``model`` becomes ``weight`` x other's + (1 - weight) x w (the same
+    architecture; one expression, so the bytes follow from the two models'). Fine-tuned models
+    from one start lie in one basin, so the average keeps most of what each does well: an
+    open-key stage averaged with the vocab-key weights it started from gets back the
+    which-document answers the open-key training wore down (benchmarks/results/
+    tiny_model_open_keys.md)."""
+    theirs = dict(other.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weight * theirs[name] + (1 - weight) * p)
+
+
 def mimetic_init(model, std: float = 0.1) -> None:
     """Global layers: k_proj of each KV head = q_proj of its first query head, o_proj ∝ v_proj^T."""
     cfg = model.config
@@ -571,13 +586,24 @@ def probe(model, tok, sents, seed: int, keys: str = "vocab") -> dict:
 # the rows which-document), then a second from its weights at a lower rate, with which-document
 # rows at 40 % and the title words' embedding rows made distinct first (see reset_title_words),
 # then a third that teaches open keys (half the rows; the other half keep the vocab keys so the
-# earlier tasks hold) with the router load-balancing loss.
-STAGE3 = "--steps 1800 --lr 1e-3 --doc-share 0.4 --keys mix --balance 0.05 --seed 5"
+# earlier tasks hold) with the router load-balancing loss, and two short ones at lower rates with
+# more which-document rows. Each stage pins its thread count: the bytes follow it.
 RECIPE = (
-    "--steps 3000 --lr 3e-3 --doc-share 0.1 --seed 0 --eval-lengths 1024 --eval-samples 5",
-    "--steps 3000 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3 --eval-lengths 1024 --eval-samples 5",
-    STAGE3,
+    "--steps 3000 --lr 3e-3 --doc-share 0.1 --seed 0 --threads 2 --eval-lengths 1024 --eval-samples 5",
+    "--steps 3000 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3 --threads 2 --eval-lengths 1024,4096 "
+    "--eval-samples 10",
+    "--steps 1800 --lr 1e-3 --doc-share 0.4 --keys mix --balance 0.05 --seed 5 --threads 1 --eval-lengths 1024,4096 "
+    "--eval-samples 10",
+    "--steps 600 --lr 2e-4 --doc-share 0.5 --keys mix --balance 0.05 --seed 8 --threads 1 --probe-every 150 "
+    "--eval-lengths 1024,4096 --eval-samples 10",
+    "--steps 400 --lr 1e-4 --doc-share 0.7 --keys mix --balance 0.05 --seed 9 --threads 1 --probe-every 200 "
+    "--eval-lengths 1024,4096 --eval-samples 10",
 )
+# The shipped weights: stage AVERAGE[0]'s averaged into the last stage's at weight AVERAGE[1]
+# (average_weights; None: the last stage's as they are). The open-key stages wear down the
+# which-document answers that stage 2, trained on vocab keys alone, gives; a tenth of its
+# weights brings them back and keeps the open keys (benchmarks/results/tiny_model_open_keys.md).
+AVERAGE: tuple[int, float] | None = (2, 0.1)
 
 
 def run_recipe(args) -> None:
@@ -604,21 +630,25 @@ def run_recipe(args) -> None:
     resumable = args.checkpoint_every or args.resume
     if resumable:
         shared += ["--checkpoint-every", str(args.checkpoint_every)]
+    steps = [stage.split() for stage in RECIPE]
     with contextlib.ExitStack() as stack:
         # A resumable recipe keeps its earlier stages in --out/stage<i> (a killed run finds them
         # there): a finished stage (its card written) is skipped, an unfinished one goes on from its
         # checkpoint.
         folders = [
             args.out / f"stage{i}" if resumable else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            for i in range(1, len(RECIPE))
+            for i in range(1, len(RECIPE) + (AVERAGE is not None))
         ] + [args.out]
-        for i, (stage, out) in enumerate(zip(RECIPE, folders)):
-            last = i == len(RECIPE) - 1
+        if AVERAGE is not None:  # a last step that trains nothing: the average, into --out
+            stage, weight = AVERAGE
+            steps.append(["--steps", "0", "--average", str(folders[stage - 1]), "--average-weight", str(weight)])
+        for i, (step, out) in enumerate(zip(steps, folders)):
+            last = i == len(steps) - 1
             if not last and args.resume and (out / "CARD.md").exists():
                 continue
             main(
-                stage.split()
-                + shared
+                shared
+                + step  # after shared: a stage's own --threads wins (its bytes depend on it)
                 + _resume_flag(args, out)
                 + (["--eval-lengths", args.eval_lengths, "--eval-samples", str(args.eval_samples)] if last else [])
                 + (["--init", str(folders[i - 1])] if i else [])
@@ -633,7 +663,9 @@ def run_recipe(args) -> None:
     lines = card.read_text().splitlines()
     lines.insert(
         3,
-        f"Made by `python examples/train_tiny_model.py --recipe` (the {len(RECIPE)} stages of its RECIPE, "
+        f"Made by `python examples/train_tiny_model.py --recipe` (the {len(RECIPE)} stages of its RECIPE"
+        + (f", then stage {AVERAGE[0]}'s weights averaged in at {AVERAGE[1]}" if AVERAGE else "")
+        + ", "
         f"{(time.time() - t0) / 60:.1f} min in all, evaluations included).",
     )
     card.write_text("\n".join(lines) + "\n")
@@ -706,9 +738,19 @@ def main(argv=None) -> None:
         "--init", type=Path, default=None, help="start from this saved model (a second stage) instead of from scratch"
     )
     ap.add_argument(
+        "--average",
+        type=Path,
+        default=None,
+        help="after loading --init, average its weights with this saved model's (see --average-weight); with "
+        "--steps 0, a step that trains nothing",
+    )
+    ap.add_argument(
+        "--average-weight", type=float, default=0.5, help="the --average model's share of each weight (default 0.5)"
+    )
+    ap.add_argument(
         "--recipe",
         action="store_true",
-        help="run the stages of RECIPE in one go, from scratch, into --out (~2.5 h on 2 CPU cores)",
+        help="run the stages of RECIPE in one go, from scratch, into --out (~3 h on 2 CPU cores)",
     )
     ap.add_argument(
         "--checkpoint-every",
@@ -737,12 +779,16 @@ def main(argv=None) -> None:
                 "copy_loss",
                 "keys",
                 "balance",
+                "average",
+                "average_weight",
             )
             if getattr(args, o) != ap.get_default(o)
         ]
         if owned:
             ap.error("--recipe sets " + ", ".join("--" + o.replace("_", "-") for o in owned) + " itself (see RECIPE)")
         return run_recipe(args)
+    if args.average is not None and args.init is None:
+        ap.error("--average needs --init (the model whose weights it averages with)")
     with deterministic_kernels():
         train(args)
 
@@ -786,6 +832,8 @@ def train(args) -> None:
                     o[:, D : 2 * D] = o[:, :D]
         if args.reset_title_words:
             reset_title_words(model, tok)
+        if args.average is not None:
+            average_weights(model, load_model(args.average), args.average_weight)
     else:
         model = Model(cfg)
         with torch.no_grad():
@@ -805,7 +853,7 @@ def train(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps))))
     )
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train.log"
@@ -873,21 +921,24 @@ def train(args) -> None:
                 log.close()
                 return
     log.close()
+    if not args.steps:  # an averaging step: no log
+        log_path.unlink()
     for h in hooks:
         h.remove()
     train_s = time.time() - t0
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.config.chunk_markers = args.doc_share > 0  # its which-document contexts were packed with them
+    if args.steps:
+        model.config.chunk_markers = args.doc_share > 0  # its which-document contexts were packed with them
     save_model(model, args.out, tokenizer=tok)
 
     t1 = time.time()
     eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
     scores = evaluate(model, tok, eval_lengths, None, args.eval_samples, args.seed + 1, sents)
-    if args.keys != "vocab":  # and on open keys of held-out words
-        open_scores = evaluate(model, tok, eval_lengths, None, args.eval_samples, args.seed + 1, sents, keys="open")
-        scores.update({k.replace("@", ", open keys@"): v for k, v in open_scores.items()})
+    # and on open keys of held-out words (what a vocab-key model fails at, worth seeing on its card)
+    open_scores = evaluate(model, tok, eval_lengths, None, args.eval_samples, args.seed + 1, sents, keys="open")
+    scores.update({k.replace("@", ", open keys@"): v for k, v in open_scores.items()})
     eval_s = time.time() - t1
     earlier = []  # a second stage's card keeps the first stage's training and command lines
     if args.init is not None and (args.init / "CARD.md").exists():
@@ -896,7 +947,7 @@ def train(args) -> None:
             *(
                 "  " + line
                 for line in (args.init / "CARD.md").read_text().splitlines()
-                if line.startswith(("- training:", "- command:", "  "))
+                if line.startswith(("- training:", "- weights:", "- command:", "  "))
             ),
         ]
     card = [
@@ -911,6 +962,46 @@ def train(args) -> None:
         f"attention chunk {cfg.attention_chunk_size}, floor_scale {cfg.floor_scale}, vocab {cfg.vocab_size}"
         f"{', tied embeddings' if cfg.tie_word_embeddings else ''}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, fp32",
+        *(training_lines(args, train_s) if args.steps else [average_line(args)]),
+        f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
+        f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} "
+        f"--turns {args.turns} "
+        f"--guide {args.guide} --lr {args.lr} "
+        + (f"--init {args.init} " if args.init else "")
+        + (f"--average {args.average} --average-weight {args.average_weight} " if args.average else "")
+        + f"--doc-share {args.doc_share} "
+        + ("--title-head " if args.title_head else "")
+        + ("--copy-loss " if args.copy_loss else "")
+        + ("--reset-title-words " if args.reset_title_words else "")
+        + (f"--keys {args.keys} " if args.keys != "vocab" else "")
+        + (f"--balance {args.balance} " if args.balance else "")
+        + f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
+        f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
+        + (f" --out {args.out}" if args.out.resolve() != DEFAULT_MODEL.resolve() else "")
+        + "`",
+        *earlier,
+        "",
+        f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
+        f"chunked prefill + KV cache; {eval_s / 60:.1f} min)",
+        "",
+        "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
+        "|---|" + "---|" * len(args.eval_lengths.split(",")),
+    ]
+    kinds = ("single", "distractor", "none", "document")
+    for kind in kinds + tuple(f"{k}, open keys" for k in kinds):
+        card.append(
+            f"| {kind} | " + " | ".join(f"{scores[f'{kind}@{L}']:.0%}" for L in args.eval_lengths.split(",")) + " |"
+        )
+    if ema is not None:
+        card += ["", f"Final training loss (EMA): {ema:.3f}. Log: `{log_path.name}` in this folder."]
+    (args.out / "CARD.md").write_text("\n".join(card) + "\n")
+    shutil.rmtree(args.out / "resume", ignore_errors=True)  # finished: the card marks it
+    print("\n".join(card))
+
+
+def training_lines(args, train_s: float) -> list[str]:
+    """The card's data and training lines of a stage that trained."""
+    return [
         f'- data: generated on the fly (seed {args.seed}): needles "{needles.NEEDLE}" in English sentences from '
         "Python's pydoc_data (a fifth in the five-sentence noise haystack): contexts with 1-12 needles, one needle, "
         f'4 needles (3 distractors), no needle (answer "{NOT_STATED}"), and which-document contexts of 3-8 packed '
@@ -934,38 +1025,15 @@ def train(args) -> None:
         f"of the global layers; see the script)"
         + (f", router load balancing (weight {args.balance})" if args.balance else "")
         + f"; {train_s / 60:.1f} min",
-        f"- hardware: {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
-        f"- command: `python examples/train_tiny_model.py --steps {args.steps} --tokens {args.tokens} "
-        f"--turns {args.turns} "
-        f"--guide {args.guide} --lr {args.lr} "
-        + (f"--init {args.init} " if args.init else "")
-        + f"--doc-share {args.doc_share} "
-        + ("--title-head " if args.title_head else "")
-        + ("--copy-loss " if args.copy_loss else "")
-        + ("--reset-title-words " if args.reset_title_words else "")
-        + (f"--keys {args.keys} " if args.keys != "vocab" else "")
-        + (f"--balance {args.balance} " if args.balance else "")
-        + f"--seed {args.seed} --threads {args.threads} --chunk {args.chunk} --max-len {args.max_len} "
-        f"--eval-lengths {args.eval_lengths} --eval-samples {args.eval_samples} --probe-every {args.probe_every}"
-        + (f" --out {args.out}" if args.out.resolve() != DEFAULT_MODEL.resolve() else "")
-        + "`",
-        *earlier,
-        "",
-        f"## Scores (exact match, eval-split keys, {args.eval_samples} samples per cell, greedy, "
-        f"chunked prefill + KV cache; {eval_s / 60:.1f} min)",
-        "",
-        "| task | " + " | ".join(args.eval_lengths.split(",")) + " |",
-        "|---|" + "---|" * len(args.eval_lengths.split(",")),
     ]
-    kinds = ("single", "distractor", "none", "document")
-    for kind in kinds + (tuple(f"{k}, open keys" for k in kinds) if args.keys != "vocab" else ()):
-        card.append(
-            f"| {kind} | " + " | ".join(f"{scores[f'{kind}@{L}']:.0%}" for L in args.eval_lengths.split(",")) + " |"
-        )
-    card += ["", f"Final training loss (EMA): {ema:.3f}. Log: `{log_path.name}` in this folder."]
-    (args.out / "CARD.md").write_text("\n".join(card) + "\n")
-    shutil.rmtree(args.out / "resume", ignore_errors=True)  # finished: the card marks it
-    print("\n".join(card))
+
+
+def average_line(args) -> str:
+    """The card's line for a step that trained nothing but averaged two models' weights."""
+    return (
+        f"- weights: no training; {args.average_weight} x `{args.average}`'s + {1 - args.average_weight} x the "
+        "`--init` model's (average_weights in the script)"
+    )
 
 
 # ---- checkpoint and resume -------------------------------------------------------------------

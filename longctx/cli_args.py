@@ -200,9 +200,9 @@ def add_niah_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keys",
         choices=["vocab", "open"],
-        default="vocab",
-        help="the needles' keys: vocab (two words of the embedded model's training lists, unseen pairs) or "
-        "open (words, names, codes and numbers never used as keys in its training) (default: vocab)",
+        default="open",
+        help="the needles' keys: open (words, names, codes and numbers never used as keys in the embedded "
+        "model's training) or vocab (two words of its training lists, unseen pairs) (default: open)",
     )
     p.add_argument("--seed", type=count(0), default=0, help="seed of the haystacks and needles (default: 0)")
     p.add_argument(

@@ -102,7 +102,8 @@ def test_one_question_document_examples_ask_which_document(train):
 def test_answers_a_fixed_set_of_questions(model, task):
     """A handful of answers of the shipped model through the library's path (chunked prefill,
     KV cache, greedy decode): one needle, one needle among 3 distractors, no needle ("not
-    stated"); keys never seen in training. The full grids are in benchmarks/results/."""
+    stated"); open keys (``niah.run``'s default: words never used as keys in training). The full
+    grids are in benchmarks/results/."""
     res = niah.run(
         model, task=task, lengths=[1024], depths=[0.0, 1.0], samples=6, seed=11, progress=False, max_new_tokens=8
     )
@@ -199,7 +200,8 @@ TAIL = ["--eval-lengths", "256", "--eval-samples", "1"]
 
 
 def stand_in_recipe(train, monkeypatch, first_steps: int, second_steps: int) -> None:
-    """RECIPE with its two stages' flags but a few steps each."""
+    """RECIPE with its first two stages' flags but a few steps each, no weight average."""
+    monkeypatch.setattr(train, "AVERAGE", None)
     monkeypatch.setattr(
         train,
         "RECIPE",
@@ -208,6 +210,37 @@ def stand_in_recipe(train, monkeypatch, first_steps: int, second_steps: int) -> 
             f"--steps {second_steps} --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3",
         ),
     )
+
+
+def test_recipe_ends_with_the_weight_average(tmp_path, train, monkeypatch):
+    """With ``AVERAGE`` the recipe ends in a step that trains nothing: every weight is
+    AVERAGE[1] x the named stage's + the rest x the last stage's, the bytes of the stages and
+    ``--steps 0 --average`` run by hand; each stage's log is kept and the card says so."""
+    from safetensors.torch import load_file
+
+    stand_in_recipe(train, monkeypatch, first_steps=2, second_steps=2)
+    monkeypatch.setattr(train, "AVERAGE", (1, 0.25))
+    one, two, avg, out = (tmp_path / n for n in ("one", "two", "avg", "recipe"))
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--recipe", *SHARED, *TAIL, "--out", str(out)])
+        train.main([*train.RECIPE[0].split(), *SHARED, "--out", str(one)])
+        train.main([*train.RECIPE[1].split(), *SHARED, "--init", str(one), "--out", str(two)])
+        train.main(
+            ["--steps", "0", *SHARED, *TAIL, "--init", str(two), "--average", str(one), "--average-weight", "0.25"]
+            + ["--out", str(avg)]
+        )
+        with pytest.raises(SystemExit):
+            train.main(["--steps", "0", "--average", str(one), "--out", str(tmp_path / "no_init")])
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "model.safetensors").read_bytes() == (avg / "model.safetensors").read_bytes()
+    w1, w2, w = (load_file(f / "model.safetensors") for f in (one, two, out))
+    assert all(torch.equal(w[k], 0.25 * w1[k] + 0.75 * w2[k]) for k in w)
+    assert sum(not torch.equal(w1[k], w2[k]) for k in w) > len(w) // 2  # the two differ: the average is not a copy
+    assert sorted(p.name for p in out.glob("*.log")) == ["train_stage1.log", "train_stage2.log"]
+    card = (out / "CARD.md").read_text()
+    assert "then stage 1's weights averaged in at 0.25" in card and "- weights: no training; 0.25 x" in card
 
 
 def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
@@ -394,6 +427,7 @@ def test_recipe_resumed_in_its_third_stage_equals_one_run(tmp_path, train, monke
     """A three-stage recipe whose last stage trains on mixed keys with the balance loss, killed
     in that stage and resumed with ``--recipe --resume``: the same bytes and logs as a run never
     stopped; both earlier stages' logs kept."""
+    monkeypatch.setattr(train, "AVERAGE", None)
     monkeypatch.setattr(
         train,
         "RECIPE",

@@ -144,19 +144,23 @@ def test_default_threshold_is_halfway_between_balanced_and_one():
     assert mon.report().collapsed == [1, 3]
 
 
-def test_embedded_model_routing_is_collapsed():
-    """The shipped model was trained without a load-balancing loss: whatever the text, layer 2
-    sends every token to expert 1 (a finding of this monitor; if the model is retrained with
-    balanced routing, this test should be turned into "does not warn")."""
+@pytest.mark.usefixtures("one_thread")
+def test_embedded_model_routing_is_not_collapsed_on_its_text():
+    """The shipped model trains its last stages with the router load-balancing loss: over 4K
+    tokens of the English prose it reads (the NIAH haystack, three seeds) no MoE layer sends
+    more than the threshold to one expert (measured busiest shares 39-59 %; the vocab-key model
+    it replaced sent 100 % in three layers). On text unlike its training prose (this README,
+    markdown and code) layers 0 and 2 still lean on one expert (70-91 %): the monitor warns there."""
     model = longctx.load_model()
-    ids = longctx.niah.make_haystack(model.tokenizer, min_tokens=512).ids[:512]
-    with pytest.warns(RoutingCollapse) as seen, Monitor(model) as mon:
-        prefill(model, torch.as_tensor(ids.astype("int64"))[None], model.new_cache(), chunk_size=256)
-    rep = mon.report()
-    assert len(seen) == len(rep.collapsed)
-    assert "MoE layer 2: expert 1 received 100.0% of 512 tokens" in str(seen[rep.collapsed.index(2)].message)
-    assert 2 in rep.collapsed and rep.experts[2].counts == [0, 512, 0, 0]
-    assert rep.experts[2].entropy == 0.0 and rep.experts[2].cv == pytest.approx(3**0.5)
+    for seed in (0, 1, 2):
+        ids = longctx.niah.make_haystack(model.tokenizer, min_tokens=4096, seed=seed).ids[:4096]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RoutingCollapse)
+            with Monitor(model) as mon:
+                prefill(model, torch.as_tensor(ids.astype("int64"))[None], model.new_cache(), chunk_size=1024)
+        rep = mon.report()
+        assert rep.collapsed == [] and sum(rep.experts[0].counts) == 4096
+        assert all(e.busiest_share < rep.threshold(e) for e in rep.experts)
 
 
 def test_timings_follow_prefill_and_decode_and_parts_add_up():

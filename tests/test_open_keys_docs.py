@@ -135,14 +135,10 @@ def test_each_trial_plants_one_needle_in_the_holder_only(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the shipped model finds 2 of 10 (it learned a lookup over its key vocabulary); a trained "
-    "open-key stage finds 10 of 10 but regresses which-document answers (52-56 of 60 against 58), so it does not ship "
-    "yet (benchmarks/results/tiny_model_open_keys.md); strict: the day the shipped model passes, drop this mark",
-)
 def test_user_keys_in_real_documents_are_answered_and_cited(tmp_path):
+    """The shipped model answers ten user-written keys planted in the example documents with
+    the value and the holder cited first: 10 of 10 (measured; the vocab-key model it replaced
+    found 2), one miss allowed for float differences across platforms."""
     rows = trials(load_model(DEFAULT_MODEL), tmp_path)
     found = [r for r in rows if r["answer"].strip() == r["value"] and r["cited"] == r["holder"]]
     assert len(found) >= 9, "\n".join(map(str, rows))

@@ -102,7 +102,7 @@ class Spec:
     top: int = 0
 
 
-def _task_spec(task: str, rng: random.Random, keys: str = "vocab") -> Spec:
+def _task_spec(task: str, rng: random.Random, keys: str = "open") -> Spec:
     """The needles, question and expected answers of one of ``TASKS``, with eval-split keys of
     kind ``keys`` (``needles.KEY_KINDS``)."""
     keys = needles.make_keys(rng, 4, "eval", keys)
@@ -135,7 +135,7 @@ def make_cell(
     hay: Haystack,
     chunk: int | None = None,
     data=None,
-    keys: str = "vocab",
+    keys: str = "open",
 ) -> Cell:
     """Build one cell. Needle texts and positions depend on (seed, task, sample) and the depth;
     the haystack on (seed, sample) only (a task with its own haystack: on (seed, task,
@@ -361,7 +361,7 @@ def run(
     progress: bool = True,
     data=None,
     sparse: SparseDecode | None = None,
-    keys: str = "vocab",
+    keys: str = "open",
     context_parallel=False,
 ) -> Results:
     """Evaluate ``model`` on a depth × length grid (see the module docstring).
@@ -376,9 +376,10 @@ def run(
     ``data``, a SQuAD- or HotpotQA-style JSON(L) path or a loaded ``ruler.QASet``).
     sparse: decode with ``longctx.sparse.SparseDecode`` (part of each cell's hash; each record's
     ``kv_read`` is the share of global-layer KV its decode steps read).
-    keys: the kind of the needles' keys in ``TASKS`` (``needles.KEY_KINDS``): "vocab" (two words
-    of the training key lists, unseen combinations) or "open" (words, codes and numbers never
-    used as keys in training; part of the cells' needles, hence of their hashes).
+    keys: the kind of the needles' keys in ``TASKS`` (``needles.KEY_KINDS``): "open" (default:
+    words, names, codes and numbers never used as keys in the embedded model's training, as a
+    user would write them) or "vocab" (two words of its training key lists, unseen combinations);
+    part of the cells' needles, hence of their hashes.
     context_parallel: True or a ``torch.distributed`` group spreads each context's KV over its
     ranks (``longctx.distributed``); every rank runs the same call, rank 0 alone writes ``out``.
     Each cell is then prefilled whole (``reuse_prefix`` is ignored): only a prefill into an

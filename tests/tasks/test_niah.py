@@ -69,14 +69,13 @@ def test_multi_needle_tasks_hold_what_they_promise(tok):
     assert " and " in mq.question and len(mq.expected) == 2
 
 
-def test_open_keys_are_held_out_words_and_vocab_stays_the_default(tok, model):
+def test_open_keys_are_held_out_words_and_the_default(tok, model):
     """``keys="open"``: every task's needles and question use eval-split open keys (no word a
-    training key holds), the same for a seed; the default is the vocab keys, cell for cell."""
+    training key holds), the same for a seed; it is the default, cell for cell."""
     hay = niah.make_haystack(tok, "english", 2000, seed=3)
     for task in niah.TASKS:
-        plain = niah.make_cell(tok, task, 700, 0.5, 0, 7, hay)
-        assert plain.prompt == niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="vocab").prompt
-        cell = niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="open")
+        plain = niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="vocab")
+        cell = niah.make_cell(tok, task, 700, 0.5, 0, 7, hay)
         assert cell.prompt == niah.make_cell(tok, task, 700, 0.5, 0, 7, hay, keys="open").prompt
         assert cell.prompt != plain.prompt and len(cell.prompt) == 700
         asked = re.fullmatch(r"What (?:is|are) the special magic numbers? for (.+)\?", cell.question).group(1)
