@@ -10,7 +10,7 @@
 # Without paths it uses the three reports in `examples/batch/docs/`.
 #
 # What the embedded default model can answer: it is a 2.8 M-parameter model trained only to
-# find facts stated as needles ("One of the special magic numbers for quiet-otter is:
+# find facts stated as needles ("One of the special magic numbers for pilot-9 is:
 # 5512309.") and to name the document that holds one (documents titled by two capitalised
 # words, like "Tidal Harbor"). It answers "What is the special magic number for <key>?" (or
 # "not stated"), and "Which document mentions the special magic number for <key>?". It cannot
@@ -59,8 +59,8 @@ print(session)
 
 # %%
 for q in [
-    "What is the special magic number for quiet-otter?",  # a needle in harbor.md: 5512309
-    "Which document mentions the special magic number for bold-crane?",
+    "What is the special magic number for pilot-9?",  # a needle in harbor.md: 5512309
+    "Which document mentions the special magic number for cider-press?",
 ]:  # answers "[id Title]"
     a = session.ask(q, max_new_tokens=24)
     print(f"\nQ: {q}\nA: {a.text}   ({a.question_tokens} + {a.answer_tokens} tokens, {a.seconds:.3f} s)")
@@ -72,8 +72,8 @@ for q in [
 # `stream=True` gives the answer's text as it is decoded (a chatbot's way of showing it); the
 # finished `Answer` (an HTML table in a notebook; `a.to_dict()` for JSON) is on the stream.
 # %%
-stream = session.ask("What is the special magic number for bold-crane?", max_new_tokens=24, stream=True)
-print("\nQ: What is the special magic number for bold-crane?\nA: ", end="")
+stream = session.ask("What is the special magic number for cider-press?", max_new_tokens=24, stream=True)
+print("\nQ: What is the special magic number for cider-press?\nA: ", end="")
 for piece in stream:
     print(piece, end="", flush=True)
 print(f"\n   top document: {stream.answer.citations[0].title}")
@@ -86,4 +86,4 @@ print(f"\n   top document: {stream.answer.citations[0].title}")
 with tempfile.TemporaryDirectory() as tmp:
     session.save(Path(tmp) / "reports.session")
     again = longctx.Session.load(model, Path(tmp) / "reports.session", corpus)
-    print("reloaded:", again.ask("What is the special magic number for quiet-otter?", max_new_tokens=24).text)
+    print("reloaded:", again.ask("What is the special magic number for pilot-9?", max_new_tokens=24).text)

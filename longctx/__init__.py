@@ -4,7 +4,7 @@
     model = longctx.load_model()                      # the embedded default model, offline
     corpus = longctx.ingest(["reports/", "contract.pdf"])
     session = longctx.Session(model, corpus)          # prefill once
-    answer = session.ask("What is the special magic number for quiet-otter?")  # what it can answer
+    answer = session.ask("What is the special magic number for pilot-9?")  # what it can answer
 
 The task layers (``Session``, ``run_batch``, ``niah``, ``ruler``, ``compare``) and ``Monitor``
 are imported on first use, so ``import longctx`` stays light.

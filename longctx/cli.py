@@ -1,6 +1,6 @@
 """The ``longctx`` command.
 
-longctx ask docs/ report.pdf -q "Which document mentions the special magic number for quiet-otter?"
+longctx ask docs/ report.pdf -q "Which document mentions the special magic number for pilot-9?"
 longctx batch jobs.jsonl --out answers.jsonl          (also under torchrun)
 longctx niah --task single --lengths 1k,8k             (the needle-in-a-haystack benchmark)
 longctx compare --quantize none,int8,int4 --tasks single --lengths 1k,4k   (variants side by side)

@@ -274,7 +274,7 @@ def test_without_a_process_group_or_with_a_bad_argument_it_is_refused():
 
 # ---- the embedded model through Session, niah.run and the CLI ---------------------------------
 DOCS = Path(__file__).resolve().parents[1] / "examples" / "batch" / "docs"
-WHICH = "Which document mentions the special magic number for quiet-otter?"
+WHICH = "Which document mentions the special magic number for pilot-9?"
 
 
 def _answers(context_parallel) -> dict:

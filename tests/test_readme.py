@@ -62,7 +62,7 @@ def workdir(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("readme")
     (root / "reports").mkdir()
     (root / "reports" / "a-harbor.md").write_text(
-        "# Tidal Harbor\n\nBoats leave at dawn. One of the special magic numbers for quiet-otter is: 4823917.\n"
+        "# Tidal Harbor\n\nBoats leave at dawn. One of the special magic numbers for pilot-9 is: 4823917.\n"
     )
     (root / "reports" / "b-orchard.md").write_text(
         "# Golden Orchard\n\nThe apples ripen in late summer and the cider is pressed in October.\n"
@@ -105,7 +105,7 @@ def test_cli_blocks_run(workdir, monkeypatch, capsys):
 
     monkeypatch.chdir(workdir)
     (workdir / "jobs.jsonl").write_text(
-        '{"id": "j1", "corpus": "reports/", "questions": ["What is the special magic number for quiet-otter?"]}\n'
+        '{"id": "j1", "corpus": "reports/", "questions": ["What is the special magic number for pilot-9?"]}\n'
     )
     commands = [line for body in blocks("bash") for line in body.splitlines() if line.startswith("longctx ")]
     assert len(commands) >= 6

@@ -1,7 +1,7 @@
 """Cross-document QA: prefill a corpus once, ask many questions, cite the documents used.
 
     session = Session(model, ingest(["reports/"]))      # packs and prefills once
-    a = session.ask("What is the special magic number for quiet-otter?")
+    a = session.ask("What is the special magic number for pilot-9?")
     a.text, a.citations[0].title, a.citations[0].share
     for piece in session.ask("Which document mentions ...?", stream=True):   # text as decoded
         print(piece, end="", flush=True)
