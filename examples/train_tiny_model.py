@@ -515,6 +515,9 @@ def average_weights(model, other, weight: float) -> None:
     which-document answers the open-key training wore down (benchmarks/results/
     tiny_model_open_keys.md)."""
     theirs = dict(other.named_parameters())
+    ours = dict(model.named_parameters())
+    if {n: t.shape for n, t in theirs.items()} != {n: t.shape for n, t in ours.items()}:
+        raise ValueError("--average: the model to average with has another architecture than the --init model")
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weight * theirs[name] + (1 - weight) * p)
@@ -789,6 +792,8 @@ def main(argv=None) -> None:
         return run_recipe(args)
     if args.average is not None and args.init is None:
         ap.error("--average needs --init (the model whose weights it averages with)")
+    if not 0.0 <= args.average_weight <= 1.0:
+        ap.error(f"--average-weight must be in [0, 1] (a share of each weight), got {args.average_weight}")
     with deterministic_kernels():
         train(args)
 

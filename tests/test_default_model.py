@@ -232,6 +232,8 @@ def test_recipe_ends_with_the_weight_average(tmp_path, train, monkeypatch):
         )
         with pytest.raises(SystemExit):
             train.main(["--steps", "0", "--average", str(one), "--out", str(tmp_path / "no_init")])
+        with pytest.raises(SystemExit):
+            train.main(["--steps", "0", "--init", str(two), "--average", str(one), "--average-weight", "1.5"])
     finally:
         torch.set_num_threads(threads)
     assert (out / "model.safetensors").read_bytes() == (avg / "model.safetensors").read_bytes()
