@@ -3,14 +3,15 @@
     python examples/train_tiny_model.py --recipe     # all stages: ~3 h on 2 CPU cores
     python examples/train_tiny_model.py --recipe --out longctx/assets/default   # replace the shipped one
 
-``--recipe`` runs the five stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
+``--recipe`` runs the six stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
 warm-up, then a curriculum up to 2,048 tokens), then 3,000 steps from those weights at a lower
 learning rate with 40 % which-document contexts, after making the title words' embedding rows
 distinct, then 1,800 steps that teach open keys (``--keys mix``: half the rows' keys are words,
 codes and numbers of an open pool, split by word, so evaluation asks about words never used as
 keys; see ``longctx.tasks.needles``) with the router load-balancing loss (``--balance``), then
-600 and 400 steps at lower rates with more which-document rows; the shipped weights are the
-last stage's with a tenth of the second stage's averaged in (``AVERAGE``, ``--average``).
+600 and 400 steps at lower rates with more which-document rows, then 300 steps at a low rate
+with 70 % which-document rows that start from the fifth stage's weights with a tenth of the
+second stage's averaged in (``AVERAGE``, ``--average``).
 Without ``--recipe`` the script runs one stage with the flags given (``--init`` to go on from a
 saved model); the card of each run records its command.
 
@@ -589,7 +590,7 @@ def probe(model, tok, sents, seed: int, keys: str = "vocab") -> dict:
 # the rows which-document), then a second from its weights at a lower rate, with which-document
 # rows at 40 % and the title words' embedding rows made distinct first (see reset_title_words),
 # then a third that teaches open keys (half the rows; the other half keep the vocab keys so the
-# earlier tasks hold) with the router load-balancing loss, and two short ones at lower rates with
+# earlier tasks hold) with the router load-balancing loss, and three short ones at lower rates with
 # more which-document rows. Each stage pins its thread count: the bytes follow it.
 RECIPE = (
     "--steps 3000 --lr 3e-3 --doc-share 0.1 --seed 0 --threads 2 --eval-lengths 1024 --eval-samples 5",
@@ -601,11 +602,14 @@ RECIPE = (
     "--eval-lengths 1024,4096 --eval-samples 10",
     "--steps 400 --lr 1e-4 --doc-share 0.7 --keys mix --balance 0.05 --seed 9 --threads 1 --probe-every 200 "
     "--eval-lengths 1024,4096 --eval-samples 10",
+    "--steps 300 --lr 5e-5 --doc-share 0.7 --keys mix --balance 0.5 --seed 11 --threads 1 --probe-every 100",
 )
-# The shipped weights: stage AVERAGE[0]'s averaged into the last stage's at weight AVERAGE[1]
-# (average_weights; None: the last stage's as they are). The open-key stages wear down the
-# which-document answers that stage 2, trained on vocab keys alone, gives; a tenth of its
-# weights brings them back and keeps the open keys (benchmarks/results/tiny_model_open_keys.md).
+# The last stage starts from the stage before's weights with stage AVERAGE[0]'s averaged in at
+# weight AVERAGE[1] (average_weights; None: the stage before's as they are). The open-key stages
+# wear down the which-document answers that stage 2, trained on vocab keys alone, gives; a tenth
+# of its weights brings most of them back and keeps the open keys. The last stage adds a few more;
+# its balance loss is ten times the others' because at 0.05 one MoE layer's routing collapsed
+# (benchmarks/results/tiny_model_open_keys.md).
 AVERAGE: tuple[int, float] | None = (2, 0.1)
 
 
@@ -640,11 +644,11 @@ def run_recipe(args) -> None:
         # checkpoint.
         folders = [
             args.out / f"stage{i}" if resumable else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            for i in range(1, len(RECIPE) + (AVERAGE is not None))
+            for i in range(1, len(RECIPE))
         ] + [args.out]
-        if AVERAGE is not None:  # a last step that trains nothing: the average, into --out
+        if AVERAGE is not None:
             stage, weight = AVERAGE
-            steps.append(["--steps", "0", "--average", str(folders[stage - 1]), "--average-weight", str(weight)])
+            steps[-1] += ["--average", str(folders[stage - 1]), "--average-weight", str(weight)]
         for i, (step, out) in enumerate(zip(steps, folders)):
             last = i == len(steps) - 1
             if not last and args.resume and (out / "CARD.md").exists():
@@ -667,7 +671,7 @@ def run_recipe(args) -> None:
     lines.insert(
         3,
         f"Made by `python examples/train_tiny_model.py --recipe` (the {len(RECIPE)} stages of its RECIPE"
-        + (f", then stage {AVERAGE[0]}'s weights averaged in at {AVERAGE[1]}" if AVERAGE else "")
+        + (f", the last from stage {AVERAGE[0]}'s weights averaged in at {AVERAGE[1]}" if AVERAGE else "")
         + ", "
         f"{(time.time() - t0) / 60:.1f} min in all, evaluations included).",
     )
@@ -1021,7 +1025,14 @@ def training_lines(args, train_s: float) -> list[str]:
         }[args.keys],
         f"- training: {args.steps} steps of ~{args.tokens} tokens, lengths up to {args.max_len} "
         + (
-            "(a second stage: no warm-up)"
+            "(a second stage: no warm-up"
+            + (
+                f"; from {args.average_weight} x `{args.average}`'s + {1 - args.average_weight} x the `--init` "
+                "model's weights"
+                if args.average
+                else ""
+            )
+            + ")"
             if args.init
             else "(recall warm-up on needles alone or at 192-512, then a curriculum)"
         )

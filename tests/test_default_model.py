@@ -212,15 +212,26 @@ def stand_in_recipe(train, monkeypatch, first_steps: int, second_steps: int) -> 
     )
 
 
-def test_recipe_ends_with_the_weight_average(tmp_path, train, monkeypatch):
-    """With ``AVERAGE`` the recipe ends in a step that trains nothing: every weight is
-    AVERAGE[1] x the named stage's + the rest x the last stage's, the bytes of the stages and
-    ``--steps 0 --average`` run by hand; each stage's log is kept and the card says so."""
+def test_recipe_last_stage_starts_from_the_weight_average(tmp_path, train, monkeypatch):
+    """With ``AVERAGE`` the recipe's last stage starts from the stage before's weights with an
+    earlier stage's averaged in: every weight AVERAGE[1] x that stage's + the rest x the stage
+    before's. The recipe's bytes equal its stages run by hand with the last started from the
+    average saved by ``--steps 0 --average`` (averaging in-line draws no randomness the training
+    would see); each stage's log is kept and the cards say so."""
     from safetensors.torch import load_file
 
-    stand_in_recipe(train, monkeypatch, first_steps=2, second_steps=2)
+    small = "--eval-lengths 256 --eval-samples 1"  # the end-of-stage scores: not what this checks
+    monkeypatch.setattr(
+        train,
+        "RECIPE",
+        (
+            f"--steps 2 --lr 3e-3 --doc-share 0.1 --seed 0 {small}",
+            f"--steps 2 --lr 5e-4 --doc-share 0.4 --reset-title-words --seed 3 {small}",
+            "--steps 2 --lr 1e-4 --doc-share 0.7 --keys mix --seed 11",
+        ),
+    )
     monkeypatch.setattr(train, "AVERAGE", (1, 0.25))
-    one, two, avg, out = (tmp_path / n for n in ("one", "two", "avg", "recipe"))
+    one, two, avg, after, out = (tmp_path / n for n in ("one", "two", "avg", "after", "recipe"))
     threads = torch.get_num_threads()
     try:
         train.main(["--recipe", *SHARED, *TAIL, "--out", str(out)])
@@ -230,19 +241,23 @@ def test_recipe_ends_with_the_weight_average(tmp_path, train, monkeypatch):
             ["--steps", "0", *SHARED, *TAIL, "--init", str(two), "--average", str(one), "--average-weight", "0.25"]
             + ["--out", str(avg)]
         )
+        train.main([*train.RECIPE[2].split(), *SHARED, *TAIL, "--init", str(avg), "--out", str(after)])
         with pytest.raises(SystemExit):
             train.main(["--steps", "0", "--average", str(one), "--out", str(tmp_path / "no_init")])
         with pytest.raises(SystemExit):
             train.main(["--steps", "0", "--init", str(two), "--average", str(one), "--average-weight", "1.5"])
     finally:
         torch.set_num_threads(threads)
-    assert (out / "model.safetensors").read_bytes() == (avg / "model.safetensors").read_bytes()
-    w1, w2, w = (load_file(f / "model.safetensors") for f in (one, two, out))
+    model = (out / "model.safetensors").read_bytes()
+    assert model == (after / "model.safetensors").read_bytes()
+    w1, w2, w = (load_file(f / "model.safetensors") for f in (one, two, avg))
     assert all(torch.equal(w[k], 0.25 * w1[k] + 0.75 * w2[k]) for k in w)
     assert sum(not torch.equal(w1[k], w2[k]) for k in w) > len(w) // 2  # the two differ: the average is not a copy
-    assert sorted(p.name for p in out.glob("*.log")) == ["train_stage1.log", "train_stage2.log"]
+    assert model != (two / "model.safetensors").read_bytes()  # and the last stage trained
+    assert sorted(p.name for p in out.glob("*.log")) == ["train.log", "train_stage1.log", "train_stage2.log"]
     card = (out / "CARD.md").read_text()
-    assert "then stage 1's weights averaged in at 0.25" in card and "- weights: no training; 0.25 x" in card
+    assert "the last from stage 1's weights averaged in at 0.25" in card and "; from 0.25 x `" in card
+    assert "- weights: no training; 0.25 x" in (avg / "CARD.md").read_text()
 
 
 def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
