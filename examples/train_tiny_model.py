@@ -1,6 +1,6 @@
 """Train the embedded default model from scratch (into ``--out``, default ``tiny_model_out/``).
 
-    python examples/train_tiny_model.py --recipe     # all stages: ~3 h on 2 CPU cores
+    python examples/train_tiny_model.py --recipe     # all stages: ~3.5 h on 2 CPU cores
     python examples/train_tiny_model.py --recipe --out longctx/assets/default   # replace the shipped one
 
 ``--recipe`` runs the six stages of ``RECIPE`` in one go: 3,000 steps from scratch (a recall
@@ -757,7 +757,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--recipe",
         action="store_true",
-        help="run the stages of RECIPE in one go, from scratch, into --out (~3 h on 2 CPU cores)",
+        help="run the stages of RECIPE in one go, from scratch, into --out (~3.5 h on 2 CPU cores)",
     )
     ap.add_argument(
         "--checkpoint-every",
