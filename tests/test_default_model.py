@@ -260,6 +260,18 @@ def test_recipe_last_stage_starts_from_the_weight_average(tmp_path, train, monke
     assert "- weights: no training; 0.25 x" in (avg / "CARD.md").read_text()
 
 
+def test_average_refuses_a_model_of_another_architecture(train):
+    """Weights of another shape are refused by name before any is changed, not a shape error
+    half-way through the copy."""
+    from conftest import random_model, tiny_config
+
+    ours, theirs = random_model(tiny_config()), random_model(tiny_config(hidden_size=32))
+    before = {n: p.clone() for n, p in ours.named_parameters()}
+    with pytest.raises(ValueError, match="--average: .*another architecture"):
+        train.average_weights(ours, theirs, 0.5)
+    assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters())
+
+
 def test_recipe_equals_its_stages_run_one_by_one(tmp_path, train, monkeypatch):
     """``--recipe`` (the shipped model's command) gives the same weights as its two stages run
     by hand, and keeps the first stage's log; here with a few-step stand-in for RECIPE."""
